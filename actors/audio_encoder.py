@@ -1,0 +1,77 @@
+"""Audio encoder stage: 16 kHz mono log-mel features through a Whisper-style encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omnistage.actors.base import Stage
+from omnistage.actors.media import to_audio_clip, to_mono_16k
+from omnistage.actors.payloads import AudioClip, Features
+from omnistage.cluster.config import AudioEncoderConfig
+
+
+def build_tiny(path: Path, seed: int) -> None:
+    """A Whisper encoder over 1 s windows: 100 mel frames (80 bins) -> (B, 50, 16) features."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        d_model=16,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=37,
+        num_mel_bins=80,
+        # Whisper's encoder halves the mel frames: 100 frames (1 s at hop 160) -> 50 positions.
+        max_source_positions=50,
+        max_target_positions=32,
+        # The decoder is never run; a small vocabulary keeps the checkpoint small.
+        vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    WhisperModel(config).save_pretrained(path)
+    WhisperFeatureExtractor(
+        feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400
+    ).save_pretrained(path)
+
+
+class AudioEncoder(Stage):
+    """Audio clips to feature sequences.
+
+    Input: ``AudioClip`` (any rate, mono or multi-channel); it is down-mixed and resampled to the
+    feature extractor's rate, then padded or cut to its window (30 s for Whisper, 1 s for ``tiny``).
+    Output: ``Features`` of shape (n_positions, d_audio).
+    """
+
+    component = "audio_encoder"
+    modality = "audio"
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__(config)
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        self.feature_extractor = AutoFeatureExtractor.from_pretrained(self.checkpoint)
+        model = AutoModel.from_pretrained(self.checkpoint, dtype=self.dtype)
+        # Encoder-decoder checkpoints (Whisper) carry a text decoder this stage does not need.
+        self.model = (model.get_encoder() if model.config.is_encoder_decoder else model).to(self.device).eval()
+        self.sampling_rate = self.feature_extractor.sampling_rate
+        self.feature_dim: int = self.model.config.hidden_size
+
+    @torch.inference_mode()
+    def __call__(self, clips: list[AudioClip]) -> list[Features]:
+        waves = [to_mono_16k(to_audio_clip(clip), self.sampling_rate) for clip in clips]
+        inputs = self.feature_extractor(waves, sampling_rate=self.sampling_rate, return_tensors="pt")
+        mel = inputs["input_features"].to(self.device, self.dtype)
+        out = self.model(mel, output_hidden_states=True)
+        features = out.hidden_states[self.config.feature_layer].float().cpu().numpy()
+        return [Features(modality="audio", features=np.ascontiguousarray(f)) for f in features]

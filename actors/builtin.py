@@ -1,0 +1,103 @@
+"""Built-in model presets, built offline from small configs.
+
+A preset is a directory with one checkpoint per component, each in the ordinary transformers or
+diffusers layout, so stages load it with ``from_pretrained`` exactly as they load downloaded
+checkpoints. ``tiny`` has random, seeded weights: building it twice gives identical files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# Bump when a builder changes, so caches built by an older version are not reused.
+BUILD_VERSION = 1
+
+BUILTIN_PRESETS: dict[str, str] = {
+    "tiny": "random weights from tiny configs (CPU, seconds to build); its answers and media are noise",
+}
+
+# Component name -> "module:function" that writes that component's checkpoint directory.
+# Each builder takes (path, seed). The order fixes the seeds, so keep new entries at the end.
+TINY_BUILDERS: dict[str, str] = {
+    "image_encoder": "omnistage.actors.image_encoder:build_tiny",
+    "audio_encoder": "omnistage.actors.audio_encoder:build_tiny",
+    "input_projector": "omnistage.actors.input_projector:build_tiny",
+    "llm": "omnistage.actors.llm:build_tiny",
+    "output_projector": "omnistage.actors.output_projector:build_tiny",
+    "image_generator": "omnistage.actors.generator:build_tiny_image_generator",
+    "video_generator": "omnistage.actors.generator:build_tiny_video_generator",
+    "audio_generator": "omnistage.actors.generator:build_tiny_audio_generator",
+}
+
+# Widths shared by the tiny components, so projectors fit the models on both of their sides.
+TINY_DIMS = {
+    "image_encoder": 32,  # CLIP vision hidden size
+    "audio_encoder": 16,  # Whisper d_model
+    "llm": 32,  # LLaMA hidden size
+    "image_cond": (77, 32),  # SD UNet cross-attention: CLIP text length x width
+    "video_cond": (77, 32),
+    "audio_cond": (1, 32),  # AudioLDM: one pooled CLAP text embedding
+}
+
+
+def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write every component of the built-in preset ``name`` under ``out_dir``."""
+    if name not in BUILTIN_PRESETS:
+        raise ValueError(f"expected a built-in preset ({', '.join(BUILTIN_PRESETS)}), got {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, (component, target) in enumerate(TINY_BUILDERS.items()):
+        module_name, func_name = target.split(":")
+        builder = getattr(importlib.import_module(module_name), func_name)
+        builder(out / component, seed + index)
+        log.info("preset_component_built", preset=name, component=component)
+    return out
+
+
+def cache_root() -> Path:
+    """Where built-in presets are built on first use: ``$OMNISTAGE_HOME`` or ``~/.cache/omnistage``."""
+    return Path(os.environ.get("OMNISTAGE_HOME", Path.home() / ".cache" / "omnistage"))
+
+
+def ensure_preset(name: str) -> Path:
+    """The directory of built-in preset ``name``, building it first if this machine lacks it.
+
+    Several processes may race to build it (one per Ray actor); each builds into its own temporary
+    directory and the first rename wins, so readers never see a half-written preset.
+    """
+    target = cache_root() / "presets" / f"{name}-v{BUILD_VERSION}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_preset(name, tmp)
+        os.rename(tmp, target)
+        log.info("preset_built", preset=name, path=str(target))
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_checkpoint(model: str, component: str) -> Path:
+    """The checkpoint directory for ``component``: from a built-in preset, or ``model`` itself."""
+    if model in BUILTIN_PRESETS:
+        return ensure_preset(model) / component
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {model!r} for {component} is neither a built-in preset "
+            f"({', '.join(BUILTIN_PRESETS)}) nor an existing checkpoint directory"
+        )
+    return path

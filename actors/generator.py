@@ -1,0 +1,393 @@
+"""Generator stages (the fifth stage): diffusion pipelines turn conditioning (H_X) into media.
+
+Each stage drives a diffusers pipeline with ``prompt_embeds`` from the output projector, so a
+checkpoint needs no text encoder. The pipeline class comes from the checkpoint's
+``model_index.json``: the tiny presets built here load the same way as Stable Diffusion,
+Zeroscope or AudioLDM checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers import (
+    AudioLDMPipeline,
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    TextToVideoSDPipeline,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+)
+from diffusers.utils import logging as diffusers_logging
+from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+from omnistage.actors.base import Stage
+from omnistage.actors.errors import InvalidInputError
+from omnistage.actors.media import MIME_TYPES, encode_png, encode_video, encode_wav
+from omnistage.actors.payloads import GeneratedMedia, GenerationRequest, Modality
+
+if TYPE_CHECKING:
+    from omnistage.cluster.config import (
+        AudioGeneratorConfig,
+        GeneratorConfig,
+        ImageGeneratorConfig,
+        VideoGeneratorConfig,
+    )
+
+# --- tiny checkpoints ---------------------------------------------------------------------------
+# Sizes follow diffusers' own tests (get_dummy_components), with cross-attention and class-label
+# widths set to TINY_DIMS so the tiny output projector fits.
+
+
+def _ddim_scheduler() -> DDIMScheduler:
+    # steps_offset=1 as in the released SD checkpoints: StableDiffusionPipeline warns about the
+    # default 0 and rewrites it to 1 whenever it is constructed.
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_image_generator(path: Path, seed: int) -> None:
+    """Stable Diffusion layout: (B, seq_len, 32) conditioning -> (B, 64, 64, 3) images."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+
+
+def build_tiny_video_generator(path: Path, seed: int) -> None:
+    """Zeroscope (TextToVideoSD) layout: (B, seq_len, 32) conditioning -> (B, T, 32, 32, 3) frames."""
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=2,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=32,
+        norm_num_groups=2,
+    )
+    pipeline = TextToVideoSDPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=_ddim_scheduler()
+    )
+    pipeline.save_pretrained(path)
+
+
+def build_tiny_audio_generator(path: Path, seed: int) -> None:
+    """AudioLDM layout: (B, 32) pooled conditioning -> (B, n) waveforms at 16 kHz.
+
+    The vocoder upsamples each mel frame 8 x 8 = 64 times, so one second is 250 mel frames.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=(32, 64),
+        class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=32,
+        class_embeddings_concat=True,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=1,
+        out_channels=1,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+    )
+    torch.manual_seed(seed)
+    vocoder_config = SpeechT5HifiGanConfig(
+        model_in_dim=8,
+        sampling_rate=16000,
+        upsample_initial_channel=16,
+        upsample_rates=[8, 8],
+        upsample_kernel_sizes=[16, 16],
+        resblock_kernel_sizes=[3, 7],
+        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+        normalize_before=False,
+        # The default (0.01) gives waveforms near 1e-5, silence once written as 16-bit PCM.
+        initializer_range=0.1,
+    )
+    pipeline = AudioLDMPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=_ddim_scheduler(),
+        vocoder=SpeechT5HifiGan(vocoder_config),
+    )
+    pipeline.save_pretrained(path)
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] (diffusers' ``output_type="np"``) -> uint8, rounded."""
+    return (pixels * 255).round().astype(np.uint8)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+class _Generator(Stage):
+    """Loads a diffusers pipeline and runs one pipeline call per batch of requests.
+
+    Subclasses give the pipeline arguments for their modality (``_pipeline_inputs``) and turn
+    the pipeline's output into encoded media (``_to_media``).
+    """
+
+    modality: ClassVar[Modality]
+    config: GeneratorConfig
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__(config)
+        diffusers_logging.disable_progress_bar()  # one bar per component would flood server logs
+        index = DiffusionPipeline.load_config(self.checkpoint)
+        # Components saved as null must be passed as None: diffusers refuses to load a pipeline
+        # missing a component that is not in its _optional_components (text_encoder, tokenizer).
+        absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+        if config.guidance_scale > 1 and not {"text_encoder", "tokenizer"}.isdisjoint(absent):
+            raise ValueError(
+                f"guidance_scale={config.guidance_scale} turns on classifier-free guidance, which needs a "
+                f"text encoder and tokenizer to embed the empty negative prompt, but checkpoint "
+                f"{str(self.checkpoint)!r} has none; set guidance_scale to 1 or use a checkpoint with a text encoder"
+            )
+        self.pipeline = DiffusionPipeline.from_pretrained(self.checkpoint, dtype=self.dtype, **absent).to(self.device)
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    @property
+    def conditioning_shape(self) -> tuple[int | None, int]:
+        """(seq_len, width) of one request's conditioning; seq_len None accepts any length.
+
+        Cross-attention takes any number of tokens, except under classifier-free guidance: the
+        negative prompt is padded to the tokenizer's length and concatenated with the conditioning.
+        """
+        seq_len = self.pipeline.tokenizer.model_max_length if self.config.guidance_scale > 1 else None
+        return seq_len, self.pipeline.unet.config.cross_attention_dim
+
+    def _stack_conditioning(self, requests: list[GenerationRequest]) -> torch.Tensor:
+        """Check every request's (seq_len, width) conditioning -> (batch, seq_len, width) on the device."""
+        seq_len, width = self.conditioning_shape
+        expected = f"({'seq_len' if seq_len is None else seq_len}, {width})"
+        for index, request in enumerate(requests):
+            embeds = request.conditioning.embeds
+            if not (isinstance(embeds, np.ndarray) and embeds.ndim == 2 and np.issubdtype(embeds.dtype, np.floating)):
+                raise InvalidInputError(
+                    f"request {index}: expected {self.modality} conditioning as a 2-D float array of shape "
+                    f"{expected}, got {_describe(embeds)}"
+                )
+            wrong_len = embeds.shape[0] == 0 or (seq_len is not None and embeds.shape[0] != seq_len)
+            if embeds.shape[1] != width or wrong_len:
+                raise InvalidInputError(
+                    f"request {index}: expected {self.modality} conditioning of shape {expected}, "
+                    f"got shape {embeds.shape}"
+                )
+            if not np.isfinite(embeds).all():
+                raise InvalidInputError(
+                    f"request {index}: expected finite {self.modality} conditioning, "
+                    f"got {np.count_nonzero(~np.isfinite(embeds))} non-finite values"
+                )
+        shapes = [request.conditioning.embeds.shape for request in requests]
+        if len(set(shapes)) > 1:
+            raise InvalidInputError(
+                f"expected {self.modality} conditioning of one shape across a batch, got shapes {shapes}"
+            )
+        stacked = np.stack([request.conditioning.embeds for request in requests])
+        return torch.from_numpy(stacked).to(device=self.device, dtype=self.dtype)
+
+    @staticmethod
+    def _generator(seed: int | None) -> torch.Generator:
+        # On the CPU so that a seed gives the same initial noise on any device: diffusers draws
+        # the noise with the generator's device and moves it.
+        generator = torch.Generator(device="cpu")
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def __call__(self, requests: list[GenerationRequest]) -> list[GeneratedMedia]:
+        """One media item per request, in order; all requests go through one pipeline call."""
+        if not requests:
+            return []
+        embeds = self._stack_conditioning(requests)
+        with torch.inference_mode():
+            output = self.pipeline(
+                generator=[self._generator(request.seed) for request in requests],
+                num_inference_steps=self.config.num_inference_steps,
+                guidance_scale=self.config.guidance_scale,
+                output_type="np",
+                **self._pipeline_inputs(embeds),
+            )
+        return self._to_media(output)
+
+    def _pipeline_inputs(self, embeds: torch.Tensor) -> dict[str, Any]:
+        """Modality-specific pipeline arguments, given conditioning of shape (batch, seq_len, width)."""
+        raise NotImplementedError
+
+    def _to_media(self, output: Any) -> list[GeneratedMedia]:
+        """Encode each item of the pipeline's output."""
+        raise NotImplementedError
+
+
+class ImageGenerator(_Generator):
+    """Stable Diffusion style text-to-image pipeline, driven by conditioning instead of text.
+
+    Input: ``GenerationRequest`` with conditioning (seq_len, cross_attention_dim). Output: PNG,
+    array (height, width, 3) uint8; None height/width give the UNet's native size.
+    """
+
+    component = "image_generator"
+    modality = "image"
+    config: ImageGeneratorConfig
+
+    def _pipeline_inputs(self, embeds: torch.Tensor) -> dict[str, Any]:
+        return {"prompt_embeds": embeds, "height": self.config.height, "width": self.config.width}
+
+    def _to_media(self, output: Any) -> list[GeneratedMedia]:
+        # output.images: (batch, height, width, 3) float in [0, 1]
+        images = _to_uint8(output.images)
+        return [
+            GeneratedMedia(modality="image", mime_type=MIME_TYPES["png"], data=encode_png(image), array=image)
+            for image in images
+        ]
+
+
+class VideoGenerator(_Generator):
+    """Zeroscope (TextToVideoSD) style text-to-video pipeline, driven by conditioning.
+
+    Input: ``GenerationRequest`` with conditioning (seq_len, cross_attention_dim). Output: MP4 or
+    GIF per ``config.format``, array (num_frames, height, width, 3) uint8 at ``config.fps``.
+    """
+
+    component = "video_generator"
+    modality = "video"
+    config: VideoGeneratorConfig
+
+    def _pipeline_inputs(self, embeds: torch.Tensor) -> dict[str, Any]:
+        return {
+            "prompt_embeds": embeds,
+            "height": self.config.height,
+            "width": self.config.width,
+            "num_frames": self.config.num_frames,
+        }
+
+    def _to_media(self, output: Any) -> list[GeneratedMedia]:
+        # output.frames: (batch, num_frames, height, width, 3) float in [0, 1]
+        videos = _to_uint8(output.frames)
+        fmt = self.config.format
+        return [
+            GeneratedMedia(
+                modality="video",
+                mime_type=MIME_TYPES[fmt],
+                data=encode_video(frames, self.config.fps, fmt),
+                array=frames,
+                rate=self.config.fps,
+            )
+            for frames in videos
+        ]
+
+
+class AudioGenerator(_Generator):
+    """AudioLDM (1) text-to-audio pipeline, driven by one pooled conditioning vector.
+
+    Input: ``GenerationRequest`` with conditioning (1, projection_class_embeddings_input_dim).
+    Output: WAV, array (n_samples,) float32 at the vocoder's sampling rate.
+
+    AudioLDM makes ``int(audio_length_s / hop_s)`` mel frames (hop: the vocoder's upsampling, 64
+    samples in the tiny preset), rounded up to a multiple of the VAE's scale factor, and cuts the
+    waveform to ``int(audio_length_s * rate)`` samples: 16000 for one second of the tiny preset.
+    The float quotient can fall just below a whole number and lose a frame: 0.7 s gives 174
+    frames, so 11136 samples instead of 11200.
+    """
+
+    component = "audio_generator"
+    modality = "audio"
+    config: AudioGeneratorConfig
+
+    def __init__(self, config: AudioGeneratorConfig):
+        super().__init__(config)
+        if self.pipeline.text_encoder is None:
+            # AudioLDMPipeline._encode_prompt casts given prompt_embeds to text_encoder.dtype
+            # even without a text encoder (AttributeError on None); dtype is all it reads.
+            self.pipeline.text_encoder = SimpleNamespace(dtype=self.dtype)
+
+    @property
+    def conditioning_shape(self) -> tuple[int | None, int]:
+        """(1, width): AudioLDM's UNet takes one pooled CLAP embedding as its class label."""
+        return 1, self.pipeline.unet.config.projection_class_embeddings_input_dim
+
+    def _pipeline_inputs(self, embeds: torch.Tensor) -> dict[str, Any]:
+        return {"prompt_embeds": embeds[:, 0], "audio_length_in_s": self.config.audio_length_s}
+
+    def _to_media(self, output: Any) -> list[GeneratedMedia]:
+        # output.audios: (batch, n_samples) float32
+        rate = self.pipeline.vocoder.config.sampling_rate
+        return [
+            GeneratedMedia(
+                modality="audio", mime_type=MIME_TYPES["wav"], data=encode_wav(audio, rate), array=audio, rate=rate
+            )
+            for audio in output.audios
+        ]

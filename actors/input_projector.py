@@ -1,0 +1,121 @@
+"""Input projector stage: align encoder features (F_X) with the LLM's embedding space (P_X).
+
+One checkpoint holds a head per input modality, each of one of four designs the survey lists:
+``linear``, ``mlp2x_gelu`` (LLaVA-1.5), ``qformer`` (BLIP-2: learnable queries over
+``Blip2QFormerModel``) and ``resampler`` (Flamingo/IDEFICS Perceiver resampler).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omnistage.actors.builtin import TINY_DIMS
+from omnistage.actors.heads import HeadStage, save_heads
+from omnistage.actors.payloads import Embeddings
+
+HEAD_TYPES = ("linear", "mlp2x_gelu", "qformer", "resampler")
+
+
+class QFormerHead(nn.Module):
+    """BLIP-2's bridge: ``num_queries`` learnable queries cross-attend to the features."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_queries: int, qformer: dict[str, Any]):
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        super().__init__()
+        config = Blip2QFormerConfig(**qformer, encoder_hidden_size=in_dim)
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, config.hidden_size))
+        nn.init.normal_(self.query_tokens, std=config.initializer_range)
+        self.qformer = Blip2QFormerModel(config)
+        self.language_projection = nn.Linear(config.hidden_size, out_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=features)
+        return self.language_projection(out.last_hidden_state)
+
+
+class ResamplerHead(nn.Module):
+    """A Perceiver resampler: ``num_latents`` latents attend to the features, then a linear map."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_latents: int, depth: int, num_heads: int, head_dim: int):
+        from transformers import IdeficsConfig
+        from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
+
+        super().__init__()
+        # The resampler reads only these two settings from an IDEFICS config.
+        config = IdeficsConfig(vision_config={"embed_dim": in_dim}, perceiver_config={"qk_layer_norms_perceiver": True})
+        self.resampler = IdeficsPerceiverResampler(config, in_dim, depth, num_heads, head_dim, num_latents)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.resampler(features))
+
+
+def make_head(spec: dict[str, Any]) -> nn.Module:
+    """Build a head from its config entry: ``{"type", "in_dim", "out_dim", ...}``."""
+    kind, in_dim, out_dim = spec["type"], spec["in_dim"], spec["out_dim"]
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    if kind == "qformer":
+        return QFormerHead(in_dim, out_dim, spec["num_queries"], spec["qformer"])
+    if kind == "resampler":
+        return ResamplerHead(
+            in_dim, out_dim, spec["num_latents"], spec["depth"], spec["num_heads"], spec["head_dim"]
+        )
+    raise ValueError(f"expected a projector type in {HEAD_TYPES}, got {kind!r}")
+
+
+def build_tiny(path: Path, seed: int) -> None:
+    """One head of each design across the three modalities, so the default preset runs them all."""
+    torch.manual_seed(seed)
+    llm = TINY_DIMS["llm"]
+    config = {
+        "heads": {
+            "image": {"type": "mlp2x_gelu", "in_dim": TINY_DIMS["image_encoder"], "out_dim": llm},
+            # 5 frames x 225 patches would be 1125 LLM tokens; the resampler keeps 32.
+            "video": {
+                "type": "resampler",
+                "in_dim": TINY_DIMS["image_encoder"],
+                "out_dim": llm,
+                "num_latents": 32,
+                "depth": 2,
+                "num_heads": 4,
+                "head_dim": 8,
+            },
+            "audio": {
+                "type": "qformer",
+                "in_dim": TINY_DIMS["audio_encoder"],
+                "out_dim": llm,
+                "num_queries": 8,
+                "qformer": {
+                    "hidden_size": 32,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "intermediate_size": 37,
+                    "cross_attention_frequency": 1,
+                },
+            },
+        }
+    }
+    save_heads(InputProjector.build_heads(config), config, path)
+
+
+class InputProjector(HeadStage):
+    """Features of any configured modality to LLM embeddings.
+
+    Input: ``Features`` (n_tokens, d_encoder). Output: ``Embeddings`` (n_out, d_llm), where n_out
+    is n_tokens for ``linear`` / ``mlp2x_gelu`` and the number of queries or latents otherwise.
+    """
+
+    component = "input_projector"
+    make_head = staticmethod(make_head)
+    in_field = "features"
+    output_type = Embeddings
+    out_field = "embeds"

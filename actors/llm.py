@@ -1,0 +1,331 @@
+"""LLM backbone stage: a transformers causal LM reads text with projected media spliced in at
+their placeholders and writes text plus signal tokens that ask for media.
+
+Splicing follows LLaVA: each placeholder token is repeated once per media token, and the media
+embeddings are scattered into those positions (``masked_scatter``). Signal tokens follow NExT-GPT:
+an output modality has a group (``[IMG0]..[IMG3]``); once the model emits the group's first token
+the rest are forced, and the hidden states behind the group go to the output projector.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+
+from omnistage.actors.base import Stage
+from omnistage.actors.builtin import TINY_DIMS
+from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
+from omnistage.actors.payloads import (
+    MODALITIES,
+    NEXTGPT_SIGNAL_TOKENS,
+    PLACEHOLDERS,
+    LLMRequest,
+    LLMResult,
+    Modality,
+    SignalGroup,
+    signal_token_names,
+)
+from omnistage.cluster.config import LLMConfig
+
+log = structlog.get_logger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+# A plain role-tagged template for the tiny preset; real checkpoints bring their own.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny(path: Path, seed: int) -> None:
+    """A 2-layer LLaMA (hidden 32) with a byte-level tokenizer, which needs no vocabulary file."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = ByT5Tokenizer()
+    tokenizer.add_tokens(list(PLACEHOLDERS.values()), special_tokens=True)
+    for modality, count in NEXTGPT_SIGNAL_TOKENS.items():
+        tokenizer.add_tokens(signal_token_names(modality, count), special_tokens=True)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_DIMS["llm"],
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@dataclass
+class _Sequence:
+    """Decoding state of one request in a batch."""
+
+    request: LLMRequest
+    generator: torch.Generator
+    pending: list[Modality]  # forced modalities whose group has not been emitted yet
+    token_ids: list[int] = field(default_factory=list)
+    text_ids: list[int] = field(default_factory=list)
+    forced: deque[int] = field(default_factory=deque)
+    group: list[np.ndarray] = field(default_factory=list)
+    signals: list[SignalGroup] = field(default_factory=list)
+    text_done: bool = False
+    finish_reason: str = "length"
+    done: bool = False
+
+
+class LLM(Stage):
+    """Chats with media to text and signal groups.
+
+    Input: ``LLMRequest`` (messages with placeholders, projected media, sampling settings).
+    Output: ``LLMResult`` (text without signal tokens, and a ``SignalGroup`` of shape
+    (n_signal_tokens, d_llm) per emitted group).
+
+    ``max_tokens`` bounds the text; forced signal groups come after the text and are not counted
+    against it (they are counted in ``completion_tokens``).
+    """
+
+    component = "llm"
+
+    def __init__(self, config: LLMConfig):
+        super().__init__(config)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"the tokenizer in {str(self.checkpoint)!r} has no chat template; add one to its tokenizer_config.json")
+        self.model = AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=self.dtype)
+        self._add_missing_tokens()
+        self.model.to(self.device).eval()
+        self.embed_tokens = self.model.get_input_embeddings()
+        self.hidden_size = self.embed_tokens.embedding_dim
+
+        vocab = self.tokenizer.get_vocab()
+        self.placeholder_ids = {vocab[token]: modality for modality, token in PLACEHOLDERS.items()}
+        self.groups = {m: [vocab[t] for t in signal_token_names(m, n)] for m, n in config.signal_tokens.items()}
+        self.signal_modality = {t: m for m, ids in self.groups.items() for t in ids}
+        # The sampler never picks a placeholder or a group's later tokens (those are forced).
+        banned = list(self.placeholder_ids) + [t for ids in self.groups.values() for t in ids[1:]]
+        self.banned = torch.tensor(banned, dtype=torch.long, device=self.device)
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.max_context = getattr(self.model.config, "max_position_embeddings", None)
+
+    def _add_missing_tokens(self) -> None:
+        needed = list(PLACEHOLDERS.values()) + [
+            token for m, n in self.config.signal_tokens.items() for token in signal_token_names(m, n)
+        ]
+        vocab = self.tokenizer.get_vocab()
+        missing = [token for token in needed if token not in vocab]
+        if not missing:
+            return
+        self.tokenizer.add_tokens(missing, special_tokens=True)
+        # Never shrink: many checkpoints pad their embedding matrix beyond the tokenizer's size.
+        size = max(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+        self.model.resize_token_embeddings(size)
+        log.warning(
+            "llm_tokens_added",
+            tokens=missing,
+            reason="checkpoint lacks them; their embeddings are untrained, so signal tokens need a tuned checkpoint",
+        )
+
+    # 1. Check inputs
+
+    def check_request(self, request: LLMRequest) -> None:
+        if not request.messages:
+            raise InvalidInputError("expected at least one message, got none")
+        for i, message in enumerate(request.messages):
+            if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+                raise InvalidInputError(
+                    f"expected message {i} to have a role in {ROLES} and text content, "
+                    f"got role {message.get('role')!r} and content of type {type(message.get('content')).__name__}"
+                )
+        if not 1 <= request.max_tokens <= self.config.max_tokens_limit:
+            raise InvalidInputError(f"expected max_tokens in [1, {self.config.max_tokens_limit}], got {request.max_tokens}")
+        if request.temperature < 0:
+            raise InvalidInputError(f"expected temperature >= 0, got {request.temperature}")
+        if not 0 < request.top_p <= 1:
+            raise InvalidInputError(f"expected top_p in (0, 1], got {request.top_p}")
+        unknown = [m for m in request.force_modalities if m not in self.groups]
+        if unknown:
+            raise UnsupportedMediaError(
+                f"expected output modalities among {sorted(self.groups)}, got {unknown}"
+            )
+
+    # 2. Embed the prompt with media spliced in
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def embed_prompt(self, request: LLMRequest) -> torch.Tensor:
+        """(n_tokens, d_llm) input embeddings: the prompt's tokens, each placeholder expanded to
+        its medium's embeddings."""
+        ids = self.tokenizer(self.render_prompt(request.messages), add_special_tokens=False)["input_ids"]
+        wanted = [self.placeholder_ids[t] for t in ids if t in self.placeholder_ids]
+        given = [item.modality for item in request.media]
+        if wanted != given:
+            raise InvalidInputError(
+                f"the prompt's placeholders ask for {_describe(wanted)} in this order, "
+                f"but the media given are {_describe(given)}"
+            )
+        for item in request.media:
+            if item.embeds.ndim != 2 or item.embeds.shape[1] != self.hidden_size:
+                raise InvalidInputError(
+                    f"expected {item.modality} embeddings of shape (n_tokens, {self.hidden_size}), got {item.embeds.shape}"
+                )
+        lengths = iter(item.embeds.shape[0] for item in request.media)
+        expanded = [t for t in ids for _ in range(next(lengths) if t in self.placeholder_ids else 1)]
+        if self.max_context is not None and len(expanded) + request.max_tokens > self.max_context:
+            raise InvalidInputError(
+                f"expected the prompt ({len(expanded)} tokens with media) plus max_tokens "
+                f"({request.max_tokens}) to fit the model's context of {self.max_context} tokens"
+            )
+        input_ids = torch.tensor(expanded, device=self.device)
+        embeds = self.embed_tokens(input_ids)
+        if request.media:
+            media = torch.cat([torch.from_numpy(item.embeds) for item in request.media]).to(self.device, embeds.dtype)
+            is_media = torch.isin(input_ids, torch.tensor(list(self.placeholder_ids), device=self.device))
+            embeds = embeds.masked_scatter(is_media[:, None], media)
+        return embeds
+
+    # 3. Decode
+
+    @torch.inference_mode()
+    def __call__(self, requests: list[LLMRequest]) -> list[LLMResult]:
+        for request in requests:
+            self.check_request(request)
+        prompts = [self.embed_prompt(request) for request in requests]
+
+        # Left-pad so every sequence's next token sits in the last column.
+        batch, width = len(prompts), max(p.shape[0] for p in prompts)
+        embeds = prompts[0].new_zeros(batch, width, self.hidden_size)
+        mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+        for i, prompt in enumerate(prompts):
+            embeds[i, width - prompt.shape[0] :] = prompt
+            mask[i, width - prompt.shape[0] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        seqs = [self._new_sequence(request) for request in requests]
+
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, output_hidden_states=True
+        )
+        while True:
+            logits, hidden = out.logits[:, -1], out.hidden_states[-1][:, -1]
+            tokens = [self._step(seq, logits[i], hidden[i]) if not seq.done else self.pad_id for i, seq in enumerate(seqs)]
+            if all(seq.done for seq in seqs):
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                inputs_embeds=self.embed_tokens(torch.tensor(tokens, device=self.device)[:, None]),
+                attention_mask=mask,
+                position_ids=positions,
+                cache=out.cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+        return [
+            LLMResult(
+                text=self._text(seq),
+                finish_reason=seq.finish_reason,
+                prompt_tokens=prompt.shape[0],
+                token_ids=seq.token_ids,
+                signals=seq.signals,
+            )
+            for seq, prompt in zip(seqs, prompts)
+        ]
+
+    def _new_sequence(self, request: LLMRequest) -> _Sequence:
+        generator = torch.Generator(device=self.device)
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        return _Sequence(request=request, generator=generator, pending=list(dict.fromkeys(request.force_modalities)))
+
+    def _step(self, seq: _Sequence, logits: torch.Tensor, hidden: torch.Tensor) -> int:
+        """Choose the next token of ``seq`` from the logits and hidden state at its last position."""
+        if seq.forced:
+            token = seq.forced.popleft()
+        elif not seq.text_done:
+            token = self._sample(logits, seq)
+            if token in self.eos_ids:
+                seq.text_done, seq.finish_reason = True, "stop"
+                token = self.groups[seq.pending[0]][0] if seq.pending else None
+        else:
+            token = self.groups[seq.pending[0]][0] if seq.pending else None
+        if token is None:
+            seq.done = True
+            return self.pad_id
+        seq.token_ids.append(token)
+        modality = self.signal_modality.get(token)
+        if modality is None:
+            seq.text_ids.append(token)
+            self._check_text_end(seq)
+        else:
+            self._record_signal(seq, token, modality, hidden)
+        seq.done = seq.text_done and not seq.forced and not seq.pending
+        return token
+
+    def _sample(self, logits: torch.Tensor, seq: _Sequence) -> int:
+        logits = logits.float().index_fill(0, self.banned, float("-inf"))
+        request = seq.request
+        if request.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / request.temperature, dim=-1)
+        if request.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = sorted_probs.cumsum(0) - sorted_probs >= request.top_p
+            probs = probs.index_fill(0, order[drop], 0.0)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _record_signal(self, seq: _Sequence, token: int, modality: Modality, hidden: torch.Tensor) -> None:
+        group = self.groups[modality]
+        if token == group[0]:
+            seq.forced = deque(group[1:])
+            seq.group = []
+            if modality in seq.pending:
+                seq.pending.remove(modality)
+        embedding = self.embed_tokens(torch.tensor(token, device=self.device))
+        seq.group.append((hidden + embedding).float().cpu().numpy())
+        if len(seq.group) == len(group):
+            seq.signals.append(SignalGroup(modality=modality, hidden=np.stack(seq.group)))
+
+    def _check_text_end(self, seq: _Sequence) -> None:
+        if seq.request.stop and _find_stop(self.tokenizer.decode(seq.text_ids, skip_special_tokens=True), seq.request.stop) is not None:
+            seq.text_done, seq.finish_reason = True, "stop"
+        elif len(seq.text_ids) >= seq.request.max_tokens:
+            seq.text_done, seq.finish_reason = True, "length"
+
+    def _text(self, seq: _Sequence) -> str:
+        text = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True)
+        cut = _find_stop(text, seq.request.stop)
+        return text if cut is None else text[:cut]
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest stop string in ``text``, or None."""
+    hits = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(hits) if hits else None
+
+
+def _describe(modalities: list[str]) -> str:
+    if not modalities:
+        return "no media"
+    counts = {m: modalities.count(m) for m in MODALITIES if m in modalities}
+    return ", ".join(f"{n} {m}" for m, n in counts.items()) + f" ({' '.join(modalities)})"

@@ -1,0 +1,125 @@
+"""Output projector stage: signal-token hidden states (S_X) to a generator's conditioning (H_X).
+
+Two designs, one head per output modality in one checkpoint:
+``transformer`` (NExT-GPT / GILL: a linear map in, an encoder-decoder transformer whose decoder
+reads ``num_queries`` learnable queries, a linear map out to the generator's conditioning width)
+and ``mlp`` (a two-layer MLP over the flattened signal states, reshaped to the conditioning).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omnistage.actors.builtin import TINY_DIMS
+from omnistage.actors.heads import HeadStage, save_heads
+from omnistage.actors.payloads import NEXTGPT_SIGNAL_TOKENS, Conditioning
+
+HEAD_TYPES = ("transformer", "mlp")
+
+
+class TransformerHead(nn.Module):
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        d = spec["d_model"]
+        self.proj_in = nn.Linear(spec["in_dim"], d)
+        self.queries = nn.Parameter(torch.randn(1, spec["num_queries"], d) * 0.02)
+        # Dropout 0 and pre-norm, as in NExT-GPT's output projector; batch_first for (B, K, d) inputs.
+        with warnings.catch_warnings():
+            # PyTorch notes that pre-norm layers cannot use its nested-tensor fast path; expected.
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            self.transformer = nn.Transformer(
+                d_model=d,
+                nhead=spec["num_heads"],
+                num_encoder_layers=spec["num_encoder_layers"],
+                num_decoder_layers=spec["num_decoder_layers"],
+                dim_feedforward=spec["ffn_dim"],
+                dropout=0.0,
+                batch_first=True,
+                norm_first=True,
+            )
+        self.proj_out = nn.Linear(d, spec["out_dim"])
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        queries = self.queries.expand(signals.shape[0], -1, -1)
+        return self.proj_out(self.transformer(self.proj_in(signals), queries))
+
+
+class MLPHead(nn.Module):
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        self.shape = (spec["num_queries"], spec["out_dim"])
+        self.mlp = nn.Sequential(
+            nn.Flatten(1),
+            nn.Linear(spec["num_signal_tokens"] * spec["in_dim"], spec["hidden_dim"]),
+            nn.GELU(),
+            nn.Linear(spec["hidden_dim"], spec["num_queries"] * spec["out_dim"]),
+        )
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        return self.mlp(signals).view(signals.shape[0], *self.shape)
+
+
+def make_head(spec: dict[str, Any]) -> nn.Module:
+    if spec["type"] == "transformer":
+        return TransformerHead(spec)
+    if spec["type"] == "mlp":
+        return MLPHead(spec)
+    raise ValueError(f"expected an output projector type in {HEAD_TYPES}, got {spec['type']!r}")
+
+
+def build_tiny(path: Path, seed: int) -> None:
+    """Transformer heads for image and video (77 queries, like a CLIP text encoder's output), an
+    MLP head for audio (one pooled vector, like AudioLDM's CLAP conditioning)."""
+    torch.manual_seed(seed)
+    llm = TINY_DIMS["llm"]
+
+    def transformer(cond: tuple[int, int]) -> dict[str, Any]:
+        return {
+            "type": "transformer",
+            "in_dim": llm,
+            "d_model": 32,
+            "num_heads": 4,
+            "num_encoder_layers": 2,
+            "num_decoder_layers": 2,
+            "ffn_dim": 64,
+            "num_queries": cond[0],
+            "out_dim": cond[1],
+        }
+
+    config = {
+        "heads": {
+            "image": transformer(TINY_DIMS["image_cond"]),
+            "video": transformer(TINY_DIMS["video_cond"]),
+            "audio": {
+                "type": "mlp",
+                "in_dim": llm,
+                "num_signal_tokens": NEXTGPT_SIGNAL_TOKENS["audio"],
+                "hidden_dim": 64,
+                "num_queries": TINY_DIMS["audio_cond"][0],
+                "out_dim": TINY_DIMS["audio_cond"][1],
+            },
+        }
+    }
+    save_heads(OutputProjector.build_heads(config), config, path)
+
+
+class OutputProjector(HeadStage):
+    """Signal groups to generator conditioning.
+
+    Input: ``SignalGroup`` (n_signal_tokens, d_llm). Output: ``Conditioning`` (num_queries, out_dim).
+    """
+
+    component = "output_projector"
+    make_head = staticmethod(make_head)
+    in_field = "hidden"
+    output_type = Conditioning
+    out_field = "embeds"
+
+    def conditioning_shape(self, modality: str) -> tuple[int, int]:
+        head = self.head_spec(modality)
+        return head["num_queries"], head["out_dim"]

@@ -1,0 +1,146 @@
+"""Typed payloads that cross stage boundaries.
+
+They hold numpy arrays only (no torch tensors): numpy arrays are read zero-copy from Ray's object
+store on the same node, while tensors would be pickled. Shapes are given in each docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Modality = Literal["image", "video", "audio"]
+MODALITIES: tuple[Modality, ...] = ("image", "video", "audio")
+
+# Signal tokens per output modality, as in NExT-GPT: [IMG0..3], [VID0..23], [AUD0..7].
+NEXTGPT_SIGNAL_TOKENS: dict[Modality, int] = {"image": 4, "video": 24, "audio": 8}
+SIGNAL_PREFIX: dict[Modality, str] = {"image": "IMG", "video": "VID", "audio": "AUD"}
+PLACEHOLDERS: dict[Modality, str] = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
+
+
+def signal_token_names(modality: Modality, count: int) -> list[str]:
+    return [f"[{SIGNAL_PREFIX[modality]}{i}]" for i in range(count)]
+
+
+@dataclass
+class AudioClip:
+    """Decoded audio.
+
+    Dimensions:
+        samples: (n_samples,) mono or (n_samples, n_channels), float32 in [-1, 1]
+    """
+
+    samples: np.ndarray
+    sampling_rate: int
+
+
+@dataclass
+class Features:
+    """One media item's encoder output (F_X in the survey's notation).
+
+    Dimensions:
+        features: (n_tokens, d_encoder) float32
+    """
+
+    modality: Modality
+    features: np.ndarray
+
+
+@dataclass
+class Embeddings:
+    """One media item projected into the LLM's embedding space (P_X).
+
+    Dimensions:
+        embeds: (n_tokens, d_llm) float32
+    """
+
+    modality: Modality
+    embeds: np.ndarray
+
+
+@dataclass
+class LLMRequest:
+    """A chat for the LLM. Message contents are text in which placeholders (``<image>``,
+    ``<video>``, ``<audio>``) stand for ``media``, filled in order of appearance.
+
+    Dimensions:
+        media[i].embeds: (n_tokens_i, d_llm) float32
+    """
+
+    messages: list[dict[str, str]]
+    media: list[Embeddings] = field(default_factory=list)
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    # Output modalities whose signal-token group is appended if the model does not emit it.
+    force_modalities: list[Modality] = field(default_factory=list)
+
+
+@dataclass
+class SignalGroup:
+    """The hidden states behind one emitted signal-token group (``[IMG0]..[IMG3]`` and so on).
+
+    Row k is the last layer's hidden state at the position that predicted signal token k, plus
+    that token's input embedding (as in GILL and NExT-GPT).
+
+    Dimensions:
+        hidden: (n_signal_tokens, d_llm) float32
+    """
+
+    modality: Modality
+    hidden: np.ndarray
+
+
+@dataclass
+class LLMResult:
+    """The LLM's answer: text with signal tokens removed, and one entry per emitted group."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    # Every generated token, signal tokens included, in order.
+    token_ids: list[int] = field(default_factory=list)
+    signals: list[SignalGroup] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class Conditioning:
+    """A generator's conditioning (H_X), in the space of its own text encoder.
+
+    Dimensions:
+        embeds: (seq_len, d_cond) float32; seq_len is 1 for pooled conditioning (AudioLDM)
+    """
+
+    modality: Modality
+    embeds: np.ndarray
+
+
+@dataclass
+class GenerationRequest:
+    conditioning: Conditioning
+    seed: int | None = None
+
+
+@dataclass
+class GeneratedMedia:
+    """An encoded media file plus the raw array it was made from.
+
+    Dimensions:
+        array: image (height, width, 3) uint8; video (n_frames, height, width, 3) uint8;
+            audio (n_samples,) float32
+    """
+
+    modality: Modality
+    mime_type: str
+    data: bytes
+    array: np.ndarray
+    # Frames per second for video, samples per second for audio; None for images.
+    rate: float | None = None

@@ -1,0 +1,198 @@
+"""One typed configuration for the whole system: per stage its model, placement and scaling.
+
+The same file drives the in-process pipeline, the Serve application, batch jobs and the cluster
+config. It is validated once at load; a bad field fails with its path and value.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omnistage.actors.payloads import NEXTGPT_SIGNAL_TOKENS, Modality
+
+
+class ConfigError(ValueError):
+    """A configuration file or preset name that cannot be used."""
+
+
+class _Strict(BaseModel):
+    # A misspelt key must fail loudly instead of silently keeping the default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Strict):
+    num_cpus: float = Field(0.25, ge=0, description="CPUs per replica. Fractional so several pools fit on a small node.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica; fractional values share a GPU.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources, e.g. to pin a pool to a node type.")
+
+
+class Batching(_Strict):
+    max_batch_size: int = Field(8, ge=1, description="Largest batch one forward pass takes.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a partial batch waits for more requests.")
+
+
+class Scaling(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept even when idle, so the first request does not wait for a model load.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound for the autoscaler.")
+    target_ongoing_requests: float = Field(2, gt=0, description="Autoscaler target per replica.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Scaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class QueueLimits(_Strict):
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once; at least max_batch_size so batches can fill.")
+    max_queued_requests: int = Field(64, ge=-1, description="Requests waiting per caller before new ones are refused; -1 for no limit.")
+
+
+class StageConfig(_Strict):
+    model: str = Field(
+        "tiny",
+        description="A built-in preset name (see `omnistage models list`) or a local checkpoint directory.",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU (CPUs lack fast half-precision kernels)."
+    )
+    device: str = Field("auto", description="auto picks CUDA when the replica has a GPU, else CPU; or e.g. 'cpu', 'cuda:0'.")
+    batching: Batching = Field(default_factory=Batching)
+    scaling: Scaling = Field(default_factory=Scaling)
+    resources: Resources = Field(default_factory=Resources)
+    queue: QueueLimits = Field(default_factory=QueueLimits)
+
+
+class ImageEncoderConfig(StageConfig):
+    feature_layer: int = Field(-2, description="Hidden-state layer to use; LLaVA takes the second to last.")
+    drop_cls: bool = Field(True, description="Drop the CLS token and keep patch tokens only, as LLaVA does.")
+
+
+class VideoEncoderConfig(ImageEncoderConfig):
+    num_frames: int = Field(5, ge=1, description="Frames sampled uniformly per video; the survey's models use 5.")
+
+
+class AudioEncoderConfig(StageConfig):
+    feature_layer: int = Field(-1, description="Hidden-state layer of the audio encoder to use.")
+
+
+class InputProjectorConfig(StageConfig):
+    pass
+
+
+class LLMConfig(StageConfig):
+    signal_tokens: dict[Modality, int] = Field(
+        default_factory=lambda: dict(NEXTGPT_SIGNAL_TOKENS),
+        description="Signal tokens per output modality; NExT-GPT's counts by default.",
+    )
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+
+
+class OutputProjectorConfig(StageConfig):
+    pass
+
+
+class GeneratorConfig(StageConfig):
+    num_inference_steps: int = Field(25, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(
+        1.0, ge=0, description="Classifier-free guidance; above 1 needs a text encoder in the checkpoint for the empty prompt."
+    )
+
+
+class ImageGeneratorConfig(GeneratorConfig):
+    height: int | None = Field(None, ge=8, description="Pixels; None uses the UNet's native size.")
+    width: int | None = Field(None, ge=8, description="Pixels; None uses the UNet's native size.")
+
+
+class VideoGeneratorConfig(ImageGeneratorConfig):
+    num_frames: int = Field(8, ge=1, description="Frames per clip.")
+    fps: int = Field(8, ge=1, description="Frame rate of the encoded clip.")
+    format: Literal["mp4", "gif"] = Field("mp4", description="Container of the encoded clip.")
+
+
+class AudioGeneratorConfig(GeneratorConfig):
+    audio_length_s: float = Field(1.0, gt=0, le=60, description="Seconds of audio per clip.")
+
+
+class Stages(_Strict):
+    """The pools of one deployment. A missing encoder or generator means that modality is refused."""
+
+    image_encoder: ImageEncoderConfig | None = None
+    video_encoder: VideoEncoderConfig | None = None
+    audio_encoder: AudioEncoderConfig | None = None
+    input_projector: InputProjectorConfig | None = None
+    llm: LLMConfig
+    output_projector: OutputProjectorConfig | None = None
+    image_generator: ImageGeneratorConfig | None = None
+    video_generator: VideoGeneratorConfig | None = None
+    audio_generator: AudioGeneratorConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Stages:
+        encoders = [m for m in ("image", "video", "audio") if getattr(self, f"{m}_encoder")]
+        generators = [m for m in ("image", "video", "audio") if getattr(self, f"{m}_generator")]
+        if encoders and self.input_projector is None:
+            raise ValueError(f"encoders {encoders} are configured but input_projector is missing")
+        if generators and self.output_projector is None:
+            raise ValueError(f"generators {generators} are configured but output_projector is missing")
+        missing = [m for m in generators if m not in self.llm.signal_tokens]
+        if missing:
+            raise ValueError(
+                f"generators {missing} have no signal tokens: llm.signal_tokens is {self.llm.signal_tokens}"
+            )
+        return self
+
+    def input_modalities(self) -> list[Modality]:
+        return [m for m in ("image", "video", "audio") if getattr(self, f"{m}_encoder")]
+
+    def output_modalities(self) -> list[Modality]:
+        return [m for m in ("image", "video", "audio") if getattr(self, f"{m}_generator")]
+
+
+class OmnistageConfig(_Strict):
+    name: str = Field(description="Shown as the model id in the API.")
+    stages: Stages
+
+
+def preset_names() -> list[str]:
+    """The YAML presets shipped in ``omnistage.cluster/presets``."""
+    folder = resources.files("omnistage.cluster") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str | Path) -> OmnistageConfig:
+    """Load a shipped preset by name (``"tiny"``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        source = str(path)
+    elif str(name_or_path) in preset_names():
+        text = (resources.files("omnistage.cluster") / "presets" / f"{name_or_path}.yaml").read_text()
+        source = f"preset {name_or_path!r}"
+    else:
+        raise ConfigError(
+            f"expected a preset name ({', '.join(preset_names())}) or a YAML file path, got {str(name_or_path)!r}"
+        )
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return OmnistageConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{source} is invalid: {problems}") from None

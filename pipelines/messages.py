@@ -1,0 +1,116 @@
+"""OpenAI-style chat messages to the LLM's form: text with placeholders, plus decoded media.
+
+Content parts follow OpenAI's chat format (``text``, ``image_url``, ``input_audio``) with
+``video_url`` added the same way. In Python, a part's value may also be the medium itself: bytes,
+a PIL image or a numpy array (``(H, W, 3)`` uint8 images, ``(T, H, W, 3)`` uint8 videos, an
+``AudioClip`` or ``(samples, sampling_rate)`` for audio).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
+from omnistage.actors.media import parse_data_url, to_audio_clip, to_image_array, to_video_array
+from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, Modality
+
+# Content part type -> the modality it carries.
+PART_MODALITY: dict[str, Modality] = {"image_url": "image", "input_audio": "audio", "video_url": "video"}
+AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
+
+
+@dataclass
+class ParsedChat:
+    """``messages`` hold text only (placeholders where media stood); ``media`` lists the decoded
+    media in placeholder order: image (H, W, 3) uint8, video (T, H, W, 3) uint8, audio AudioClip."""
+
+    messages: list[dict[str, str]]
+    media: list[tuple[Modality, np.ndarray | AudioClip]]
+
+
+def parse_messages(messages: list[dict[str, Any]], accepted: list[Modality]) -> ParsedChat:
+    """Check and decode a chat. ``accepted`` names the input modalities this deployment serves."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInputError(f"expected a non-empty list of messages, got {_kind(messages)}")
+    out_messages, media = [], []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidInputError(f"expected message {index} to be an object, got {_kind(message)}")
+        role, content = message.get("role"), message.get("content")
+        if isinstance(content, str):
+            out_messages.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise InvalidInputError(
+                f"expected message {index} content to be a string or a list of parts, got {_kind(content)}"
+            )
+        texts = []
+        for part_index, part in enumerate(content):
+            where = f"message {index} part {part_index}"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise InvalidInputError(f"expected {where} to carry a string 'text', got {_kind(part.get('text'))}")
+                texts.append(part["text"])
+            elif kind in PART_MODALITY:
+                modality = PART_MODALITY[kind]
+                if modality not in accepted:
+                    raise UnsupportedMediaError(
+                        f"{where} is {modality}, but this model accepts {accepted or 'text only'}"
+                    )
+                if role != "user":
+                    raise InvalidInputError(f"expected media only in user messages, got {kind} in a {role!r} message")
+                media.append((modality, _decode(modality, part.get(kind), where)))
+                texts.append(PLACEHOLDERS[modality])
+            else:
+                raise InvalidInputError(
+                    f"expected {where} to have type 'text', {', '.join(repr(k) for k in PART_MODALITY)}, "
+                    f"got {kind!r}"
+                )
+        out_messages.append({"role": role, "content": "\n".join(texts)})
+    return ParsedChat(messages=out_messages, media=media)
+
+
+def _decode(modality: Modality, value: Any, where: str) -> np.ndarray | AudioClip:
+    if modality == "audio":
+        return _decode_audio(value, where)
+    if isinstance(value, dict):
+        value = value.get("url")
+    if isinstance(value, str):
+        mime, value = _data_url(value, where)
+        allowed = ("image/",) if modality == "image" else ("video/", "image/gif")
+        if not mime.startswith(allowed):
+            raise UnsupportedMediaError(f"expected {where} to be a {' or '.join(allowed)} data URL, got {mime!r}")
+    return to_image_array(value) if modality == "image" else to_video_array(value)
+
+
+def _decode_audio(value: Any, where: str) -> AudioClip:
+    if isinstance(value, dict):
+        fmt = value.get("format")
+        if fmt not in AUDIO_FORMATS:
+            raise UnsupportedMediaError(f"expected {where} audio format in {AUDIO_FORMATS}, got {fmt!r}")
+        data = value.get("data")
+        if isinstance(data, str):
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInputError(f"expected {where} audio data as base64, got {len(data)} characters that are not") from None
+        return to_audio_clip(data)
+    if isinstance(value, tuple) and len(value) == 2:
+        return to_audio_clip(value[0], sampling_rate=value[1])
+    return to_audio_clip(value)
+
+
+def _data_url(url: str, where: str) -> tuple[str, bytes]:
+    if url.startswith(("http://", "https://")):
+        raise InvalidInputError(f"expected {where} as a data URL; remote URLs are not fetched")
+    return parse_data_url(url)
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__

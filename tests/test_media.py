@@ -1,0 +1,513 @@
+"""Tests for omnistage.actors.media. Every input is built here; nothing is read from disk."""
+
+import base64
+import io
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+from omnistage.actors.media import (
+    MIME_TYPES,
+    decode_audio,
+    decode_image,
+    decode_video,
+    encode_png,
+    encode_video,
+    encode_wav,
+    parse_data_url,
+    to_audio_clip,
+    to_image_array,
+    to_mono_16k,
+    to_video_array,
+)
+from omnistage.actors.payloads import AudioClip
+
+RED = (200, 30, 100)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def pil_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A real 1x1 PNG whose IHDR says width x height (CRC recomputed, so the header is valid)."""
+    data = bytearray(pil_bytes(Image.new("L", (1, 1)), "PNG"))
+    ihdr = 8 + 4  # signature, then the IHDR chunk's length field
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def wav_bytes(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def flat_video(n_frames: int = 4, height: int = 16, width: int = 16) -> np.ndarray:
+    frames = np.empty((n_frames, height, width, 3), dtype=np.uint8)
+    frames[...] = RED
+    return frames
+
+
+def matroska_video(n_video_frames: int) -> bytes:
+    """An MKV with one video stream (no frame count in the header) and one audio packet."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="matroska") as container:
+        video = container.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 16, 16, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000)
+        audio_frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        audio_frame.sample_rate, audio_frame.pts = 8000, 0
+        container.mux(audio.encode(audio_frame))
+        container.mux(audio.encode(None))
+        for index in range(n_video_frames):
+            frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+            frame.pts = index
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+    return buffer.getvalue()
+
+
+# --- encoders and round trips ------------------------------------------------------------------
+
+
+def test_mime_types_cover_encoder_outputs():
+    assert MIME_TYPES["png"] == "image/png"
+    assert MIME_TYPES["wav"] == "audio/wav"
+    assert MIME_TYPES["mp4"] == "video/mp4"
+    assert MIME_TYPES["gif"] == "image/gif"
+
+
+def test_png_round_trip_is_exact(rng):
+    image = rng.integers(0, 256, size=(13, 17, 3), dtype=np.uint8)
+    data = encode_png(image)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    np.testing.assert_array_equal(decode_image(data), image)
+
+
+def test_wav_round_trip_within_one_lsb(rng):
+    samples = rng.uniform(-1, 1, size=4000).astype(np.float32)
+    clip = decode_audio(encode_wav(samples, 22050))
+    assert clip.sampling_rate == 22050
+    assert clip.samples.dtype == np.float32 and clip.samples.shape == samples.shape
+    assert np.abs(clip.samples - samples).max() <= 1 / 32767
+
+
+def test_wav_clips_out_of_range_samples():
+    clip = decode_audio(encode_wav(np.array([2.0, -3.0, 0.5], dtype=np.float32), 8000))
+    np.testing.assert_allclose(clip.samples, [1.0, -1.0, 0.5], atol=1 / 32767)
+
+
+def test_mp4_round_trip_flat_colour():
+    frames = flat_video(n_frames=5, height=16, width=24)
+    data = encode_video(frames, fps=8)
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+    decoded = decode_video(data)
+    assert decoded.shape == (5, 16, 24, 3)
+    assert np.abs(decoded.astype(int) - frames).max() <= 4
+
+
+def test_mp4_pads_odd_size_to_even():
+    decoded = decode_video(encode_video(flat_video(n_frames=3, height=9, width=11), fps=10))
+    assert decoded.shape == (3, 10, 12, 3)
+    assert np.abs(decoded.astype(int) - RED).max() <= 4  # the padding repeats the edge colour
+
+
+def test_gif_round_trip_keeps_colours():
+    frames = flat_video(n_frames=3, height=9, width=11)
+    frames[1, :, :5] = (10, 240, 60)
+    data = encode_video(frames, fps=10, fmt="gif")
+    assert data.startswith(b"GIF8")
+    np.testing.assert_array_equal(decode_video(data), frames)
+    np.testing.assert_array_equal(decode_image(data), frames[0])  # an image decode takes frame 0
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda: encode_png(np.zeros((4, 4, 2), np.float32)),
+            r"shape \(height, width, 3\) and dtype uint8, got shape \(4, 4, 2\) and dtype float32",
+        ),
+        (lambda: encode_wav(np.zeros((2, 3, 4), np.float32), 16000), r"\(n_samples,\).*got shape \(2, 3, 4\)"),
+        (lambda: encode_wav(np.zeros(3, np.int16), 16000), r"float dtype, got shape \(3,\) and dtype int16"),
+        (lambda: encode_wav(np.array([np.nan], np.float32), 16000), r"finite.*got 1 non-finite"),
+        (lambda: encode_wav(np.zeros(3, np.float32), 0), r"positive integer sampling rate, got 0"),
+        (lambda: encode_video(np.zeros((2, 4, 4, 3), np.uint8), fps=0), r"positive finite fps, got 0"),
+        (lambda: encode_video(np.zeros((2, 4, 4, 3), np.uint8), fps=5, fmt="avi"), r"\('mp4', 'gif'\), got 'avi'"),
+        (
+            lambda: encode_video(np.zeros((4, 4, 3), np.uint8), fps=5),
+            r"\(n_frames, height, width, 3\) and dtype uint8, got shape \(4, 4, 3\)",
+        ),
+    ],
+)
+def test_encoders_reject_bad_arrays_as_server_errors(call, match):
+    # A bad array from our own generator is a 500, not a client error.
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert not isinstance(info.value, InvalidInputError)
+
+
+# --- data URLs -----------------------------------------------------------------------------------
+
+
+def test_parse_data_url():
+    payload = b"\x00\x01binary\xff"
+    url = "data:Image/PNG;base64," + base64.b64encode(payload).decode()
+    assert parse_data_url(url) == ("image/png", payload)
+
+
+def test_parse_data_url_with_parameters_and_wrapped_lines():
+    url = "DATA:audio/wav;rate=16000;base64," + base64.encodebytes(bytes(range(100))).decode()
+    assert "\n" in url
+    assert parse_data_url(url) == ("audio/wav", bytes(range(100)))
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("https://example.com/cat.png", r"data:<mime>;base64,<data>.*got a URL with scheme 'https'"),
+        ("just text", r"got a string without a scheme"),
+        (b"data:image/png;base64,aGVsbG8=", r"got bytes"),
+        ("data:image/png,aGVsbG8=", r"got a data URL without ';base64,'"),
+        ("data:image/png;base64", r"got a data URL without ';base64,'"),
+        ("data:;base64,aGVsbG8=", r"got a data URL with an empty media type"),
+        ("data:image/png;base64,not*base64!", r"got 11 characters of data that are not valid base64"),
+    ],
+)
+def test_parse_data_url_rejects(url, match):
+    with pytest.raises(InvalidInputError, match=match):
+        parse_data_url(url)
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def test_decode_image_formats(rng):
+    image = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    for fmt in ("PNG", "BMP", "WEBP"):
+        kwargs = {"lossless": True} if fmt == "WEBP" else {}
+        np.testing.assert_array_equal(decode_image(pil_bytes(Image.fromarray(image), fmt, **kwargs)), image)
+    jpeg = decode_image(pil_bytes(Image.new("RGB", (8, 8), RED), "JPEG", quality=95))
+    assert jpeg.shape == (8, 8, 3) and np.abs(jpeg.astype(int) - RED).max() <= 3
+
+
+def test_decode_image_rejects_unlisted_format():
+    tiff = pil_bytes(Image.new("RGB", (4, 4)), "TIFF")
+    with pytest.raises(UnsupportedMediaError, match=r"formats \('PNG', 'JPEG', 'WEBP', 'GIF', 'BMP'\), got TIFF"):
+        decode_image(tiff)
+    assert decode_image(tiff, formats=("tiff",)).shape == (4, 4, 3)
+    with pytest.raises(UnsupportedMediaError, match=r"\('JPEG',\), got PNG"):
+        decode_image(encode_png(np.zeros((2, 2, 3), np.uint8)), formats=("JPEG",))
+
+
+def test_decode_image_rejects_too_many_pixels_before_decoding():
+    # The claimed 5000x5000 pixels are not in the file: decoding would fail, so getting 413
+    # shows the limit is checked from the header first.
+    data = png_claiming_size(5000, 5000)
+    assert len(data) < 100
+    with pytest.raises(PayloadTooLargeError, match=r"at most 16777216 pixels, got 5000x5000 = 25000000 pixels"):
+        decode_image(data)
+    with pytest.raises(PayloadTooLargeError, match=r"at most 100 pixels, got 5000x5000"):
+        decode_image(data, max_pixels=100)
+
+
+def test_decode_image_maps_pillow_decompression_bomb():
+    data = png_claiming_size(100_000, 100_000)
+    with pytest.raises(PayloadTooLargeError, match=r"decompression-bomb limit.*10000000000 pixels"):
+        decode_image(data, max_pixels=10**12)
+
+
+def test_decode_image_maps_decompression_bomb_warning_raised_as_error():
+    data = png_claiming_size(10_000, 10_000)  # above Pillow's warning limit, below its error limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(PayloadTooLargeError, match=r"100000000 pixels"):
+            decode_image(data, max_pixels=10**12)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", r"expected image bytes, got 0 bytes"),
+        (b"definitely not an image", r"expected a decodable image file, got 23 bytes that could not be decoded"),
+        (png_claiming_size(0, 1), r"got \d+ bytes that could not be decoded"),  # Pillow refuses 0x1
+    ],
+)
+def test_decode_image_rejects_bad_bytes(data, match):
+    with pytest.raises(InvalidInputError, match=match) as info:
+        decode_image(data)
+    assert type(info.value) is InvalidInputError
+
+
+def test_decode_image_rejects_truncated_file(rng):
+    data = encode_png(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
+    truncated = data[: len(data) // 2]
+    with pytest.raises(InvalidInputError, match=rf"got {len(truncated)} bytes that could not be decoded \(OSError\)"):
+        decode_image(truncated)
+
+
+def test_error_messages_never_quote_payload():
+    payload = b"SECRET-PAYLOAD-" * 10
+    for decode in (decode_image, decode_audio, decode_video):
+        with pytest.raises(InvalidInputError) as info:
+            decode(payload)
+        assert "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (Image.new("L", (3, 2), 77), (77, 77, 77)),
+        (Image.new("1", (3, 2), 1), (255, 255, 255)),
+        (Image.new("LA", (3, 2), (10, 0)), (255, 255, 255)),  # fully transparent -> white
+        (Image.new("RGBA", (3, 2), (200, 30, 100, 255)), RED),
+        (Image.new("RGBA", (3, 2), (0, 0, 0, 128)), (127, 127, 127)),  # half black over white
+        (Image.new("RGB", (3, 2), RED).quantize(4), RED),
+        (Image.new("CMYK", (3, 2), (0, 0, 0, 0)), (255, 255, 255)),
+        (Image.new("RGB", (3, 2), (128, 128, 128)).convert("YCbCr"), (128, 128, 128)),
+    ],
+    ids=lambda value: getattr(value, "mode", None),
+)
+def test_modes_convert_to_rgb(image, expected):
+    array = to_image_array(image)
+    assert array.shape == (2, 3, 3) and array.dtype == np.uint8
+    assert np.abs(array.astype(int) - expected).max() <= 1
+
+
+def test_png_with_palette_transparency_composites_on_white():
+    palette_image = Image.new("P", (2, 1), 0)
+    palette_image.putpalette([0, 0, 0, 200, 30, 100] + [0] * 762)
+    palette_image.putpixel((1, 0), 1)
+    data = pil_bytes(palette_image, "PNG", transparency=0)
+    np.testing.assert_array_equal(decode_image(data), [[(255, 255, 255), RED]])
+
+
+def test_mpo_is_accepted_as_jpeg():
+    first = Image.new("RGB", (4, 4), RED)
+    data = pil_bytes(first, "MPO", save_all=True, append_images=[Image.new("RGB", (4, 4))])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert np.abs(decode_image(data).astype(int) - RED).max() <= 8
+    with pytest.raises(UnsupportedMediaError, match=r"got MPO"):
+        decode_image(data, formats=("PNG",))
+
+
+def test_animated_gif_decodes_first_frame():
+    frames = [Image.new("RGB", (4, 4), RED), Image.new("RGB", (4, 4), (10, 240, 60))]
+    data = pil_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert np.abs(decode_image(data).astype(int) - RED).max() <= 8
+
+
+@pytest.mark.parametrize("mode", ["I", "F", "I;16"])
+def test_unconvertible_modes_rejected(mode):
+    with pytest.raises(InvalidInputError, match=rf"modes \('1', 'L'.*got mode '{mode}'"):
+        to_image_array(Image.new(mode, (2, 2)))
+
+
+def test_sixteen_bit_png_rejected_naming_mode():
+    data = pil_bytes(Image.fromarray(np.zeros((4, 4), np.uint16)), "PNG")
+    with pytest.raises(InvalidInputError, match=r"got mode 'I"):
+        decode_image(data)
+
+
+def test_to_image_array_arrays():
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    assert to_image_array(image) is image
+    strided = np.zeros((4, 6, 3), np.uint8)[:, ::2]
+    result = to_image_array(strided)
+    assert result.flags.c_contiguous and result.shape == (4, 3, 3)
+    gray = np.array([[0, 100], [200, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(to_image_array(gray), np.stack([gray] * 3, axis=-1))
+    np.testing.assert_array_equal(to_image_array(bytearray(encode_png(image))), image)
+
+
+@pytest.mark.parametrize(
+    ("obj", "match"),
+    [
+        (np.zeros((4, 4, 2), np.float32), r"dtype uint8, got shape \(4, 4, 2\) and dtype float32"),
+        (np.zeros((4, 4, 3), np.float32), r"got shape \(4, 4, 3\) and dtype float32"),
+        (np.zeros((4, 4, 4), np.uint8), r"got shape \(4, 4, 4\) and dtype uint8"),
+        (np.zeros((0, 4, 3), np.uint8), r"nonzero height and width.*got shape \(0, 4, 3\)"),
+        (np.zeros(5, np.uint8), r"got shape \(5,\) and dtype uint8"),
+        ("cat.png", r"expected image bytes, a PIL image or a numpy array, got str"),
+        (Image.new("RGB", (0, 0)), r"nonzero width and height, got 0x0"),
+    ],
+)
+def test_to_image_array_rejects(obj, match):
+    with pytest.raises(InvalidInputError, match=match):
+        to_image_array(obj)
+
+
+# --- audio --------------------------------------------------------------------------------------
+
+
+def test_decode_audio_stereo_flac(rng):
+    samples = rng.uniform(-0.5, 0.5, size=(1000, 2)).astype(np.float32)
+    clip = decode_audio(wav_bytes(samples, 44100, fmt="FLAC"))
+    assert clip.sampling_rate == 44100 and clip.samples.shape == (1000, 2)
+    assert clip.samples.dtype == np.float32
+    assert np.abs(clip.samples - samples).max() <= 1 / 32767
+
+
+def test_decode_audio_too_long():
+    data = wav_bytes(np.zeros(16000, np.float32), 8000)  # 2 s
+    with pytest.raises(PayloadTooLargeError, match=r"at most 1.5 s, got 2.0 s"):
+        decode_audio(data, max_seconds=1.5)
+    assert decode_audio(data, max_seconds=2).samples.shape == (16000,)
+
+
+@pytest.mark.parametrize(
+    ("data", "match", "error"),
+    [
+        (b"", r"expected audio bytes, got 0 bytes", InvalidInputError),
+        (wav_bytes(np.zeros(0, np.float32), 8000), r"at least one audio sample, got shape \(0,\)", InvalidInputError),
+        (b"RIFF not really a wave file", r"decodable audio file, got 27 bytes that could not be", InvalidInputError),
+        (
+            wav_bytes(np.array([0.0, np.inf, np.nan], np.float32), 8000, subtype="FLOAT"),
+            r"finite audio samples, got 2 non-finite values",
+            InvalidInputError,
+        ),
+    ],
+)
+def test_decode_audio_rejects(data, match, error):
+    with pytest.raises(error, match=match):
+        decode_audio(data)
+
+
+def test_to_audio_clip_inputs(rng):
+    samples = rng.uniform(-1, 1, size=100)
+    clip = to_audio_clip(samples, sampling_rate=np.int64(16000))
+    assert clip.samples.dtype == np.float32 and clip.sampling_rate == 16000 and type(clip.sampling_rate) is int
+    np.testing.assert_allclose(clip.samples, samples, atol=1e-7)
+    assert to_audio_clip(AudioClip(samples.astype(np.float32), 8000)).sampling_rate == 8000
+    assert to_audio_clip(encode_wav(samples.astype(np.float32), 8000)).samples.shape == (100,)
+    assert to_audio_clip(np.zeros((10, 2), np.float32), 8000).samples.shape == (10, 2)
+
+
+@pytest.mark.parametrize(
+    ("obj", "rate", "match"),
+    [
+        (np.zeros(10, np.float32), None, r"sampling rate with an audio array of shape \(10,\), got None"),
+        (np.zeros((2, 3, 4), np.float32), 16000, r"\(n_samples,\) or \(n_samples, n_channels\).*got shape \(2, 3, 4\)"),
+        (np.zeros(10, np.int16), 16000, r"float dtype, got shape \(10,\) and dtype int16"),
+        (np.zeros(0, np.float32), 16000, r"at least one audio sample, got shape \(0,\)"),
+        (np.array([0.0, np.nan]), 16000, r"finite audio samples, got 1 non-finite"),
+        (np.zeros(10, np.float32), 0, r"positive integer sampling rate, got 0"),
+        (np.zeros(10, np.float32), 16000.5, r"positive integer sampling rate, got 16000.5"),
+        (AudioClip(np.zeros(10, np.float32), -1), None, r"positive integer sampling rate, got -1"),
+        ([0.0, 0.1], 16000, r"audio bytes, an AudioClip or a numpy array, got list"),
+    ],
+)
+def test_to_audio_clip_rejects(obj, rate, match):
+    with pytest.raises(InvalidInputError, match=match):
+        to_audio_clip(obj, sampling_rate=rate)
+
+
+def test_to_mono_16k_resamples_stereo():
+    t = np.arange(44100) / 44100
+    tone = np.sin(2 * np.pi * 440 * t)
+    clip = AudioClip(np.stack([tone, tone * 0.5], axis=1).astype(np.float32), 44100)
+    mono = to_mono_16k(clip)
+    assert mono.shape == (16000,) and mono.dtype == np.float32
+    expected = 0.75 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert np.abs(mono[100:-100] - expected[100:-100]).max() < 0.01  # edges carry filter ramp-up
+
+
+def test_to_mono_16k_keeps_matching_rate():
+    samples = np.linspace(-1, 1, 320, dtype=np.float32)
+    np.testing.assert_array_equal(to_mono_16k(AudioClip(samples, 16000)), samples)
+    assert to_mono_16k(AudioClip(samples, 8000)).shape == (640,)
+
+
+# --- video --------------------------------------------------------------------------------------
+
+
+def test_decode_video_too_many_frames_from_header():
+    with pytest.raises(PayloadTooLargeError, match=r"at most 3 frames, got 5 frames"):
+        decode_video(encode_video(flat_video(n_frames=5), fps=10), max_frames=3)
+
+
+def test_decode_video_too_many_frames_while_decoding():
+    data = matroska_video(5)  # Matroska carries no frame count, so the limit trips mid-decode
+    assert decode_video(data).shape == (5, 16, 16, 3)
+    with pytest.raises(PayloadTooLargeError, match=r"at most 3 frames, got more"):
+        decode_video(data, max_frames=3)
+
+
+def test_decode_video_frame_too_large():
+    with pytest.raises(PayloadTooLargeError, match=r"frames of at most 100 pixels, got 16x16 = 256 pixels"):
+        decode_video(encode_video(flat_video(), fps=10), max_pixels_per_frame=100)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", r"expected video bytes, got 0 bytes"),
+        (b"\x00" * 100, r"decodable video file, got 100 bytes that could not be decoded"),
+        (wav_bytes(np.zeros(100, np.float32), 8000), r"video stream, got streams: audio"),
+        (matroska_video(0), r"at least one frame, got 0 frames"),
+    ],
+)
+def test_decode_video_rejects(data, match):
+    with pytest.raises(InvalidInputError, match=match) as info:
+        decode_video(data)
+    assert type(info.value) is InvalidInputError
+
+
+def test_to_video_array_inputs():
+    frames = flat_video(n_frames=2, height=4, width=6)
+    assert to_video_array(frames) is frames
+    from_pil = to_video_array([Image.fromarray(frame) for frame in frames])
+    np.testing.assert_array_equal(from_pil, frames)
+    np.testing.assert_array_equal(to_video_array(list(frames)), frames)
+    np.testing.assert_array_equal(to_video_array(encode_video(frames, fps=5, fmt="gif")), frames)
+
+
+@pytest.mark.parametrize(
+    ("obj", "match"),
+    [
+        ([], r"at least one video frame, got 0 frames"),
+        ([np.zeros((4, 6, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)], r"size 6x4, got frame 1 of size 5x4"),
+        ([np.zeros((4, 6, 3), np.uint8), np.zeros((4, 6, 3), np.float32)], r"frame 1: .*dtype float32"),
+        ([b"frame"], r"frame 0 to be a PIL image or a numpy array, got bytes"),
+        (np.zeros((0, 4, 4, 3), np.uint8), r"\(n_frames, height, width, 3\).*got shape \(0, 4, 4, 3\)"),
+        (np.zeros((2, 4, 4, 3), np.float32), r"got shape \(2, 4, 4, 3\) and dtype float32"),
+        (np.zeros((4, 4, 3), np.uint8), r"got shape \(4, 4, 3\) and dtype uint8"),
+        ("video.mp4", r"video bytes, a list of frames or a numpy array, got str"),
+    ],
+)
+def test_to_video_array_rejects(obj, match):
+    with pytest.raises(InvalidInputError, match=match):
+        to_video_array(obj)
+
+
+# --- import cost --------------------------------------------------------------------------------
+
+
+def test_import_does_not_load_heavy_libraries():
+    code = (
+        "import sys, omnistage.actors.media\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'ray') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
