@@ -67,6 +67,9 @@ class AudioEncoder(Stage):
         self.sampling_rate = self.feature_extractor.sampling_rate
         self.feature_dim: int = self.model.config.hidden_size
 
+    def check(self, clip: AudioClip) -> None:
+        to_audio_clip(clip)
+
     @torch.inference_mode()
     def __call__(self, clips: list[AudioClip]) -> list[Features]:
         waves = [to_mono_16k(to_audio_clip(clip), self.sampling_rate) for clip in clips]

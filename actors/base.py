@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
@@ -42,7 +42,9 @@ class Stage:
     """A batched model stage.
 
     Subclasses load their model in ``__init__`` and implement ``__call__(items) -> outputs``, one
-    output per input, in order. ``component`` names the part of a built-in preset they load.
+    output per input, in order, and ``check(item)``, which raises ``InvalidInputError`` for an
+    item the stage cannot take. Servers check each item before batching it, so one bad request
+    never fails the others in its batch. ``component`` names the part of a built-in preset they load.
     """
 
     component: ClassVar[str]
@@ -57,3 +59,6 @@ class Stage:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.checkpoint: Path = resolve_checkpoint(config.model, self.component)
         log.info("stage_loading", stage=type(self).__name__, checkpoint=str(self.checkpoint), device=str(self.device))
+
+    def check(self, item: Any) -> None:
+        raise NotImplementedError

@@ -227,28 +227,27 @@ class _Generator(Stage):
         seq_len = self.pipeline.tokenizer.model_max_length if self.config.guidance_scale > 1 else None
         return seq_len, self.pipeline.unet.config.cross_attention_dim
 
-    def _stack_conditioning(self, requests: list[GenerationRequest]) -> torch.Tensor:
-        """Check every request's (seq_len, width) conditioning -> (batch, seq_len, width) on the device."""
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ``InvalidInputError`` unless the conditioning is a finite (seq_len, width) float array."""
         seq_len, width = self.conditioning_shape
         expected = f"({'seq_len' if seq_len is None else seq_len}, {width})"
-        for index, request in enumerate(requests):
-            embeds = request.conditioning.embeds
-            if not (isinstance(embeds, np.ndarray) and embeds.ndim == 2 and np.issubdtype(embeds.dtype, np.floating)):
-                raise InvalidInputError(
-                    f"request {index}: expected {self.modality} conditioning as a 2-D float array of shape "
-                    f"{expected}, got {_describe(embeds)}"
-                )
-            wrong_len = embeds.shape[0] == 0 or (seq_len is not None and embeds.shape[0] != seq_len)
-            if embeds.shape[1] != width or wrong_len:
-                raise InvalidInputError(
-                    f"request {index}: expected {self.modality} conditioning of shape {expected}, "
-                    f"got shape {embeds.shape}"
-                )
-            if not np.isfinite(embeds).all():
-                raise InvalidInputError(
-                    f"request {index}: expected finite {self.modality} conditioning, "
-                    f"got {np.count_nonzero(~np.isfinite(embeds))} non-finite values"
-                )
+        embeds = request.conditioning.embeds
+        if not (isinstance(embeds, np.ndarray) and embeds.ndim == 2 and np.issubdtype(embeds.dtype, np.floating)):
+            raise InvalidInputError(
+                f"expected {self.modality} conditioning as a 2-D float array of shape {expected}, got {_describe(embeds)}"
+            )
+        wrong_len = embeds.shape[0] == 0 or (seq_len is not None and embeds.shape[0] != seq_len)
+        if embeds.shape[1] != width or wrong_len:
+            raise InvalidInputError(f"expected {self.modality} conditioning of shape {expected}, got shape {embeds.shape}")
+        if not np.isfinite(embeds).all():
+            raise InvalidInputError(
+                f"expected finite {self.modality} conditioning, got {np.count_nonzero(~np.isfinite(embeds))} non-finite values"
+            )
+
+    def _stack_conditioning(self, requests: list[GenerationRequest]) -> torch.Tensor:
+        """Check every request's (seq_len, width) conditioning -> (batch, seq_len, width) on the device."""
+        for request in requests:
+            self.check(request)
         shapes = [request.conditioning.embeds.shape for request in requests]
         if len(set(shapes)) > 1:
             raise InvalidInputError(

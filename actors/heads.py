@@ -62,7 +62,7 @@ class HeadStage(Stage):
     def head_spec(self, modality: str) -> dict[str, Any]:
         return self.spec["heads"][modality]
 
-    def _check(self, item: Any) -> np.ndarray:
+    def check(self, item: Any) -> None:
         if item.modality not in self.heads:
             raise UnsupportedMediaError(
                 f"{type(self).__name__} expected a modality in {self.modalities}, got {item.modality!r}"
@@ -74,11 +74,12 @@ class HeadStage(Stage):
             raise InvalidInputError(
                 f"{type(self).__name__} expected {item.modality} {self.in_field} of shape (n_tokens, {in_dim}), got {got}"
             )
-        return array
 
     @torch.inference_mode()
     def __call__(self, items: list) -> list:
-        arrays = [self._check(item) for item in items]
+        for item in items:
+            self.check(item)
+        arrays = [getattr(item, self.in_field) for item in items]
         results: list = [None] * len(items)
         groups: dict[tuple[str, int], list[int]] = {}
         for i, (item, array) in enumerate(zip(items, arrays)):

@@ -53,6 +53,9 @@ class ImageEncoder(Stage):
         features = out.hidden_states[self.config.feature_layer]
         return features[:, 1:] if self.config.drop_cls else features
 
+    def check(self, image: np.ndarray) -> None:
+        to_image_array(image)
+
     def __call__(self, images: list[np.ndarray]) -> list[Features]:
         arrays = [to_image_array(image) for image in images]
         features = self.encode_frames(arrays).float().cpu().numpy()

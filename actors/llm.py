@@ -10,6 +10,7 @@ the rest are forced, and the hidden states behind the group go to the output pro
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class _Sequence:
     forced: deque[int] = field(default_factory=deque)
     group: list[np.ndarray] = field(default_factory=list)
     signals: list[SignalGroup] = field(default_factory=list)
+    emitted: str = ""  # text already yielded by LLM.stream
     text_done: bool = False
     finish_reason: str = "length"
     done: bool = False
@@ -145,7 +147,7 @@ class LLM(Stage):
 
     # 1. Check inputs
 
-    def check_request(self, request: LLMRequest) -> None:
+    def check(self, request: LLMRequest) -> None:
         if not request.messages:
             raise InvalidInputError("expected at least one message, got none")
         for i, message in enumerate(request.messages):
@@ -165,16 +167,18 @@ class LLM(Stage):
             raise UnsupportedMediaError(
                 f"expected output modalities among {sorted(self.groups)}, got {unknown}"
             )
+        self._check_media(request)
 
     # 2. Embed the prompt with media spliced in
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def embed_prompt(self, request: LLMRequest) -> torch.Tensor:
-        """(n_tokens, d_llm) input embeddings: the prompt's tokens, each placeholder expanded to
-        its medium's embeddings."""
-        ids = self.tokenizer(self.render_prompt(request.messages), add_special_tokens=False)["input_ids"]
+    def _prompt_ids(self, request: LLMRequest) -> list[int]:
+        return self.tokenizer(self.render_prompt(request.messages), add_special_tokens=False)["input_ids"]
+
+    def _check_media(self, request: LLMRequest) -> None:
+        ids = self._prompt_ids(request)
         wanted = [self.placeholder_ids[t] for t in ids if t in self.placeholder_ids]
         given = [item.modality for item in request.media]
         if wanted != given:
@@ -183,31 +187,52 @@ class LLM(Stage):
                 f"but the media given are {_describe(given)}"
             )
         for item in request.media:
-            if item.embeds.ndim != 2 or item.embeds.shape[1] != self.hidden_size:
+            if not isinstance(item.embeds, np.ndarray) or item.embeds.ndim != 2 or item.embeds.shape[1] != self.hidden_size:
                 raise InvalidInputError(
-                    f"expected {item.modality} embeddings of shape (n_tokens, {self.hidden_size}), got {item.embeds.shape}"
+                    f"expected {item.modality} embeddings of shape (n_tokens, {self.hidden_size}), "
+                    f"got {getattr(item.embeds, 'shape', type(item.embeds).__name__)}"
                 )
-        lengths = iter(item.embeds.shape[0] for item in request.media)
-        expanded = [t for t in ids for _ in range(next(lengths) if t in self.placeholder_ids else 1)]
-        if self.max_context is not None and len(expanded) + request.max_tokens > self.max_context:
+        length = len(ids) - len(wanted) + sum(item.embeds.shape[0] for item in request.media)
+        if self.max_context is not None and length + request.max_tokens > self.max_context:
             raise InvalidInputError(
-                f"expected the prompt ({len(expanded)} tokens with media) plus max_tokens "
+                f"expected the prompt ({length} tokens with media) plus max_tokens "
                 f"({request.max_tokens}) to fit the model's context of {self.max_context} tokens"
             )
+
+    def embed_prompt(self, request: LLMRequest) -> torch.Tensor:
+        """(n_tokens, d_llm) input embeddings of a checked request: the prompt's tokens, each
+        placeholder expanded to its medium's embeddings."""
+        ids = self._prompt_ids(request)
+        lengths = iter(item.embeds.shape[0] for item in request.media)
+        expanded = [t for t in ids for _ in range(next(lengths) if t in self.placeholder_ids else 1)]
         input_ids = torch.tensor(expanded, device=self.device)
         embeds = self.embed_tokens(input_ids)
         if request.media:
-            media = torch.cat([torch.from_numpy(item.embeds) for item in request.media]).to(self.device, embeds.dtype)
+            # concatenate() copies: arrays read from Ray's object store are read-only.
+            media = torch.from_numpy(np.concatenate([item.embeds for item in request.media])).to(self.device, embeds.dtype)
             is_media = torch.isin(input_ids, torch.tensor(list(self.placeholder_ids), device=self.device))
             embeds = embeds.masked_scatter(is_media[:, None], media)
         return embeds
 
     # 3. Decode
 
-    @torch.inference_mode()
     def __call__(self, requests: list[LLMRequest]) -> list[LLMResult]:
+        steps = self.stream(requests)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def stream(self, requests: list[LLMRequest]) -> Generator[list[str], None, list[LLMResult]]:
+        """Decode ``requests`` as one batch. Yields, after every step, each request's new text
+        (``""`` when it has none); returns the results once every request is done.
+
+        Text that could be the start of a stop string is held back until it is clear.
+        """
         for request in requests:
-            self.check_request(request)
+            self.check(request)
         prompts = [self.embed_prompt(request) for request in requests]
 
         # Left-pad so every sequence's next token sits in the last column.
@@ -226,6 +251,7 @@ class LLM(Stage):
         while True:
             logits, hidden = out.logits[:, -1], out.hidden_states[-1][:, -1]
             tokens = [self._step(seq, logits[i], hidden[i]) if not seq.done else self.pad_id for i, seq in enumerate(seqs)]
+            yield [self._new_text(seq) for seq in seqs]
             if all(seq.done for seq in seqs):
                 break
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
@@ -240,7 +266,7 @@ class LLM(Stage):
             )
         return [
             LLMResult(
-                text=self._text(seq),
+                text=seq.emitted,
                 finish_reason=seq.finish_reason,
                 prompt_tokens=prompt.shape[0],
                 token_ids=seq.token_ids,
@@ -248,6 +274,17 @@ class LLM(Stage):
             )
             for seq, prompt in zip(seqs, prompts)
         ]
+
+    def _new_text(self, seq: _Sequence) -> str:
+        """The part of ``seq``'s text not yet yielded, holding back a possible stop-string prefix."""
+        text = self._text(seq)
+        if not seq.text_done and seq.request.stop:
+            text = text[: max(len(seq.emitted), len(text) - max(len(s) for s in seq.request.stop) + 1)]
+        if not text.startswith(seq.emitted):
+            return ""
+        delta = text[len(seq.emitted) :]
+        seq.emitted = text
+        return delta
 
     def _new_sequence(self, request: LLMRequest) -> _Sequence:
         generator = torch.Generator(device=self.device)

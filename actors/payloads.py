@@ -131,7 +131,8 @@ class GenerationRequest:
 
 @dataclass
 class GeneratedMedia:
-    """An encoded media file plus the raw array it was made from.
+    """An encoded media file plus the raw array it was made from (None where only the file is
+    sent on, as from a generator pool to the HTTP ingress).
 
     Dimensions:
         array: image (height, width, 3) uint8; video (n_frames, height, width, 3) uint8;
@@ -141,6 +142,6 @@ class GeneratedMedia:
     modality: Modality
     mime_type: str
     data: bytes
-    array: np.ndarray
+    array: np.ndarray | None
     # Frames per second for video, samples per second for audio; None for images.
     rate: float | None = None

@@ -28,6 +28,9 @@ class VideoEncoder(ImageEncoder):
 
     config: VideoEncoderConfig
 
+    def check(self, video: np.ndarray) -> None:
+        to_video_array(video)
+
     def __call__(self, videos: list[np.ndarray]) -> list[Features]:
         k = self.config.num_frames
         frames = []

@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class Resources(_Strict):
-    num_cpus: float = Field(0.25, ge=0, description="CPUs per replica. Fractional so several pools fit on a small node.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs per replica. Fractional so the ten or so pools of one app fit on a small node.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica; fractional values share a GPU.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources, e.g. to pin a pool to a node type.")
 
@@ -40,6 +40,10 @@ class Scaling(_Strict):
     min_replicas: int = Field(1, ge=0, description="Replicas kept even when idle, so the first request does not wait for a model load.")
     max_replicas: int = Field(1, ge=1, description="Upper bound for the autoscaler.")
     target_ongoing_requests: float = Field(2, gt=0, description="Autoscaler target per replica.")
+    upscale_delay_s: float = Field(30, ge=0, description="Load must persist this long before replicas are added (Serve's default).")
+    downscale_delay_s: float = Field(600, ge=0, description="Idleness must persist this long before replicas are removed (Serve's default).")
+    metrics_interval_s: float = Field(10, gt=0, description="How often replicas report load to the autoscaler (Serve's default).")
+    look_back_period_s: float = Field(30, gt=0, description="Window the autoscaler averages load over (Serve's default).")
 
     @model_validator(mode="after")
     def _bounds(self) -> Scaling:
@@ -55,7 +59,15 @@ class QueueLimits(_Strict):
     max_queued_requests: int = Field(64, ge=-1, description="Requests waiting per caller before new ones are refused; -1 for no limit.")
 
 
-class StageConfig(_Strict):
+class PoolConfig(_Strict):
+    """How one deployment's replicas are placed, scaled and queued."""
+
+    scaling: Scaling = Field(default_factory=Scaling)
+    resources: Resources = Field(default_factory=Resources)
+    queue: QueueLimits = Field(default_factory=QueueLimits)
+
+
+class StageConfig(PoolConfig):
     model: str = Field(
         "tiny",
         description="A built-in preset name (see `omnistage models list`) or a local checkpoint directory.",
@@ -65,9 +77,6 @@ class StageConfig(_Strict):
     )
     device: str = Field("auto", description="auto picks CUDA when the replica has a GPU, else CPU; or e.g. 'cpu', 'cuda:0'.")
     batching: Batching = Field(default_factory=Batching)
-    scaling: Scaling = Field(default_factory=Scaling)
-    resources: Resources = Field(default_factory=Resources)
-    queue: QueueLimits = Field(default_factory=QueueLimits)
 
 
 class ImageEncoderConfig(StageConfig):
@@ -156,9 +165,24 @@ class Stages(_Strict):
         return [m for m in ("image", "video", "audio") if getattr(self, f"{m}_generator")]
 
 
+class ServerConfig(_Strict):
+    """The HTTP front of the Serve app."""
+
+    host: str = Field("127.0.0.1", description="Loopback by default: exposing the server is an explicit choice.")
+    port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(120, gt=0, description="A request still running after this gets 408.")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 before parsing.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that sets none.")
+    generation_max_tokens: int = Field(
+        32, ge=1, description="Text budget before the forced signal tokens on the media generation routes."
+    )
+    ingress: PoolConfig = Field(default_factory=PoolConfig, description="Scaling, resources and queues of the HTTP ingress.")
+
+
 class OmnistageConfig(_Strict):
     name: str = Field(description="Shown as the model id in the API.")
     stages: Stages
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
 
 def preset_names() -> list[str]:

@@ -14,6 +14,7 @@ import structlog
 
 from omnistage.actors.errors import UnsupportedMediaError
 from omnistage.actors.payloads import Embeddings, GeneratedMedia, GenerationRequest, LLMRequest
+from omnistage.actors.registry import create_stage
 from omnistage.cluster.config import OmnistageConfig, load_config
 from omnistage.pipelines.messages import parse_messages
 
@@ -40,24 +41,14 @@ class LocalPipeline:
     """
 
     def __init__(self, config: OmnistageConfig):
-        from omnistage.actors.audio_encoder import AudioEncoder
-        from omnistage.actors.generator import AudioGenerator, ImageGenerator, VideoGenerator
-        from omnistage.actors.image_encoder import ImageEncoder
-        from omnistage.actors.input_projector import InputProjector
-        from omnistage.actors.llm import LLM
-        from omnistage.actors.output_projector import OutputProjector
-        from omnistage.actors.video_encoder import VideoEncoder
-
-        encoder_classes = {"image": ImageEncoder, "video": VideoEncoder, "audio": AudioEncoder}
-        generator_classes = {"image": ImageGenerator, "video": VideoGenerator, "audio": AudioGenerator}
         stages = config.stages
         self.config = config
-        self.encoders = {m: encoder_classes[m](getattr(stages, f"{m}_encoder")) for m in stages.input_modalities()}
-        self.input_projector = InputProjector(stages.input_projector) if stages.input_projector else None
-        self.llm = LLM(stages.llm)
-        self.output_projector = OutputProjector(stages.output_projector) if stages.output_projector else None
+        self.encoders = {m: create_stage(f"{m}_encoder", getattr(stages, f"{m}_encoder")) for m in stages.input_modalities()}
+        self.input_projector = create_stage("input_projector", stages.input_projector) if stages.input_projector else None
+        self.llm = create_stage("llm", stages.llm)
+        self.output_projector = create_stage("output_projector", stages.output_projector) if stages.output_projector else None
         self.generators = {
-            m: generator_classes[m](getattr(stages, f"{m}_generator")) for m in stages.output_modalities()
+            m: create_stage(f"{m}_generator", getattr(stages, f"{m}_generator")) for m in stages.output_modalities()
         }
         self._check_compatible()
 

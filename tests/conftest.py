@@ -36,3 +36,22 @@ def pipeline(tiny_preset):
     from omnistage.pipelines import LocalPipeline
 
     return LocalPipeline.from_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def ray_session(omnistage_home):
+    """One local Ray for the whole session (Ray takes seconds to start).
+
+    Logical CPUs and GPUs are declared beyond this machine's: stage actors ask for fractions of a
+    CPU, and declared GPUs let GPU placement be tested while models still run on the CPU.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=8,
+        num_gpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"OMNISTAGE_HOME": str(omnistage_home), "HF_HUB_OFFLINE": "1"}},
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,103 @@
+"""Captioning throughput: the Ray Data batch job against a plain loop over ``LocalPipeline``.
+
+Both caption the same seeded Parquet file of small PNG images with the same models, prompt and
+``max_tokens``, in this one run. Each side is timed from a cold start to its answers in hand:
+the loop from loading the pipeline to the last answer, the job from ``run_caption`` to its
+Parquet output (actor start-up and model loads included). Starting Ray itself is timed apart:
+on a cluster it is already running.
+
+    python benchmarks/batch_caption.py                      # 2,000 images, the tiny preset
+    python benchmarks/batch_caption.py --config benchmarks/batch_caption.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def baseline(sample: Path, output: Path, config: str, max_tokens: int, prompt: str) -> tuple[float, int]:
+    """Rows and seconds for a loop of ``LocalPipeline.chat`` over the rows, one image per call."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from omnistage.actors.errors import InvalidInputError
+    from omnistage.pipelines import LocalPipeline
+
+    start = time.perf_counter()
+    pipeline = LocalPipeline.from_config(config)
+    table = pq.read_table(sample)
+    answers, errors = [], []
+    for image in table.column("image").to_pylist():
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": image}, {"type": "text", "text": prompt}]}]
+        try:
+            answers.append(pipeline.chat(messages, max_tokens=max_tokens).text)
+            errors.append(None)
+        except InvalidInputError as exc:
+            answers.append(None)
+            errors.append(str(exc))
+    pq.write_table(table.select(["id"]).append_column("answer", pa.array(answers, pa.string())), output)
+    return time.perf_counter() - start, len(answers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--config", default="tiny", help="preset name or YAML path, for both sides")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The loop logs one line per chat; keep only warnings so that printing does not skew it.
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    import ray
+
+    from omnistage.actors.builtin import ensure_preset
+    from omnistage.pipelines.batch import DEFAULT_PROMPTS, run_caption
+    from omnistage.pipelines.batch_io import make_sample_dataset
+
+    ensure_preset("tiny")  # built before either side is timed
+    work = Path(tempfile.mkdtemp(prefix="omnistage-bench-"))
+    sample, _ = make_sample_dataset(work / "in", rows=args.rows, kind="image", seed=0)
+    prompt = DEFAULT_PROMPTS["image"]
+    load_before = os.getloadavg()[0]
+
+    loop_s, loop_rows = baseline(sample, work / "loop.parquet", args.config, args.max_tokens, prompt)
+
+    start = time.perf_counter()
+    ray.init(include_dashboard=False)
+    ray_init_s = time.perf_counter() - start
+    summary = run_caption(str(sample), str(work / "out"), config=args.config, max_tokens=args.max_tokens)
+    ray.shutdown()
+
+    results = {
+        "rows": args.rows,
+        "config": args.config,
+        "max_tokens": args.max_tokens,
+        "cpus": os.cpu_count(),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "local_loop": {"seconds": round(loop_s, 2), "rows_per_second": round(loop_rows / loop_s, 2)},
+        "ray_data_job": {
+            "seconds": round(summary.seconds, 2),
+            "rows_per_second": round(summary.rows_per_second, 2),
+            "rows_failed": summary.rows_failed,
+            "ray_init_seconds": round(ray_init_s, 2),
+        },
+        "ratio": round(summary.rows_per_second / (loop_rows / loop_s), 2),
+    }
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

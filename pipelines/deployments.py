@@ -1,0 +1,203 @@
+"""Serve adapters: each stage class becomes a deployment; the stage itself never learns of Serve.
+
+A replica checks each request on arrival (so one bad request never fails the batch it would have
+joined), then hands batches to the stage on one worker thread, which keeps the replica's event
+loop free to collect the next batch while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+from ray import serve
+
+from omnistage.actors.payloads import Conditioning, GeneratedMedia, GenerationRequest, LLMRequest, LLMResult
+from omnistage.pipelines.logs import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass
+class LLMReply:
+    """What the LLM pool sends the ingress: the answer, with each signal group left in the object
+    store (``signal_refs``: (modality, ObjectRef of a SignalGroup)) for the output projector to read,
+    so hidden states never pass through the ingress."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    signal_refs: list[tuple[str, Any]]
+
+
+def _advance(steps: Any) -> tuple[bool, Any]:
+    """One step of a generator, run on the stage's thread: (False, yielded) or (True, returned).
+    StopIteration itself cannot cross into an asyncio future."""
+    try:
+        return False, next(steps)
+    except StopIteration as done:
+        return True, done.value
+
+
+class _Metrics:
+    """Per-stage series exported through Ray's Prometheus endpoint."""
+
+    def __init__(self, stage: str):
+        from ray.util import metrics
+
+        tags = {"stage": stage}
+        self.requests = metrics.Counter("omnistage_stage_requests", "Items processed", tag_keys=("stage",))
+        self.errors = metrics.Counter("omnistage_stage_errors", "Items refused or failed", tag_keys=("stage",))
+        self.latency = metrics.Histogram(
+            "omnistage_stage_batch_latency_s",
+            "Seconds per batch",
+            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+            tag_keys=("stage",),
+        )
+        self.batch_size = metrics.Histogram(
+            "omnistage_stage_batch_size", "Items per batch", boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("stage",)
+        )
+        self.queue = metrics.Gauge("omnistage_stage_queue_length", "Items waiting in the replica", tag_keys=("stage",))
+        for metric in (self.requests, self.errors, self.latency, self.batch_size, self.queue):
+            metric.set_default_tags(tags)
+
+
+class StageServer:
+    """Deployment body for any stage: ``await handle.remote(item, request_id=...)``."""
+
+    def __init__(self, stage_name: str, stage_config: dict[str, Any]):
+        from omnistage.actors.registry import create_stage
+
+        configure_logging()
+        self.name = stage_name
+        self.stage = create_stage(stage_name, stage_config)
+        batching = self.stage.config.batching
+        self._batched.set_max_batch_size(batching.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=stage_name)
+        self._metrics = _Metrics(stage_name)
+        self._waiting = 0
+        self._counts = {"batches": 0, "items": 0, "largest_batch": 0}
+
+    async def __call__(self, item: Any, request_id: str = "") -> Any:
+        return await self._submit(item, request_id)
+
+    async def _submit(self, item: Any, request_id: str) -> Any:
+        try:
+            self.stage.check(item)
+        except ValueError:
+            self._metrics.errors.inc()
+            log.info("item_refused", stage=self.name, request_id=request_id)
+            raise
+        self._waiting += 1
+        self._metrics.queue.set(self._waiting)
+        try:
+            return await self._batched(item, request_id)
+        finally:
+            self._waiting -= 1
+            self._metrics.queue.set(self._waiting)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, items: list[Any], request_ids: list[str]) -> list[Any]:
+        start = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self.stage, items)
+        except Exception:
+            self._metrics.errors.inc(len(items))
+            log.exception("batch_failed", stage=self.name, request_ids=request_ids)
+            raise
+        seconds = time.perf_counter() - start
+        self._observe_batch(len(items), seconds)
+        log.info("batch_done", stage=self.name, request_ids=request_ids, batch_size=len(items), seconds=round(seconds, 4))
+        return results
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        self._metrics.requests.inc(size)
+        self._metrics.latency.observe(seconds)
+        self._metrics.batch_size.observe(size)
+        self._counts["batches"] += 1
+        self._counts["items"] += size
+        self._counts["largest_batch"] = max(self._counts["largest_batch"], size)
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's batch counts and the GPUs Ray gave it; for operators and tests."""
+        import ray
+
+        return {**self._counts, "gpu_ids": ray.get_gpu_ids(), "device": str(self.stage.device)}
+
+    def ping(self) -> str:
+        return self.name
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes the controller replace the replica."""
+        import torch
+
+        if self.stage.device.type == "cuda":
+            # Surfaces a lost or faulted GPU (e.g. an Xid error) as an unhealthy replica.
+            torch.cuda.synchronize(self.stage.device)
+
+
+class LLMServer(StageServer):
+    """The LLM pool. Projected media arrive as extra arguments, so the ingress can pass the
+    projector's responses straight through and Serve resolves them in this replica."""
+
+    def __init__(self, stage_name: str, stage_config: dict[str, Any]):
+        super().__init__(stage_name, stage_config)
+        batching = self.stage.config.batching
+        self._stream_batched.set_max_batch_size(batching.max_batch_size)
+        self._stream_batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    async def __call__(self, request: LLMRequest, *media: Any, request_id: str = "") -> LLMReply:
+        result = await self._submit(dataclasses.replace(request, media=list(media)), request_id)
+        return self._reply(result)
+
+    async def stream(self, request: LLMRequest, *media: Any, request_id: str = ""):
+        """Yields text deltas as they are decoded, then one ``LLMReply``."""
+        request = dataclasses.replace(request, media=list(media))
+        try:
+            self.stage.check(request)
+        except ValueError:
+            self._metrics.errors.inc()
+            raise
+        async for item in self._stream_batched(request, request_id):
+            yield self._reply(item) if isinstance(item, LLMResult) else item
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _stream_batched(self, requests: list[LLMRequest], request_ids: list[str]):
+        loop = asyncio.get_running_loop()
+        steps = self.stage.stream(requests)
+        start = time.perf_counter()
+        while True:
+            finished, value = await loop.run_in_executor(self._executor, _advance, steps)
+            if finished:
+                results = value
+                break
+            yield value
+        self._observe_batch(len(requests), time.perf_counter() - start)
+        log.info("stream_done", stage=self.name, request_ids=request_ids, batch_size=len(requests))
+        yield results
+
+    def _reply(self, result: LLMResult) -> LLMReply:
+        import ray
+
+        return LLMReply(
+            text=result.text,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            signal_refs=[(group.modality, ray.put(group)) for group in result.signals],
+        )
+
+
+class GeneratorServer(StageServer):
+    """A generator pool: conditioning arrives from the output projector's response; the reply
+    carries the encoded file only, not the raw pixels or samples."""
+
+    async def __call__(self, conditioning: Conditioning, seed: int | None = None, request_id: str = "") -> GeneratedMedia:
+        media = await self._submit(GenerationRequest(conditioning=conditioning, seed=seed), request_id)
+        return dataclasses.replace(media, array=None)

@@ -1,0 +1,491 @@
+"""The online Serve application: a deployment per stage pool, and an HTTP ingress that decodes,
+validates and routes.
+
+The ingress hands one stage's ``DeploymentResponse`` straight to the next stage's handle, so
+features travel replica to replica through Ray's object store and never through the ingress.
+Each pool has its own autoscaling, resources and queue limits from the config.
+"""
+
+import asyncio
+import base64
+import dataclasses
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import msgpack
+import numpy as np
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+from omnistage.actors.payloads import LLMRequest
+from omnistage.cluster.config import OmnistageConfig, PoolConfig
+from omnistage.pipelines.deployments import GeneratorServer, LLMReply, LLMServer, StageServer
+from omnistage.pipelines.logs import configure_logging
+from omnistage.pipelines.messages import parse_messages
+from omnistage.pipelines.schemas import ChatCompletionRequest, MediaGenerationRequest, error_body
+
+log = structlog.get_logger(__name__)
+
+APP_NAME = "omnistage"
+MSGPACK = "application/msgpack"
+# A request id from a client is echoed into logs and headers, so only a safe alphabet is kept.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_RETRY_AFTER_S = "1"
+
+api = FastAPI(title="omnistage", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown routes and methods answer in OpenAI's error shape too.
+    return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code)
+
+
+def _request_id(request: Request) -> str:
+    # Serve's proxy puts the request id (the client's X-Request-ID, or a new one) in this header
+    # and returns it on the response.
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _array_bytes(value: Any) -> int:
+    """Bytes of numpy arrays anywhere inside ``value``."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(_array_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (list, tuple)):
+        return sum(_array_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_array_bytes(v) for v in value.values())
+    return 0
+
+
+def _unpack_msgpack(body: bytes) -> Any:
+    """One msgpack object, never unpickled: extension types stay opaque and fail validation later.
+    The buffer limit is the body itself, so a declared length can never exceed what was sent."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(body), 1))
+    try:
+        unpacker.feed(body)
+        data = unpacker.unpack()
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        raise InvalidInputError(f"expected a msgpack body, got {len(body)} bytes that do not parse ({type(exc).__name__})") from None
+    if unpacker.tell() != len(body):
+        raise InvalidInputError(f"expected one msgpack object, got {len(body) - unpacker.tell()} bytes after it")
+    return data
+
+
+def _status_of(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and client-facing message for an exception from any stage."""
+    import ray.exceptions as ray_errors
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the stage's own exception
+    if isinstance(cause, InvalidInputError):
+        return cause.status_code, str(cause)
+    if isinstance(cause, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in cause.errors(include_input=False)
+        )
+        return 400, f"invalid request: {problems}"
+    if isinstance(cause, BackPressureError):
+        return 503, "the server is at capacity; retry after the Retry-After delay"
+    if isinstance(
+        cause,
+        (
+            ray_errors.RayActorError,
+            ray_errors.OwnerDiedError,
+            ray_errors.ObjectLostError,
+            ray_errors.WorkerCrashedError,
+            ray_errors.NodeDiedError,
+            ReplicaUnavailableError,
+            DeploymentUnavailableError,
+        ),
+    ):
+        return 503, "a model replica became unavailable while serving this request; retry it"
+    if isinstance(cause, (asyncio.TimeoutError, ray_errors.GetTimeoutError)):
+        return 408, "the request timed out"
+    return 500, "internal error"
+
+
+def _media_json(media: list, binary: bool) -> list[dict[str, Any]]:
+    return [
+        {"type": m.modality, "mime_type": m.mime_type, "data": m.data if binary else base64.b64encode(m.data).decode()}
+        for m in media
+    ]
+
+
+class _NotFound(Exception):
+    """An unknown model or an absent capability (404)."""
+
+
+def _usage(reply: LLMReply) -> dict[str, int]:
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+    }
+
+
+# Defined after every module-level helper it uses: Serve captures the class when decorating it.
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: OpenAI-style routes over the stage pools, whose handles it receives."""
+
+    def __init__(self, config: dict[str, Any], **handles: Any):
+        configure_logging()
+        self.config = OmnistageConfig.model_validate(config)
+        self.model_id = self.config.name
+        self.created = int(time.time())
+        self.handles = handles
+        stages = self.config.stages
+        self.encoders = {m: handles[f"{m}_encoder"] for m in stages.input_modalities()}
+        self.generators = {m: handles[f"{m}_generator"] for m in stages.output_modalities()}
+        self.input_projector = handles.get("input_projector")
+        self.output_projector = handles.get("output_projector")
+        self.llm = handles["llm"]
+        # Feature arrays must never reach the ingress; counting what arrives here proves it.
+        self.array_bytes_received = 0
+
+    # Routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when every pool answers a ping, 503 naming those that do not."""
+
+        async def ping(handle: Any) -> None:
+            response = handle.ping.remote()
+            try:
+                await asyncio.wait_for(asyncio.ensure_future(response), timeout=5)
+            except BaseException:
+                response.cancel()
+                raise
+
+        results = await asyncio.gather(*(ping(h) for h in self.handles.values()), return_exceptions=True)
+        down = [name for name, result in zip(self.handles, results) if isinstance(result, BaseException)]
+        return JSONResponse({"status": "unavailable" if down else "ok", "unavailable": down}, status_code=503 if down else 200)
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        stages = self.config.stages
+        entry = {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "omnistage",
+            "input_modalities": ["text", *stages.input_modalities()],
+            "output_modalities": ["text", *stages.output_modalities()],
+        }
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        rid = _request_id(request)
+        try:
+            # 1. Read and check the request
+            body, binary = await self._read(request)
+            req = ChatCompletionRequest.model_validate(body)
+            self._check_model(req.model)
+            wanted = self._output_modalities(req.modalities)
+            # 2. Decode media (CPU work off the event loop)
+            chat = await asyncio.to_thread(parse_messages, req.messages, list(self.encoders))
+            # 3. Route: encoder -> input projector responses go straight into the LLM call
+            embeds = [
+                self.input_projector.remote(self.encoders[m].remote(item, request_id=rid), request_id=rid)
+                for m, item in chat.media
+            ]
+            llm_request = LLMRequest(
+                messages=chat.messages,
+                max_tokens=req.max_completion_tokens or req.max_tokens or self.config.server.default_max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop=req.stop_list(),
+                force_modalities=wanted,
+            )
+            if req.stream:
+                return await self._stream_chat(llm_request, embeds, req, rid)
+            reply = self._received(await self.llm.remote(llm_request, *embeds, request_id=rid))
+            # 4. Signal groups -> output projector -> generators
+            media = await self._generate(reply.signal_refs, req.seed, rid)
+        except Exception as exc:
+            return self._error(exc, rid)
+        message = {"role": "assistant", "content": reply.text}
+        if media:
+            message["media"] = _media_json(media, binary)
+        log.info("chat_done", request_id=rid, media_in=[m for m, _ in chat.media], media_out=[m.modality for m in media])
+        return self._respond(
+            {
+                "id": f"chatcmpl-{rid}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model_id,
+                "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
+                "usage": _usage(reply),
+            },
+            binary,
+        )
+
+    @api.post("/v1/images/generations")
+    async def image_generations(self, request: Request) -> Response:
+        return await self._media_generation(request, "image")
+
+    @api.post("/v1/videos/generations")
+    async def video_generations(self, request: Request) -> Response:
+        return await self._media_generation(request, "video")
+
+    @api.post("/v1/audio/generations")
+    async def audio_generations(self, request: Request) -> Response:
+        return await self._media_generation(request, "audio")
+
+    def stats(self) -> dict[str, int]:
+        """Called through the deployment handle (not HTTP): what this replica has received."""
+        return {"array_bytes_received": self.array_bytes_received}
+
+    # Steps
+
+    async def _read(self, request: Request) -> tuple[dict[str, Any], bool]:
+        """The body as a dict, and whether the answer goes back as msgpack."""
+        limit = self.config.server.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"expected a request body of at most {limit} bytes, got {declared}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLargeError(f"expected a request body of at most {limit} bytes, got more")
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type == MSGPACK:
+            data = _unpack_msgpack(bytes(body))
+        elif content_type == "application/json":
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise InvalidInputError(f"expected a JSON body, got {len(body)} bytes that do not parse") from None
+        else:
+            raise UnsupportedMediaError(f"expected Content-Type application/json or {MSGPACK}, got {content_type!r}")
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"expected the body to be an object, got {type(data).__name__}")
+        accept = request.headers.get("accept", "")
+        binary = MSGPACK in accept or (content_type == MSGPACK and accept in ("", "*/*"))
+        return data, binary
+
+    def _check_model(self, model: str | None) -> None:
+        if model not in (None, self.model_id):
+            raise _NotFound(f"model {model!r} does not exist; this server serves {self.model_id!r}")
+
+    def _output_modalities(self, modalities: list[str] | None) -> list[str]:
+        wanted = [m for m in (modalities or []) if m != "text"]
+        unknown = [m for m in wanted if m not in self.generators]
+        if unknown:
+            raise UnsupportedMediaError(f"expected modalities among {['text', *self.generators]}, got {unknown}")
+        return wanted
+
+    async def _generate(self, signal_refs: list[tuple[str, Any]], seed: int | None, rid: str) -> list:
+        """Each signal group (still in the object store) -> output projector -> its generator."""
+        responses = [
+            self.generators[modality].remote(
+                self.output_projector.remote(ref, request_id=rid), seed=None if seed is None else seed + index, request_id=rid
+            )
+            for index, (modality, ref) in enumerate(signal_refs)
+            if modality in self.generators
+        ]
+        return [self._received(media) for media in await asyncio.gather(*responses)]
+
+    async def _stream_chat(self, llm_request: LLMRequest, embeds: list, req: ChatCompletionRequest, rid: str) -> Response:
+        steps = self.llm.options(stream=True).stream.remote(llm_request, *embeds, request_id=rid)
+        # The first step surfaces bad input as a status code, before any byte is sent.
+        first = await steps.__anext__()
+        base = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_id}
+
+        def event(delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> str:
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+            return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+
+        async def events():
+            yield event({"role": "assistant", "content": ""})
+            item = first
+            try:
+                while not isinstance(item, LLMReply):
+                    if item:
+                        yield event({"content": item})
+                    item = await steps.__anext__()
+                reply = self._received(item)
+                media = await self._generate(reply.signal_refs, req.seed, rid)
+                if media:
+                    yield event({"media": _media_json(media, binary=False)})
+                yield event({}, reply.finish_reason)
+                if req.stream_options and req.stream_options.include_usage:
+                    yield event(None, usage=_usage(reply))
+            except Exception as exc:
+                # Headers are sent: the error travels as an event, in OpenAI's error shape.
+                status, message = self._log_error(exc, rid)
+                yield f"data: {json.dumps(error_body(message, status))}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _media_generation(self, request: Request, modality: str) -> Response:
+        rid = _request_id(request)
+        try:
+            body, binary = await self._read(request)
+            req = MediaGenerationRequest.model_validate(body)
+            self._check_model(req.model)
+            if modality not in self.generators:
+                raise _NotFound(f"this model does not generate {modality}; it generates {list(self.generators) or 'text only'}")
+            self._check_generation_size(modality, req)
+            llm_request = LLMRequest(
+                messages=[{"role": "user", "content": req.prompt}],
+                max_tokens=self.config.server.generation_max_tokens,
+                temperature=0.0,
+                force_modalities=[modality],
+            )
+            replies = await asyncio.gather(*(self.llm.remote(llm_request, request_id=rid) for _ in range(req.n)))
+            media = await asyncio.gather(
+                *(
+                    self._generate(
+                        [ref for ref in self._received(reply).signal_refs if ref[0] == modality][:1],
+                        None if req.seed is None else req.seed + i,
+                        rid,
+                    )
+                    for i, reply in enumerate(replies)
+                )
+            )
+        except Exception as exc:
+            return self._error(exc, rid)
+        data = [
+            {
+                "b64_json": items[0].data if binary else base64.b64encode(items[0].data).decode(),
+                "mime_type": items[0].mime_type,
+                "revised_prompt": reply.text,
+            }
+            for items, reply in zip(media, replies)
+        ]
+        return self._respond({"created": int(time.time()), "data": data}, binary)
+
+    def _check_generation_size(self, modality: str, req: MediaGenerationRequest) -> None:
+        """Each generator pool renders one configured size; say which when asked for another."""
+        gen = getattr(self.config.stages, f"{modality}_generator")
+        if req.size is not None and modality in ("image", "video"):
+            configured = f"{gen.width}x{gen.height}" if gen.width and gen.height else None
+            if req.size != configured:
+                raise InvalidInputError(f"expected size {configured or 'unset (the model default)'}, got {req.size!r}")
+        if req.num_frames is not None and modality == "video" and req.num_frames != gen.num_frames:
+            raise InvalidInputError(f"expected num_frames {gen.num_frames}, got {req.num_frames}")
+        if req.duration_s is not None and modality == "audio" and req.duration_s != gen.audio_length_s:
+            raise InvalidInputError(f"expected duration_s {gen.audio_length_s}, got {req.duration_s}")
+
+    # Responses
+
+    def _received(self, value: Any) -> Any:
+        self.array_bytes_received += _array_bytes(value)
+        return value
+
+    def _respond(self, body: dict[str, Any], binary: bool) -> Response:
+        if binary:
+            return Response(msgpack.packb(body, use_bin_type=True), media_type=MSGPACK)
+        return JSONResponse(body)
+
+    def _log_error(self, exc: BaseException, rid: str) -> tuple[int, str]:
+        status, message = (404, str(exc)) if isinstance(exc, _NotFound) else _status_of(exc)
+        # The exception type only: messages of library errors may quote request bytes.
+        log.log(40 if status >= 500 else 20, "request_failed", request_id=rid, status=status, error=type(exc).__name__)
+        return status, message
+
+    def _error(self, exc: BaseException, rid: str) -> JSONResponse:
+        status, message = self._log_error(exc, rid)
+        headers = {"Retry-After": _RETRY_AFTER_S} if status in (429, 503) else {}
+        return JSONResponse(error_body(message, status), status_code=status, headers=headers)
+
+
+# Building the application
+
+_SERVER_CLASSES = {"llm": LLMServer, "image_generator": GeneratorServer, "video_generator": GeneratorServer, "audio_generator": GeneratorServer}
+
+
+def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
+    """Serve options of one pool from its config section."""
+    scaling, resources, queue = pool.scaling, pool.resources, pool.queue
+    return {
+        "name": name,
+        "autoscaling_config": {
+            "min_replicas": scaling.min_replicas,
+            "initial_replicas": max(scaling.min_replicas, 1),
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+            "metrics_interval_s": scaling.metrics_interval_s,
+            "look_back_period_s": scaling.look_back_period_s,
+        },
+        "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)},
+        "max_ongoing_requests": queue.max_ongoing_requests,
+        "max_queued_requests": queue.max_queued_requests,
+    }
+
+
+def build_app(config: OmnistageConfig) -> serve.Application:
+    """The Serve application: one deployment per configured stage, bound into the ingress."""
+    from omnistage.actors.registry import STAGES
+
+    pools = {}
+    for name in STAGES:
+        stage_config = getattr(config.stages, name)
+        if stage_config is None:
+            continue
+        server = serve.deployment(_SERVER_CLASSES.get(name, StageServer))
+        pools[name] = server.options(**deployment_options(stage_config, name)).bind(name, stage_config.model_dump(mode="json"))
+    ingress = Ingress.options(**deployment_options(config.server.ingress, "ingress"))
+    return ingress.bind(config.model_dump(mode="json"), **pools)
+
+
+def prepare_models(config: OmnistageConfig) -> None:
+    """Build the built-in presets a config uses once, here, rather than in every replica at once."""
+    from omnistage.actors.builtin import BUILTIN_PRESETS, ensure_preset
+    from omnistage.actors.registry import STAGES
+
+    for name in {getattr(config.stages, s).model for s in STAGES if getattr(config.stages, s) is not None}:
+        if name in BUILTIN_PRESETS:
+            ensure_preset(name)
+
+
+def deploy(config: OmnistageConfig, *, blocking: bool = False) -> Any:
+    """Deploy on the Ray cluster this process is connected to (Serve must be started)."""
+    prepare_models(config)
+    return serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
+
+
+def run_server(config: OmnistageConfig, host: str | None = None, port: int | None = None, address: str | None = None) -> None:
+    """Start (or join, with ``address``) a Ray cluster, deploy, serve until interrupted, clean up."""
+    import signal
+    import threading
+
+    import ray
+
+    host = host or config.server.host
+    port = port or config.server.port
+    # The dashboard runs code for whoever reaches it; a local server does without it.
+    ray.init(address=address, include_dashboard=False if address is None else None)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": config.server.request_timeout_s})
+        deploy(config)
+        print(f"omnistage: serving {config.name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("omnistage: shutting down", flush=True)
+        serve.delete(APP_NAME)
+        ray.shutdown()

@@ -1,0 +1,270 @@
+"""The Serve app over HTTP: OpenAI routes, msgpack, streaming, errors, batching, placement and
+independent scaling. One app is deployed for the module (it takes tens of seconds)."""
+
+import base64
+import io
+import json
+import threading
+import time
+
+import av
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from omnistage.actors.media import encode_png, encode_video, encode_wav
+from omnistage.cluster.config import OmnistageConfig, load_config
+from omnistage.pipelines.demo import sample_audio, sample_image, sample_video
+
+pytestmark = pytest.mark.slow
+
+PORT = 8931
+MAX_BODY = 2_000_000
+
+
+def _test_config() -> OmnistageConfig:
+    data = load_config("tiny").model_dump()
+    for stage in data["stages"].values():
+        if stage:
+            # Fast autoscaling so scaling is observable within a test.
+            stage["scaling"].update(
+                min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                upscale_delay_s=0.5, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
+            )
+    # GPUs declared by the session's ray.init: placement is real, the models still run on the CPU.
+    data["stages"]["llm"]["resources"]["num_gpus"] = 1
+    data["stages"]["image_generator"]["resources"]["num_gpus"] = 1
+    data["server"]["max_request_bytes"] = MAX_BODY
+    return OmnistageConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    from ray import serve
+
+    from omnistage.pipelines.serve import APP_NAME, deploy
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    config = _test_config()
+    deploy(config)
+    yield config
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120) as c:
+        yield c
+
+
+def _url(mime, data):
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+PNG = encode_png(sample_image())
+IMAGE = {"type": "image_url", "image_url": {"url": _url("image/png", PNG)}}
+VIDEO = {"type": "video_url", "video_url": {"url": _url("video/mp4", encode_video(sample_video(), fps=8))}}
+AUDIO = {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_wav(*sample_audio())).decode(), "format": "wav"}}
+
+
+def _chat(*parts, text="What is this?", **extra):
+    return {"model": "omnistage-tiny", "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}], "max_tokens": 6, "seed": 0, "temperature": 0, **extra}
+
+
+def _handle(name):
+    from ray import serve
+
+    from omnistage.pipelines.serve import APP_NAME
+
+    return serve.get_deployment_handle(name, APP_NAME)
+
+
+def test_health_and_models(client):
+    assert client.get("/healthz").json() == {"status": "ok", "unavailable": []}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    (entry,) = models["data"]
+    assert entry["id"] == "omnistage-tiny" and entry["object"] == "model"
+    assert entry["output_modalities"] == ["text", "image", "video", "audio"]
+
+
+@pytest.mark.parametrize("part", [IMAGE, VIDEO, AUDIO], ids=["image", "video", "audio"])
+def test_chat_answers_in_openai_shape(client, part):
+    response = client.post("/v1/chat/completions", json=_chat(part), headers={"X-Request-ID": "trace-123"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == "trace-123"
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "omnistage-tiny"
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] <= 6
+
+
+def test_served_answer_equals_the_in_process_pipeline(client, pipeline):
+    served = client.post("/v1/chat/completions", json=_chat(IMAGE, AUDIO)).json()
+    local = pipeline.chat(_chat(IMAGE, AUDIO)["messages"], max_tokens=6, seed=0)
+    assert served["choices"][0]["message"]["content"] == local.text
+    assert served["usage"]["prompt_tokens"] == local.usage["prompt_tokens"]
+
+
+def test_msgpack_carries_raw_bytes_both_ways(client):
+    body = _chat({"type": "image_url", "image_url": {"url": PNG}}, modalities=["text", "image"])
+    response = client.post(
+        "/v1/chat/completions",
+        content=msgpack.packb(body, use_bin_type=True),
+        headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"},
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == "application/msgpack"
+    answer = msgpack.unpackb(response.content, raw=False)
+    (media,) = answer["choices"][0]["message"]["media"]
+    assert isinstance(media["data"], bytes) and Image.open(io.BytesIO(media["data"])).format == "PNG"
+    # The same request as JSON gets the same text.
+    as_json = client.post("/v1/chat/completions", json=_chat(IMAGE, modalities=["text", "image"])).json()
+    assert as_json["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
+
+
+def _sse(response):
+    events = [line[len("data: "):] for line in response.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streaming_gives_openai_chunks_and_the_same_text(client):
+    plain = client.post("/v1/chat/completions", json=_chat(IMAGE, max_tokens=12)).json()
+    response = client.post(
+        "/v1/chat/completions", json=_chat(IMAGE, max_tokens=12, stream=True, stream_options={"include_usage": True})
+    )
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    chunks = _sse(response)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_streaming_with_media_and_bad_input(client):
+    chunks = _sse(client.post("/v1/chat/completions", json=_chat(text="draw", stream=True, modalities=["text", "audio"])))
+    media = [m for c in chunks if c["choices"] for m in c["choices"][0]["delta"].get("media", [])]
+    assert [m["type"] for m in media] == ["audio"]
+    bad = client.post("/v1/chat/completions", json=_chat({"type": "image_url", "image_url": {"url": _url("image/png", b"junk")}}, stream=True))
+    assert bad.status_code == 400 and "could not be decoded" in bad.json()["error"]["message"]
+
+
+def test_chat_generates_each_medium(client):
+    body = client.post("/v1/chat/completions", json=_chat(text="make all", modalities=["text", "image", "video", "audio"])).json()
+    media = {m["type"]: base64.b64decode(m["data"]) for m in body["choices"][0]["message"]["media"]}
+    assert Image.open(io.BytesIO(media["image"])).size == (64, 64)
+    with av.open(io.BytesIO(media["video"])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 8
+    samples, rate = sf.read(io.BytesIO(media["audio"]))
+    assert rate == 16000 and len(samples) == 16000
+
+
+def test_generation_routes(client):
+    images = client.post("/v1/images/generations", json={"prompt": "a cat", "n": 2, "seed": 3}).json()
+    pictures = [np.array(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in images["data"]]
+    assert len(pictures) == 2 and pictures[0].shape == (64, 64, 3)
+    assert not np.array_equal(pictures[0], pictures[1])  # seeds 3 and 4
+    again = client.post("/v1/images/generations", json={"prompt": "a cat", "n": 1, "seed": 3}).json()
+    assert again["data"][0]["b64_json"] == images["data"][0]["b64_json"]
+    video = client.post("/v1/videos/generations", json={"prompt": "waves", "seed": 0}).json()["data"][0]
+    assert video["mime_type"] == "video/mp4"
+    audio = client.post("/v1/audio/generations", json={"prompt": "a bell", "duration_s": 1.0}).json()["data"][0]
+    assert sf.read(io.BytesIO(base64.b64decode(audio["b64_json"])))[1] == 16000
+    wrong = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "1024x1024"})
+    assert wrong.status_code == 400 and "64x64" in wrong.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "send,status,fragment",
+    [
+        (lambda c: c.post("/v1/chat/completions", json=_chat({"type": "image_url", "image_url": {"url": _url("image/png", b"\x89PNG bad")}})), 400, "could not be decoded"),
+        (lambda c: c.post("/v1/chat/completions", json=_chat(IMAGE, model="gpt-9")), 404, "'gpt-9' does not exist"),
+        (lambda c: c.post("/v1/chat/completions", content=b"<xml/>", headers={"Content-Type": "text/xml"}), 415, "application/json"),
+        (lambda c: c.post("/v1/chat/completions", content=b"{", headers={"Content-Type": "application/json"}), 400, "JSON body"),
+        (lambda c: c.post("/v1/chat/completions", content=b"\xc1\xff", headers={"Content-Type": "application/msgpack"}), 400, "msgpack"),
+        (lambda c: c.post("/v1/chat/completions", json={"messages": []}), 400, "messages"),
+        (lambda c: c.post("/v1/chat/completions", json=_chat(n=2)), 400, "n=1"),
+        (lambda c: c.post("/v1/chat/completions", json=_chat(modalities=["smell"])), 415, "smell"),
+        (lambda c: c.post("/v1/chat/completions", json=_chat({"type": "image_url", "image_url": {"url": "https://x.test/a.png"}})), 400, "remote URLs"),
+        (lambda c: c.post("/v1/chat/completions", content=b"x" * (MAX_BODY + 1), headers={"Content-Type": "application/json"}), 413, str(MAX_BODY)),
+        (lambda c: c.get("/v1/nothing"), 404, "Not Found"),
+    ],
+    ids=["undecodable", "unknown-model", "content-type", "bad-json", "bad-msgpack", "no-messages", "n", "modality", "remote-url", "too-large", "route"],
+)
+def test_errors_are_openai_shaped_with_the_right_status(client, send, status, fragment):
+    response = send(client)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["code"] == status
+    assert "Traceback" not in response.text
+
+
+def test_features_never_pass_through_the_ingress(client):
+    client.post("/v1/chat/completions", json=_chat(IMAGE, VIDEO, AUDIO, modalities=["text", "image"]))
+    assert _handle("ingress").stats.remote().result()["array_bytes_received"] == 0
+
+
+def test_concurrent_requests_share_a_batch(client):
+    encoder = _handle("image_encoder")
+    responses = [encoder.remote(sample_image(), request_id=f"b{i}") for i in range(8)]
+    assert all(r.result().features.shape == (225, 32) for r in responses)
+    stats = [encoder.stats.remote().result() for _ in range(4)]
+    assert max(s["largest_batch"] for s in stats) > 1
+
+
+def test_gpu_pools_are_placed_on_declared_gpus(client):
+    stats = _handle("llm").stats.remote().result()
+    assert len(stats["gpu_ids"]) == 1 and stats["device"] == "cpu"  # no CUDA here: models run on the CPU
+    assert _handle("image_encoder").stats.remote().result()["gpu_ids"] == []
+
+
+def _running(name):
+    from ray import serve
+
+    from omnistage.pipelines.serve import APP_NAME
+
+    states = serve.status().applications[APP_NAME].deployments[name].replica_states
+    return states.get("RUNNING", 0)
+
+
+def _wait(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_image_generation_load_scales_only_its_path(client):
+    untouched = ["image_encoder", "video_encoder", "audio_encoder", "input_projector"]
+    assert _wait(lambda: all(_running(n) == 1 for n in [*untouched, "image_generator"]), 60)
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120) as c:
+            while not stop.is_set():
+                assert c.post("/v1/images/generations", json={"prompt": "load", "seed": 1}).status_code == 200
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        scaled = _wait(lambda: _running("image_generator") == 2, 60)
+        during = {n: _running(n) for n in untouched}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert scaled, "the image generator pool did not scale up under load"
+    assert during == {n: 1 for n in untouched}
+    assert _wait(lambda: _running("image_generator") == 1, 60), "the image generator pool did not scale back down"
