@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/omnistage demo --config tiny --out out
+	$(BIN)/omnistage serve --config tiny
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q

@@ -80,6 +80,13 @@ def _batch_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.rows} rows (columns id, {column}) to {path}" + (f"; corrupt ids: {', '.join(corrupt)}" if corrupt else ""))
 
 
+def _samples(args: argparse.Namespace) -> None:
+    from omnistage.pipelines.demo import write_samples
+
+    for path in write_samples(Path(args.dir)):
+        print(path)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from omnistage.cluster.config import load_config
     from omnistage.pipelines.serve import run_server
@@ -106,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: the config's, 8000)")
     serve.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
     serve.set_defaults(func=_serve)
+
+    samples = commands.add_parser("samples", help="write a sample image, video and audio file to try requests with")
+    samples.add_argument("dir", nargs="?", default=".", help="output directory (default: .)")
+    samples.set_defaults(func=_samples)
 
     demo = commands.add_parser("demo", help="run sample requests through every stage in this process")
     demo.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")

@@ -173,6 +173,10 @@ class ServerConfig(_Strict):
     request_timeout_s: float = Field(120, gt=0, description="A request still running after this gets 408.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 before parsing.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that sets none.")
+    remote_media_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) media URLs the server fetches; empty refuses remote URLs (only data URLs).",
+    )
     generation_max_tokens: int = Field(
         32, ge=1, description="Text budget before the forced signal tokens on the media generation routes."
     )

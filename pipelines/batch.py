@@ -691,7 +691,8 @@ def _ensure_builtin_models(stages: list[StageConfig]) -> None:
         ensure_preset(name)
 
 
-def _run(job: str, source: str, output: str, id_column: str, build: Any) -> JobSummary:
+def _run(job: str, source: str, output: str, id_column: str, stages: list[StageConfig], build: Any) -> JobSummary:
+    """Write ``build(skip_ids=..., run_id=...)`` to ``output`` after skipping the ids already there."""
     from ray.data.datasource import FilenameProvider
 
     start = time.perf_counter()
@@ -706,8 +707,10 @@ def _run(job: str, source: str, output: str, id_column: str, build: Any) -> JobS
         if skipped == len(ids):
             # Nothing left: no pools to start.
             return _summary(job, output, run_id, pa.chunked_array([], pa.string()), skipped, start)
+    ds = build(skip_ids=skip, run_id=run_id)  # lazy: checks the options, starts nothing
+    _ensure_builtin_models(stages)
     prefix = f"{job}-{run_id}"
-    build(skip_ids=skip, run_id=run_id).write_parquet(
+    ds.write_parquet(
         output,
         filename_provider=FilenameProvider(dataset_uuid=prefix, file_format="parquet"),
         min_rows_per_file=ROWS_PER_FILE[job],
@@ -759,15 +762,20 @@ def _run_errors(output: str, prefix: str) -> pa.ChunkedArray:
 def run_caption(source: str, output: str, **options: Any) -> JobSummary:
     """Caption ``source`` into the Parquet folder ``output``, skipping ids already there.
 
-    Takes :func:`caption`'s options; returns what the run did.
+    Takes :func:`caption`'s options; returns what the run did. Like any Ray Data job it joins the
+    Ray cluster of ``RAY_ADDRESS`` (set under ``ray job submit``) or starts a local one.
     """
     cfg = _config(options.pop("config", "tiny"))
     modality = options.get("modality", "image")
-    _ensure_builtin_models(
-        [s for s in (getattr(cfg.stages, f"{modality}_encoder", None), cfg.stages.input_projector, cfg.stages.llm) if s]
+    stages = [getattr(cfg.stages, f"{modality}_encoder", None), cfg.stages.input_projector, cfg.stages.llm]
+    return _run(
+        "caption",
+        source,
+        output,
+        options.get("id_column", "id"),
+        [stage for stage in stages if stage is not None],
+        lambda **kw: caption(source, config=cfg, **options, **kw),
     )
-    id_column = options.get("id_column", "id")
-    return _run("caption", source, output, id_column, lambda **kw: caption(source, config=cfg, **options, **kw))
 
 
 def run_generate(source: str, output: str, **options: Any) -> JobSummary:
@@ -775,8 +783,12 @@ def run_generate(source: str, output: str, **options: Any) -> JobSummary:
     already there. Takes :func:`generate`'s options; returns what the run did."""
     cfg = _config(options.pop("config", "tiny"))
     modality = options.get("modality", "image")
-    _ensure_builtin_models(
-        [s for s in (cfg.stages.llm, cfg.stages.output_projector, getattr(cfg.stages, f"{modality}_generator", None)) if s]
+    stages = [cfg.stages.llm, cfg.stages.output_projector, getattr(cfg.stages, f"{modality}_generator", None)]
+    return _run(
+        "generate",
+        source,
+        output,
+        options.get("id_column", "id"),
+        [stage for stage in stages if stage is not None],
+        lambda **kw: generate(source, config=cfg, **options, **kw),
     )
-    id_column = options.get("id_column", "id")
-    return _run("generate", source, output, id_column, lambda **kw: generate(source, config=cfg, **options, **kw))

@@ -10,16 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from omnistage.actors.errors import UnsupportedMediaError
 from omnistage.actors.payloads import Embeddings, GeneratedMedia, GenerationRequest, LLMRequest
 from omnistage.actors.registry import create_stage
 from omnistage.cluster.config import OmnistageConfig, load_config
 from omnistage.pipelines.messages import parse_messages
-
-log = structlog.get_logger(__name__)
-
 
 @dataclass
 class ChatResult:
@@ -156,13 +151,6 @@ class LocalPipeline:
                 ]
                 for i, item in zip(indices, generator(requests)):
                     media[i] = item
-        log.info(
-            "chat_done",
-            media_in=[m for m, _ in chat.media],
-            media_out=[m.modality for m in media],
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-        )
         return ChatResult(
             text=result.text,
             media=media,

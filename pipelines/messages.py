@@ -12,10 +12,11 @@ import base64
 import binascii
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
+from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.media import parse_data_url, to_audio_clip, to_image_array, to_video_array
 from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, Modality
 
@@ -33,8 +34,11 @@ class ParsedChat:
     media: list[tuple[Modality, np.ndarray | AudioClip]]
 
 
-def parse_messages(messages: list[dict[str, Any]], accepted: list[Modality]) -> ParsedChat:
-    """Check and decode a chat. ``accepted`` names the input modalities this deployment serves."""
+def parse_messages(
+    messages: list[dict[str, Any]], accepted: list[Modality], remote: RemoteMedia | None = None
+) -> ParsedChat:
+    """Check and decode a chat. ``accepted`` names the input modalities this deployment serves;
+    ``remote`` says which hosts media URLs may be fetched from (none by default)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError(f"expected a non-empty list of messages, got {_kind(messages)}")
     out_messages, media = [], []
@@ -65,7 +69,7 @@ def parse_messages(messages: list[dict[str, Any]], accepted: list[Modality]) -> 
                     )
                 if role != "user":
                     raise InvalidInputError(f"expected media only in user messages, got {kind} in a {role!r} message")
-                media.append((modality, _decode(modality, part.get(kind), where)))
+                media.append((modality, _decode(modality, part.get(kind), where, remote)))
                 texts.append(PLACEHOLDERS[modality])
             else:
                 raise InvalidInputError(
@@ -76,13 +80,13 @@ def parse_messages(messages: list[dict[str, Any]], accepted: list[Modality]) -> 
     return ParsedChat(messages=out_messages, media=media)
 
 
-def _decode(modality: Modality, value: Any, where: str) -> np.ndarray | AudioClip:
+def _decode(modality: Modality, value: Any, where: str, remote: RemoteMedia | None) -> np.ndarray | AudioClip:
     if modality == "audio":
         return _decode_audio(value, where)
     if isinstance(value, dict):
         value = value.get("url")
     if isinstance(value, str):
-        mime, value = _data_url(value, where)
+        mime, value = (remote or RemoteMedia()).fetch(value, where) if _is_remote(value) else parse_data_url(value)
         allowed = ("image/",) if modality == "image" else ("video/", "image/gif")
         if not mime.startswith(allowed):
             raise UnsupportedMediaError(f"expected {where} to be a {' or '.join(allowed)} data URL, got {mime!r}")
@@ -106,10 +110,42 @@ def _decode_audio(value: Any, where: str) -> AudioClip:
     return to_audio_clip(value)
 
 
-def _data_url(url: str, where: str) -> tuple[str, bytes]:
-    if url.startswith(("http://", "https://")):
-        raise InvalidInputError(f"expected {where} as a data URL; remote URLs are not fetched")
-    return parse_data_url(url)
+def _is_remote(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class RemoteMedia:
+    """Fetching media by URL, off unless hosts are allowed: a server that fetches any URL it is
+    given can be made to reach internal services."""
+
+    allowed_hosts: tuple[str, ...] = ()
+    max_bytes: int = 32 * 1024 * 1024
+    timeout_s: float = 10.0
+
+    def fetch(self, url: str, where: str) -> tuple[str, bytes]:
+        host = urlsplit(url).hostname or ""
+        if host not in self.allowed_hosts:
+            raise InvalidInputError(
+                f"expected {where} as a data URL; remote URLs are not fetched from {host!r} "
+                f"(allowed hosts: {list(self.allowed_hosts) or 'none'})"
+            )
+        import httpx
+
+        try:
+            # No redirects: a redirect could lead off the allowed hosts.
+            with httpx.stream("GET", url, timeout=self.timeout_s, follow_redirects=False) as response:
+                if response.status_code != 200:
+                    raise InvalidInputError(f"expected {where} URL to answer 200, got {response.status_code}")
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) > self.max_bytes:
+                        raise PayloadTooLargeError(f"expected {where} of at most {self.max_bytes} bytes, got more")
+                mime = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        except httpx.HTTPError as exc:
+            raise InvalidInputError(f"expected {where} URL to be fetchable, got {type(exc).__name__}") from None
+        return mime, bytes(data)
 
 
 def _kind(value: Any) -> str:

@@ -29,7 +29,7 @@ from omnistage.actors.payloads import LLMRequest
 from omnistage.cluster.config import OmnistageConfig, PoolConfig
 from omnistage.pipelines.deployments import GeneratorServer, LLMReply, LLMServer, StageServer
 from omnistage.pipelines.logs import configure_logging
-from omnistage.pipelines.messages import parse_messages
+from omnistage.pipelines.messages import RemoteMedia, parse_messages
 from omnistage.pipelines.schemas import ChatCompletionRequest, MediaGenerationRequest, error_body
 
 log = structlog.get_logger(__name__)
@@ -153,6 +153,7 @@ class Ingress:
         self.input_projector = handles.get("input_projector")
         self.output_projector = handles.get("output_projector")
         self.llm = handles["llm"]
+        self.remote_media = RemoteMedia(allowed_hosts=tuple(self.config.server.remote_media_hosts))
         # Feature arrays must never reach the ingress; counting what arrives here proves it.
         self.array_bytes_received = 0
 
@@ -197,7 +198,7 @@ class Ingress:
             self._check_model(req.model)
             wanted = self._output_modalities(req.modalities)
             # 2. Decode media (CPU work off the event loop)
-            chat = await asyncio.to_thread(parse_messages, req.messages, list(self.encoders))
+            chat = await asyncio.to_thread(parse_messages, req.messages, list(self.encoders), self.remote_media)
             # 3. Route: encoder -> input projector responses go straight into the LLM call
             embeds = [
                 self.input_projector.remote(self.encoders[m].remote(item, request_id=rid), request_id=rid)
@@ -487,5 +488,7 @@ def run_server(config: OmnistageConfig, host: str | None = None, port: int | Non
         pass
     finally:
         print("omnistage: shutting down", flush=True)
-        serve.delete(APP_NAME)
+        if address is not None:
+            # On a shared cluster remove only this app; a local cluster goes down whole below.
+            serve.delete(APP_NAME)
         ray.shutdown()

@@ -55,3 +55,48 @@ def ray_session(omnistage_home):
     )
     yield ray
     ray.shutdown()
+
+
+SERVE_PORT = 8931
+
+
+@pytest.fixture(scope="session")
+def serve_config():
+    """The tiny preset with settings that make serving behaviour observable in tests."""
+    from omnistage.cluster.config import OmnistageConfig, load_config
+
+    data = load_config("tiny").model_dump()
+    for stage in data["stages"].values():
+        if stage:
+            # Fast autoscaling, so scaling happens within a test.
+            stage["scaling"].update(
+                min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                upscale_delay_s=0.5, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
+            )
+    # GPUs declared by the session's ray.init: placement is real, the models still run on the CPU.
+    data["stages"]["llm"]["resources"]["num_gpus"] = 1
+    data["stages"]["image_generator"]["resources"]["num_gpus"] = 1
+    data["server"]["max_request_bytes"] = 2_000_000
+    return OmnistageConfig.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session, serve_config):
+    """One deployed Serve app for the session: deploying takes tens of seconds on two cores."""
+    from ray import serve
+
+    from omnistage.pipelines.serve import APP_NAME, deploy
+
+    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    deploy(serve_config)
+    yield f"http://127.0.0.1:{SERVE_PORT}"
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+@pytest.fixture()
+def client(serve_url):
+    import httpx
+
+    with httpx.Client(base_url=serve_url, timeout=120) as c:
+        yield c

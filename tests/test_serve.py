@@ -16,50 +16,9 @@ import soundfile as sf
 from PIL import Image
 
 from omnistage.actors.media import encode_png, encode_video, encode_wav
-from omnistage.cluster.config import OmnistageConfig, load_config
 from omnistage.pipelines.demo import sample_audio, sample_image, sample_video
 
 pytestmark = pytest.mark.slow
-
-PORT = 8931
-MAX_BODY = 2_000_000
-
-
-def _test_config() -> OmnistageConfig:
-    data = load_config("tiny").model_dump()
-    for stage in data["stages"].values():
-        if stage:
-            # Fast autoscaling so scaling is observable within a test.
-            stage["scaling"].update(
-                min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                upscale_delay_s=0.5, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
-            )
-    # GPUs declared by the session's ray.init: placement is real, the models still run on the CPU.
-    data["stages"]["llm"]["resources"]["num_gpus"] = 1
-    data["stages"]["image_generator"]["resources"]["num_gpus"] = 1
-    data["server"]["max_request_bytes"] = MAX_BODY
-    return OmnistageConfig.model_validate(data)
-
-
-@pytest.fixture(scope="module")
-def app(ray_session):
-    from ray import serve
-
-    from omnistage.pipelines.serve import APP_NAME, deploy
-
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    config = _test_config()
-    deploy(config)
-    yield config
-    serve.delete(APP_NAME)
-    serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120) as c:
-        yield c
-
 
 def _url(mime, data):
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
@@ -195,7 +154,7 @@ def test_generation_routes(client):
         (lambda c: c.post("/v1/chat/completions", json=_chat(n=2)), 400, "n=1"),
         (lambda c: c.post("/v1/chat/completions", json=_chat(modalities=["smell"])), 415, "smell"),
         (lambda c: c.post("/v1/chat/completions", json=_chat({"type": "image_url", "image_url": {"url": "https://x.test/a.png"}})), 400, "remote URLs"),
-        (lambda c: c.post("/v1/chat/completions", content=b"x" * (MAX_BODY + 1), headers={"Content-Type": "application/json"}), 413, str(MAX_BODY)),
+        (lambda c: c.post("/v1/chat/completions", content=b"x" * (2_000_001), headers={"Content-Type": "application/json"}), 413, "2000000"),
         (lambda c: c.get("/v1/nothing"), 404, "Not Found"),
     ],
     ids=["undecodable", "unknown-model", "content-type", "bad-json", "bad-msgpack", "no-messages", "n", "modality", "remote-url", "too-large", "route"],
@@ -245,13 +204,13 @@ def _wait(condition, timeout):
     return False
 
 
-def test_image_generation_load_scales_only_its_path(client):
+def test_image_generation_load_scales_only_its_path(client, serve_url):
     untouched = ["image_encoder", "video_encoder", "audio_encoder", "input_projector"]
     assert _wait(lambda: all(_running(n) == 1 for n in [*untouched, "image_generator"]), 60)
     stop = threading.Event()
 
     def load():
-        with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120) as c:
+        with httpx.Client(base_url=serve_url, timeout=120) as c:
             while not stop.is_set():
                 assert c.post("/v1/images/generations", json={"prompt": "load", "seed": 1}).status_code == 200
 

@@ -307,3 +307,42 @@ def test_stop_string_cuts_the_text(llm):
     assert stopped.token_ids == full.token_ids[:4]
     assert stopped.finish_reason == "stop"
     assert stopped.text == llm.tokenizer.decode(full.token_ids[:3], skip_special_tokens=True)
+
+
+def test_stream_yields_the_text_piece_by_piece(llm):
+    requests = [
+        LLMRequest(messages=_user("one"), max_tokens=12),
+        LLMRequest(messages=_user("two, longer"), max_tokens=5, force_modalities=["image"]),
+    ]
+    steps = llm.stream(requests)
+    pieces = [[], []]
+    while True:
+        try:
+            deltas = next(steps)
+        except StopIteration as done:
+            results = done.value
+            break
+        assert len(deltas) == 2
+        for i, delta in enumerate(deltas):
+            pieces[i].append(delta)
+    assert ["".join(p) for p in pieces] == [r.text for r in results]
+    assert [r.text for r in results] == [r.text for r in llm(requests)]
+
+
+def test_stream_holds_back_a_possible_stop_string(llm):
+    z = llm.tokenizer.convert_tokens_to_ids("Z")
+    handle = _steer(llm, z, at_step=4)
+    try:
+        steps = llm.stream([LLMRequest(messages=_user("go"), max_tokens=10, stop=["Zq"])])
+        streamed = []
+        while True:
+            try:
+                streamed.append(next(steps)[0])
+            except StopIteration as done:
+                result = done.value[0]
+                break
+    finally:
+        handle.remove()
+    # "Z" could start the stop string "Zq", so it is not sent until the next token shows it is not.
+    assert "Z" not in "".join(streamed[:4])
+    assert "Z" in "".join(streamed[4:]) and "".join(streamed) == result.text

@@ -1,0 +1,87 @@
+"""OpenAI-style messages to placeholders and decoded media, including remote URLs behind an allowlist."""
+
+import base64
+import http.server
+import threading
+
+import numpy as np
+import pytest
+
+from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+from omnistage.actors.media import encode_png
+from omnistage.pipelines.demo import sample_image
+from omnistage.pipelines.messages import RemoteMedia, parse_messages
+
+PNG = encode_png(sample_image())
+
+
+def test_parts_become_placeholders_in_order():
+    chat = parse_messages(
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "compare"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}},
+                {"type": "input_audio", "input_audio": (np.zeros(1600, np.float32), 16000)},
+                {"type": "image_url", "image_url": sample_image()},
+            ]},
+        ],
+        accepted=["image", "audio"],
+    )
+    assert chat.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "compare\n<image>\n<audio>\n<image>"},
+    ]
+    assert [m for m, _ in chat.media] == ["image", "audio", "image"]
+    np.testing.assert_array_equal(chat.media[0][1], sample_image())
+
+
+def test_refusals_name_what_was_expected():
+    with pytest.raises(UnsupportedMediaError, match=r"is video, but this model accepts \['image'\]"):
+        parse_messages([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AA=="}}]}], accepted=["image"])
+    with pytest.raises(InvalidInputError, match="media only in user messages"):
+        parse_messages([{"role": "assistant", "content": [{"type": "image_url", "image_url": sample_image()}]}], accepted=["image"])
+    with pytest.raises(InvalidInputError, match="non-empty list of messages, got list"):
+        parse_messages([], accepted=["image"])
+
+
+@pytest.fixture()
+def media_server():
+    """A loopback HTTP server with one PNG, so remote fetching is tested without a network."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/cat.png":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                self.wfile.write(PNG)
+            else:
+                self.send_response(302)
+                self.send_header("Location", "http://example.com/")
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _image_url(url):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_remote_urls_only_from_allowed_hosts(media_server):
+    with pytest.raises(InvalidInputError, match=r"not fetched from '127.0.0.1' \(allowed hosts: none\)"):
+        parse_messages(_image_url(f"{media_server}/cat.png"), accepted=["image"])
+    allowed = RemoteMedia(allowed_hosts=("127.0.0.1",))
+    chat = parse_messages(_image_url(f"{media_server}/cat.png"), accepted=["image"], remote=allowed)
+    np.testing.assert_array_equal(chat.media[0][1], sample_image())
+    # A redirect is not followed: it could lead off the allowed hosts.
+    with pytest.raises(InvalidInputError, match="answer 200, got 302"):
+        parse_messages(_image_url(f"{media_server}/elsewhere"), accepted=["image"], remote=allowed)
+    with pytest.raises(PayloadTooLargeError, match="at most 10 bytes"):
+        parse_messages(_image_url(f"{media_server}/cat.png"), accepted=["image"], remote=RemoteMedia(("127.0.0.1",), max_bytes=10))
