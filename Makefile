@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test clean
+.PHONY: install redis-server run test clean
 
 install: $(STAMP)
 
@@ -14,13 +14,23 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,test]'
 	touch $(STAMP)
 
 run: install
 	$(BIN)/omnistage serve --config tiny
 
-test: install
+# The cache tests start their own redis-server on loopback (with a password), so the binary must
+# exist; Debian's package provides it.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "make test needs redis-server on PATH (Debian/Ubuntu: sudo apt-get install redis-server)" >&2; exit 1; \
+	  fi; }
+
+test: install redis-server
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 clean:

@@ -8,7 +8,9 @@ pixels or samples, and raise only the project's errors: :class:`InvalidInputErro
 Encoders turn generated arrays into response files. A bad array there is a bug in our own
 generator, not in the request, so they raise a plain ``ValueError`` (500).
 
-The HTTP ingress imports this module: it must not import torch, transformers, diffusers or ray.
+The HTTP ingress and the client SDK (``omnistage.clients``) import this module: it must not import
+torch, transformers, diffusers or ray, and imports scipy only where it resamples (the client-only
+install has no scipy).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import av
 import numpy as np
 import soundfile as sf
 from PIL import Image
-from scipy.signal import resample_poly
 
 from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.payloads import AudioClip
@@ -310,6 +311,9 @@ def to_mono_16k(clip: AudioClip, target_rate: int = 16000) -> np.ndarray:
     divisor = math.gcd(clip.sampling_rate, target_rate)
     up, down = target_rate // divisor, clip.sampling_rate // divisor
     if up != down:
+        # Imported here: the client SDK reuses this module's codecs and installs without scipy.
+        from scipy.signal import resample_poly
+
         samples = resample_poly(samples, up, down)
     return np.asarray(samples, dtype=np.float32)
 

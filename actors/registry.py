@@ -24,11 +24,18 @@ STAGES: dict[str, tuple[str, type[cfg.StageConfig]]] = {
 }
 
 
-def create_stage(name: str, config: cfg.StageConfig | dict) -> Stage:
-    """Load stage ``name`` from its config (a config object, or its dict form as sent to a replica)."""
+def create_stage(name: str, config: cfg.StageConfig | dict, cache: cfg.CacheConfig | dict | None = None) -> Stage:
+    """Load stage ``name`` from its config (a config object, or its dict form as sent to a
+    replica), wrapped in the feature cache when ``cache`` names it."""
     if name not in STAGES:
         raise ValueError(f"expected a stage name in {list(STAGES)}, got {name!r}")
     target, config_class = STAGES[name]
     module_name, class_name = target.split(":")
     stage_class = getattr(importlib.import_module(module_name), class_name)
-    return stage_class(config_class.model_validate(config) if isinstance(config, dict) else config)
+    stage = stage_class(config_class.model_validate(config) if isinstance(config, dict) else config)
+    cache = cfg.CacheConfig.model_validate(cache) if isinstance(cache, dict) else cache
+    if cache is None or not cache.enabled or name not in cache.stages:
+        return stage
+    from omnistage.actors.cache import CachedEncoder, make_store
+
+    return CachedEncoder(stage, make_store(cache.redis_url, cache.ttl_s, cache.local_max_bytes), cache.max_value_bytes)

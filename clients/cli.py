@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from omnistage.clients.errors import ConnectionError as ClientConnectionError, OmnistageError
+
 
 def _models_list(args: argparse.Namespace) -> None:
     from omnistage.actors.builtin import BUILTIN_PRESETS
@@ -94,18 +96,96 @@ def _serve(args: argparse.Namespace) -> None:
     run_server(load_config(args.config), host=args.host, port=args.port, address=args.address)
 
 
+# Client commands: they call a running server through the SDK and need only the client install.
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="the server (default: $OMNISTAGE_URL, else http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="sent as a bearer token (default: $OMNISTAGE_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per call, retries included (default: 300)")
+    parser.add_argument("--json", action="store_true", help="send JSON with base64 media instead of msgpack")
+
+
+def _client(args: argparse.Namespace):
+    from omnistage.clients.sdk import Client
+
+    return Client(args.url, api_key=args.api_key, timeout=args.timeout, transport="json" if args.json else "msgpack")
+
+
+def _models_server(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        for model in client.models():
+            print(f"{model.id}\tinput: {','.join(model.input_modalities)}\toutput: {','.join(model.output_modalities)}")
+
+
+def _chat(args: argparse.Namespace) -> None:
+    options = dict(
+        prompt=args.question, images=args.image, audio=args.audio, videos=args.video, model=args.model,
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+    )
+    with _client(args) as client:
+        if args.stream:
+            with client.chat_stream(**options) as stream:
+                for delta in stream:
+                    print(delta, end="", flush=True)
+            print()
+        else:
+            print(client.chat(**options).text)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        if args.modality == "image":
+            result = client.generate_image(args.prompt, size=args.size, seed=args.seed)
+        elif args.modality == "video":
+            result = client.generate_video(args.prompt, size=args.size, num_frames=args.num_frames, seed=args.seed)
+        else:
+            result = client.generate_audio(args.prompt, duration_s=args.duration, seed=args.seed)
+    result.save(args.output)
+    print(f"wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnistage", description="Serve five-stage multimodal LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    models = commands.add_parser("models", help="list or build built-in models")
-    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models = commands.add_parser(
+        "models", help="list a server's models; `models list` / `models build` for the built-in ones",
+        description="With no subcommand, list the models the server at --url serves.",
+    )
+    _add_server_options(models)
+    models.set_defaults(func=_models_server)
+    models_commands = models.add_subparsers(dest="models_command")
     models_commands.add_parser("list", help="list built-in models and config presets").set_defaults(func=_models_list)
     build = models_commands.add_parser("build", help="write a built-in preset's checkpoints to a directory")
     build.add_argument("name", help="built-in preset, e.g. tiny")
     build.add_argument("dir", help="output directory")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=_models_build)
+
+    chat = commands.add_parser("chat", help="ask a running server a question, with images, audio or video")
+    chat.add_argument("question")
+    chat.add_argument("--image", action="append", help="image file (repeatable)")
+    chat.add_argument("--audio", action="append", help="audio file: WAV, FLAC, OGG or MP3 (repeatable)")
+    chat.add_argument("--video", action="append", help="video file: MP4, WebM or GIF (repeatable)")
+    chat.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    chat.add_argument("--model", help="model id (default: the server's)")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--seed", type=int)
+    _add_server_options(chat)
+    chat.set_defaults(func=_chat)
+
+    generate = commands.add_parser("generate", help="generate an image, video or audio clip on a running server")
+    generate.add_argument("modality", choices=("image", "video", "audio"))
+    generate.add_argument("prompt")
+    generate.add_argument("-o", "--output", required=True, help="file to write (.png/.jpg, .mp4/.gif, .wav/.flac)")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--size", help="WIDTHxHEIGHT (image, video)")
+    generate.add_argument("--num-frames", type=int, help="video frames")
+    generate.add_argument("--duration", type=float, help="audio seconds")
+    _add_server_options(generate)
+    generate.set_defaults(func=_generate)
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve until Ctrl-C")
     serve.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
@@ -165,6 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         # Bad input or config: one line naming the problem, no traceback.
         print(f"omnistage: error: {exc}", file=sys.stderr)
+        return 1
+    except OmnistageError as exc:
+        # The server refused the request, or could not be reached.
+        hint = " (is the server running? set --url or OMNISTAGE_URL)" if isinstance(exc, ClientConnectionError) else ""
+        print(f"omnistage: error: {exc}{hint}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        # A server-side command in a client-only install.
+        print(
+            f"omnistage: error: `omnistage {args.command}` needs the server install "
+            f"(pip install 'omnistage[server]'); missing module {exc.name!r}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -183,10 +183,29 @@ class ServerConfig(_Strict):
     ingress: PoolConfig = Field(default_factory=PoolConfig, description="Scaling, resources and queues of the HTTP ingress.")
 
 
+class CacheConfig(_Strict):
+    """The encoder feature cache: shared through Redis when a URL is set, else in-process."""
+
+    enabled: bool = Field(True, description="Cache encoder outputs keyed by input content and model.")
+    redis_url: str | None = Field(
+        None,
+        description="redis://[:password@]host:port/db shared by every replica; unset reads OMNISTAGE_REDIS_URL, "
+        "and without either each replica keeps its own in-process cache.",
+    )
+    ttl_s: int = Field(3600, ge=1, description="Entries expire after this; a chat's repeated image stays warm for an hour.")
+    max_value_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Larger features are not cached (a long video's would crowd out the rest).")
+    local_max_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Size bound of the in-process LRU cache.")
+    stages: list[str] = Field(
+        default_factory=lambda: ["image_encoder", "video_encoder", "audio_encoder"],
+        description="Stages whose outputs are cached: the encoders, the costliest per medium.",
+    )
+
+
 class OmnistageConfig(_Strict):
     name: str = Field(description="Shown as the model id in the API.")
     stages: Stages
     server: ServerConfig = Field(default_factory=ServerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
 def preset_names() -> list[str]:

@@ -63,19 +63,32 @@ class _Metrics:
             "omnistage_stage_batch_size", "Items per batch", boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("stage",)
         )
         self.queue = metrics.Gauge("omnistage_stage_queue_length", "Items waiting in the replica", tag_keys=("stage",))
-        for metric in (self.requests, self.errors, self.latency, self.batch_size, self.queue):
+        self.cache = {
+            name: metrics.Counter(f"omnistage_cache_{name}", f"Feature cache {name.replace('_', ' ')}", tag_keys=("stage",))
+            for name in ("hits", "misses", "errors", "bytes_read", "bytes_written")
+        }
+        for metric in (self.requests, self.errors, self.latency, self.batch_size, self.queue, *self.cache.values()):
             metric.set_default_tags(tags)
+        self._cache_seen: dict[str, int] = {}
+
+    def record_cache(self, totals: dict[str, int]) -> None:
+        """Counters take increments; the cache keeps totals."""
+        for name, total in totals.items():
+            delta = total - self._cache_seen.get(name, 0)
+            if delta > 0:
+                self.cache[name].inc(delta)
+            self._cache_seen[name] = total
 
 
 class StageServer:
     """Deployment body for any stage: ``await handle.remote(item, request_id=...)``."""
 
-    def __init__(self, stage_name: str, stage_config: dict[str, Any]):
+    def __init__(self, stage_name: str, stage_config: dict[str, Any], cache_config: dict[str, Any] | None = None):
         from omnistage.actors.registry import create_stage
 
         configure_logging()
         self.name = stage_name
-        self.stage = create_stage(stage_name, stage_config)
+        self.stage = create_stage(stage_name, stage_config, cache_config)
         batching = self.stage.config.batching
         self._batched.set_max_batch_size(batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
@@ -123,12 +136,18 @@ class StageServer:
         self._counts["batches"] += 1
         self._counts["items"] += size
         self._counts["largest_batch"] = max(self._counts["largest_batch"], size)
+        if hasattr(self.stage, "cache_stats"):
+            self._metrics.record_cache(self.stage.cache_stats())
 
     def stats(self) -> dict[str, Any]:
         """This replica's batch counts and the GPUs Ray gave it; for operators and tests."""
         import ray
 
-        return {**self._counts, "gpu_ids": ray.get_gpu_ids(), "device": str(self.stage.device)}
+        from ray import serve
+
+        cache = self.stage.cache_stats() if hasattr(self.stage, "cache_stats") else None
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {**self._counts, "gpu_ids": ray.get_gpu_ids(), "device": str(self.stage.device), "cache": cache, "replica": replica}
 
     def ping(self) -> str:
         return self.name
@@ -146,8 +165,8 @@ class LLMServer(StageServer):
     """The LLM pool. Projected media arrive as extra arguments, so the ingress can pass the
     projector's responses straight through and Serve resolves them in this replica."""
 
-    def __init__(self, stage_name: str, stage_config: dict[str, Any]):
-        super().__init__(stage_name, stage_config)
+    def __init__(self, stage_name: str, stage_config: dict[str, Any], cache_config: dict[str, Any] | None = None):
+        super().__init__(stage_name, stage_config, cache_config)
         batching = self.stage.config.batching
         self._stream_batched.set_max_batch_size(batching.max_batch_size)
         self._stream_batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)

@@ -38,7 +38,9 @@ class LocalPipeline:
     def __init__(self, config: OmnistageConfig):
         stages = config.stages
         self.config = config
-        self.encoders = {m: create_stage(f"{m}_encoder", getattr(stages, f"{m}_encoder")) for m in stages.input_modalities()}
+        self.encoders = {
+            m: create_stage(f"{m}_encoder", getattr(stages, f"{m}_encoder"), config.cache) for m in stages.input_modalities()
+        }
         self.input_projector = create_stage("input_projector", stages.input_projector) if stages.input_projector else None
         self.llm = create_stage("llm", stages.llm)
         self.output_projector = create_stage("output_projector", stages.output_projector) if stages.output_projector else None

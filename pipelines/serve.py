@@ -445,7 +445,9 @@ def build_app(config: OmnistageConfig) -> serve.Application:
         if stage_config is None:
             continue
         server = serve.deployment(_SERVER_CLASSES.get(name, StageServer))
-        pools[name] = server.options(**deployment_options(stage_config, name)).bind(name, stage_config.model_dump(mode="json"))
+        pools[name] = server.options(**deployment_options(stage_config, name)).bind(
+            name, stage_config.model_dump(mode="json"), config.cache.model_dump(mode="json")
+        )
     ingress = Ingress.options(**deployment_options(config.server.ingress, "ingress"))
     return ingress.bind(config.model_dump(mode="json"), **pools)
 

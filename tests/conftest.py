@@ -1,6 +1,10 @@
 """Shared fixtures. Everything runs offline: models are built from configs, never downloaded."""
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 
 # Set before transformers / diffusers are imported anywhere in the test session.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -57,11 +61,65 @@ def ray_session(omnistage_home):
     ray.shutdown()
 
 
+class RedisServer:
+    """A real redis-server on loopback with a password, which tests may stop and start again."""
+
+    password = "omnistage-test"
+
+    def __init__(self, directory):
+        self.port = _free_port()
+        self.directory = directory
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", self.password,
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+             "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed; `make test` installs it")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
 SERVE_PORT = 8931
 
 
 @pytest.fixture(scope="session")
-def serve_config():
+def serve_config(redis_server):
     """The tiny preset with settings that make serving behaviour observable in tests."""
     from omnistage.cluster.config import OmnistageConfig, load_config
 
@@ -77,6 +135,9 @@ def serve_config():
     data["stages"]["llm"]["resources"]["num_gpus"] = 1
     data["stages"]["image_generator"]["resources"]["num_gpus"] = 1
     data["server"]["max_request_bytes"] = 2_000_000
+    # Two image encoder replicas share the Redis feature cache.
+    data["stages"]["image_encoder"]["scaling"]["min_replicas"] = 2
+    data["cache"]["redis_url"] = redis_server.url
     return OmnistageConfig.model_validate(data)
 
 

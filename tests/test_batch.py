@@ -204,6 +204,28 @@ def test_skip_ids_and_missing_ids_drop_rows(tmp_path):
     assert prepared.column("id").to_pylist() == ["image-000000", "image-000003"]
 
 
+def test_tensor_columns_of_ray_data_are_taken_as_images():
+    """``ray.data.read_images`` gives (H, W, 3) uint8 tensor columns: they need no decoding."""
+    from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 12, 10, 3), dtype=np.uint8)
+    table = pa.table({"id": ["a", "b"], "image": ArrowTensorArray.from_numpy(images)})
+    prepared = batch.prepare_caption(
+        table,
+        modality="image",
+        id_column="id",
+        media_column="image",
+        prompt_column=None,
+        prompt="Describe.",
+        media_root=None,
+        num_frames=None,
+        seed=0,
+    )
+    assert prepared.column("error").null_count == 2
+    assert prepared.column("decoded_shape").to_pylist() == [[12, 10, 3], [12, 10, 3]]
+    assert prepared.column("decoded")[1].as_py() == images[1].tobytes()
+
+
 @pytest.mark.parametrize("modality", ["audio", "video"])
 def test_generation_adapters_give_media_that_decode(tiny_preset, tmp_path, modality):
     path, corrupt = make_sample_dataset(tmp_path, rows=3, kind="text", corrupt=1)

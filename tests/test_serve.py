@@ -204,9 +204,10 @@ def _wait(condition, timeout):
     return False
 
 
-def test_image_generation_load_scales_only_its_path(client, serve_url):
+def test_image_generation_load_scales_only_its_path(client, serve_url, serve_config):
     untouched = ["image_encoder", "video_encoder", "audio_encoder", "input_projector"]
-    assert _wait(lambda: all(_running(n) == 1 for n in [*untouched, "image_generator"]), 60)
+    minimum = {n: getattr(serve_config.stages, n).scaling.min_replicas for n in [*untouched, "image_generator"]}
+    assert _wait(lambda: all(_running(n) == minimum[n] for n in minimum), 60)
     stop = threading.Event()
 
     def load():
@@ -225,5 +226,5 @@ def test_image_generation_load_scales_only_its_path(client, serve_url):
         for t in threads:
             t.join()
     assert scaled, "the image generator pool did not scale up under load"
-    assert during == {n: 1 for n in untouched}
+    assert during == {n: minimum[n] for n in untouched}
     assert _wait(lambda: _running("image_generator") == 1, 60), "the image generator pool did not scale back down"

@@ -1,0 +1,499 @@
+"""The client SDK and the client commands of the CLI.
+
+Retries and typed errors the live app cannot produce (503 with Retry-After, 429, 401, 500,
+dropped connections) are tested against a small HTTP server on a real loopback socket. Everything
+else runs against the session's one live Serve app (``serve_url``), in msgpack and JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import http.server
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from omnistage.actors.media import encode_png, encode_video, encode_wav
+from omnistage.clients import (
+    APIError,
+    AsyncClient,
+    Audio,
+    AuthenticationError,
+    BadRequestError,
+    Client,
+    NotFoundError,
+    OmnistageError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RateLimitError,
+    ServerError,
+    UnsupportedMediaTypeError,
+    Video,
+)
+from omnistage.clients import ConnectionError as ClientConnectionError
+from omnistage.clients.cli import main
+from omnistage.pipelines.demo import sample_audio, sample_image, sample_video
+
+PNG = encode_png(sample_image())
+WAV = encode_wav(*sample_audio())
+MP4 = encode_video(sample_video(), fps=8)
+ASK = dict(max_tokens=6, seed=0, temperature=0)
+
+
+# --- a small scripted HTTP server on a real socket -----------------------------------------------
+
+
+class StubServer:
+    """Answers each request with the next scripted reply: ``(status, headers, body)``, or "drop"
+    to close the connection without answering. Records what it received."""
+
+    def __init__(self):
+        self.replies: list = []
+        self.requests: list[dict] = []
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                length = int(self.headers.get("content-length") or 0)
+                stub.requests.append(
+                    {"time": time.monotonic(), "method": self.command, "path": self.path, "headers": dict(self.headers), "body": self.rfile.read(length)}
+                )
+                reply = stub.replies.pop(0) if len(stub.replies) > 1 else stub.replies[0]
+                if reply == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                status, headers, body = reply
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+MODELS = {"object": "list", "data": [{"id": "stub-model", "object": "model", "created": 1, "owned_by": "omnistage",
+                                       "input_modalities": ["text", "image"], "output_modalities": ["text"]}]}
+
+
+def _error(status, message, kind="invalid_request_error"):
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+@pytest.fixture()
+def stub():
+    server = StubServer()
+    yield server
+    server.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- import cost and packaging ------------------------------------------------------------------
+
+
+def test_import_loads_no_server_libraries():
+    """In a fresh interpreter: importing the client, building requests with media and decoding
+    responses loads none of the server stack (a client-only install has none of it)."""
+    code = (
+        "import sys, numpy as np\n"
+        "import omnistage.clients, omnistage.clients.cli\n"
+        "from omnistage.clients import Client, AsyncClient\n"
+        "from omnistage.clients.media import content_part, decode_media\n"
+        "from omnistage.actors.media import encode_wav\n"
+        "Client('http://127.0.0.1:1').close()\n"
+        "content_part('image', np.zeros((4, 4, 3), np.uint8), binary=False)\n"
+        "content_part('video', np.zeros((2, 4, 4, 3), np.uint8), binary=True)\n"
+        "content_part('audio', (np.zeros(160, np.float32), 16000), binary=False)\n"
+        "decode_media('audio', encode_wav(np.zeros(160, np.float32), 16000), 'audio/wav')\n"
+        "heavy = ('torch', 'ray', 'transformers', 'diffusers', 'scipy', 'pydantic', 'yaml', 'structlog', 'fastapi')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_client_only_dependencies_are_the_base_install():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"])
+    for heavy in ("torch", "transformers", "diffusers", "ray", "scipy"):
+        assert heavy not in base
+    assert any(d.startswith("torch==") for d in project["optional-dependencies"]["server"])
+
+
+# --- retries, backoff and typed errors from a local server --------------------------------------
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_retries_after_the_servers_retry_after(stub, status):
+    stub.replies = [(status, {"Retry-After": "1"}, _error(status, "busy", "overloaded_error")), (200, {}, MODELS)]
+    with Client(stub.url, max_retries=2, timeout=30) as client:
+        start = time.monotonic()
+        models = client.models()
+        elapsed = time.monotonic() - start
+    assert [m.id for m in models] == ["stub-model"] and models[0].input_modalities == ["text", "image"]
+    assert len(stub.requests) == 2
+    assert stub.requests[1]["time"] - stub.requests[0]["time"] >= 1.0 and elapsed >= 1.0
+
+
+def test_async_client_retries_too(stub):
+    stub.replies = [(503, {"Retry-After": "1"}, _error(503, "busy", "overloaded_error")), (200, {}, MODELS)]
+
+    async def run():
+        async with AsyncClient(stub.url, max_retries=1) as client:
+            return await client.models()
+
+    start = time.monotonic()
+    assert asyncio.run(run())[0].id == "stub-model"
+    assert time.monotonic() - start >= 1.0 and len(stub.requests) == 2
+
+
+def test_no_retry_on_400(stub):
+    stub.replies = [(400, {}, _error(400, "expected something else")), (200, {}, MODELS)]
+    with Client(stub.url, max_retries=5) as client, pytest.raises(BadRequestError) as caught:
+        client.chat(prompt="hi")
+    assert len(stub.requests) == 1
+    assert caught.value.status_code == 400 and caught.value.message == "expected something else"
+    assert caught.value.type == "invalid_request_error"
+
+
+def test_overloaded_error_carries_retry_after(stub):
+    stub.replies = [(503, {"Retry-After": "1"}, _error(503, "the server is at capacity", "overloaded_error"))]
+    with Client(stub.url, max_retries=0) as client, pytest.raises(OverloadedError) as caught:
+        client.generate_image("a cat")
+    error = caught.value
+    assert error.status_code == 503 and error.retry_after == 1.0 and "at capacity" in str(error)
+    assert not isinstance(error, RateLimitError) and len(stub.requests) == 1
+
+
+def test_retries_are_bounded_by_max_retries_and_the_timeout(stub):
+    stub.replies = [(429, {"Retry-After": "0"}, _error(429, "slow down", "rate_limit_error"))]
+    with Client(stub.url, max_retries=2) as client, pytest.raises(RateLimitError) as caught:
+        client.models()
+    assert len(stub.requests) == 3 and caught.value.retry_after == 0.0
+    # A Retry-After beyond what is left of the timeout fails now instead of waiting past it.
+    stub.requests.clear()
+    stub.replies = [(503, {"Retry-After": "30"}, _error(503, "busy", "overloaded_error"))]
+    with Client(stub.url, max_retries=3, timeout=3) as client, pytest.raises(OverloadedError) as caught:
+        start = time.monotonic()
+        client.models()
+    assert time.monotonic() - start < 2 and len(stub.requests) == 1 and caught.value.retry_after == 30.0
+
+
+def test_backoff_is_exponential_with_full_jitter():
+    from omnistage.clients.sdk import _Call, _Retry
+
+    with Client("http://127.0.0.1:1") as client:
+        retry = _Retry(client._core, _Call("GET", "/v1/models"))
+    for attempt in range(6):
+        retry.attempt = attempt
+        ceiling = min(8.0, 0.5 * 2**attempt)
+        delays = [retry.backoff(None) for _ in range(300)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > 0.8 * ceiling and min(delays) < 0.2 * ceiling  # spread over the whole range
+        assert all(retry.backoff(2.5) >= 2.5 for _ in range(50))
+
+
+def test_connection_errors_are_retried_then_typed(stub):
+    stub.replies = ["drop", (200, {}, MODELS)]
+    with Client(stub.url, max_retries=1) as client:
+        assert client.models()[0].id == "stub-model"
+    assert len(stub.requests) == 2
+    with Client(f"http://127.0.0.1:{_closed_port()}", max_retries=1, timeout=10) as client, pytest.raises(ClientConnectionError) as caught:
+        client.health()
+    assert isinstance(caught.value, builtins.ConnectionError) and "cannot connect" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "status,cls",
+    [(401, AuthenticationError), (403, AuthenticationError), (500, ServerError), (409, APIError)],
+)
+def test_other_statuses_are_typed_and_not_retried(stub, status, cls):
+    stub.replies = [(status, {"X-Request-ID": "req-7"}, _error(status, f"failed with {status}", "x"))]
+    with Client(stub.url, api_key="sk-test", max_retries=3) as client, pytest.raises(cls) as caught:
+        client.models()
+    assert type(caught.value) is cls and caught.value.status_code == status
+    assert caught.value.message == f"failed with {status}" and caught.value.request_id == "req-7"
+    assert len(stub.requests) == 1 and stub.requests[0]["headers"]["Authorization"] == "Bearer sk-test"
+
+
+def test_requests_are_msgpack_with_raw_bytes_or_json(stub):
+    import msgpack
+
+    stub.replies = [(400, {}, _error(400, "stop here"))]
+    for transport in ("msgpack", "json"):
+        with Client(stub.url + "/v1", transport=transport) as client, pytest.raises(BadRequestError):
+            client.chat(prompt="what?", images=PNG, audio=(sample_audio()[0], 22050))
+    packed, plain = stub.requests
+    assert packed["path"] == plain["path"] == "/v1/chat/completions"
+    assert packed["headers"]["Content-Type"] == "application/msgpack"
+    image, audio, text = msgpack.unpackb(packed["body"])["messages"][0]["content"]
+    assert image["image_url"]["url"] == PNG and audio["input_audio"]["data"] == WAV
+    assert audio["input_audio"]["format"] == "wav" and text == {"type": "text", "text": "what?"}
+    image, audio, _ = json.loads(plain["body"])["messages"][0]["content"]
+    assert image["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert base64.b64decode(audio["input_audio"]["data"]) == WAV
+
+
+# --- the live app: every method, both transports -------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["msgpack", "json"])
+def sdk(request, serve_url):
+    with Client(serve_url, transport=request.param, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def media_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("client_media")
+    for name, data in {"cat.png": PNG, "tone.wav": WAV, "clip.mp4": MP4}.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.mark.slow
+def test_health_and_models(sdk):
+    health = sdk.health()
+    assert health.ok and health.unavailable == []
+    (model,) = sdk.models()
+    assert model.id == "omnistage-tiny" and model.output_modalities == ["text", "image", "video", "audio"]
+
+
+@pytest.mark.slow
+def test_chat_accepts_each_form_of_each_medium(sdk, media_files):
+    url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    reference = sdk.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}], **ASK)
+    assert reference.usage.total_tokens == reference.usage.prompt_tokens + reference.usage.completion_tokens
+    assert reference.finish_reason in ("stop", "length") and reference.model == "omnistage-tiny"
+    for image in (media_files / "cat.png", str(media_files / "cat.png"), PNG, Image.open(io.BytesIO(PNG)), sample_image()):
+        assert sdk.chat(prompt="What is this?", images=image, **ASK).text == reference.text, type(image)
+    # Media inside OpenAI-style messages may be given the same ways.
+    assert sdk.chat([{"role": "user", "content": [{"type": "image_url", "image_url": sample_image()}, {"type": "text", "text": "What is this?"}]}], **ASK).text == reference.text
+
+    audio = sdk.chat(prompt="Hear this", audio=media_files / "tone.wav", **ASK)
+    assert sdk.chat(prompt="Hear this", audio=sample_audio(), **ASK).text == audio.text
+    video = sdk.chat(prompt="Watch this", videos=str(media_files / "clip.mp4"), **ASK)
+    assert sdk.chat(prompt="Watch this", videos=sample_video(), **ASK).text == video.text
+    mixed = sdk.chat(prompt="All", images=[PNG, PNG], audio=[WAV], videos=[MP4], **ASK)
+    assert mixed.usage.prompt_tokens > reference.usage.prompt_tokens
+
+
+@pytest.mark.slow
+def test_chat_returns_generated_media_decoded(sdk):
+    result = sdk.chat(prompt="Draw and play", modalities=["text", "image", "audio"], **ASK)
+    (image,) = result.images
+    (audio,) = result.audios
+    assert isinstance(image, Image.Image) and image.size == (64, 64) and result.videos == []
+    assert audio.sampling_rate == 16000 and audio.samples.shape == (16000,) and audio.samples.dtype == np.float32
+
+
+@pytest.mark.slow
+def test_chat_stream_yields_the_same_text(sdk):
+    plain = sdk.chat(prompt="Tell me a story.", images=PNG, max_tokens=12, seed=0, temperature=0)
+    with sdk.chat_stream(prompt="Tell me a story.", images=PNG, max_tokens=12, seed=0, temperature=0) as stream:
+        deltas = list(stream)
+    assert len(deltas) > 1 and all(isinstance(d, str) for d in deltas)
+    assert "".join(deltas) == plain.text == stream.text
+    assert stream.finish_reason == plain.finish_reason and stream.usage == plain.usage
+
+
+@pytest.mark.slow
+def test_caption(sdk):
+    caption = sdk.caption(PNG, prompt="Describe it.", **ASK)
+    assert isinstance(caption, str)
+    assert caption == sdk.chat(prompt="Describe it.", images=[sample_image()], **ASK).text
+
+
+@pytest.mark.slow
+def test_generate_image_audio_video(sdk, client):
+    image = sdk.generate_image("a cat", seed=3)
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    raw = client.post("/v1/images/generations", json={"prompt": "a cat", "seed": 3}).json()["data"][0]["b64_json"]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(base64.b64decode(raw)))))
+    audio = sdk.generate_audio("a bell", duration_s=1.0, seed=0)
+    assert isinstance(audio, Audio) and audio.sampling_rate == 16000 and audio.samples.shape == (16000,)
+    video = sdk.generate_video("waves", seed=0)
+    assert isinstance(video, Video) and video.frames.shape[0] == 8 and video.frames.shape[-1] == 3 and video.fps > 0
+    assert video.frames.dtype == np.uint8 and video.mime_type == "video/mp4"
+
+
+@pytest.mark.slow
+def test_async_client_every_method(serve_url):
+    async def run(transport):
+        async with AsyncClient(serve_url, transport=transport, timeout=120) as client:
+            stream = client.chat_stream(prompt="What is this?", images=PNG, **ASK)
+            streamed = "".join([d async for d in stream])
+            return await asyncio.gather(
+                client.health(), client.models(), client.chat(prompt="What is this?", images=PNG, **ASK),
+                client.caption(PNG, prompt="What is this?", **ASK), client.generate_image("a cat", seed=3),
+                client.generate_audio("a bell", seed=0), client.generate_video("waves", seed=0),
+            ) + [streamed]
+
+    with Client(serve_url) as sync:
+        expected = sync.chat(prompt="What is this?", images=PNG, **ASK).text
+    for transport in ("msgpack", "json"):
+        health, models, chat, caption, image, audio, video, streamed = asyncio.run(run(transport))
+        assert health.ok and models[0].id == "omnistage-tiny"
+        assert chat.text == caption == streamed == expected
+        assert image.size == (64, 64) and audio.sampling_rate == 16000 and video.frames.ndim == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "call,cls,status,fragment",
+    [
+        (lambda c: c.chat(prompt="?", images=b"\x89PNG bad", **ASK), BadRequestError, 400, "could not be decoded"),
+        (lambda c: c.chat(prompt="?", model="gpt-9"), NotFoundError, 404, "'gpt-9' does not exist"),
+        (lambda c: c.generate_image("x", model="gpt-9"), NotFoundError, 404, "'gpt-9' does not exist"),
+        (lambda c: c.chat(prompt="?", images=b"\x89PNG" + bytes(2_000_001)), PayloadTooLargeError, 413, "2000000"),
+        (lambda c: c.chat(prompt="?", modalities=["text", "smell"]), UnsupportedMediaTypeError, 415, "smell"),
+        (lambda c: c.generate_image("x", size="1024x1024"), BadRequestError, 400, "64x64"),
+    ],
+    ids=["undecodable", "unknown-model", "unknown-model-generation", "too-large", "modality", "size"],
+)
+def test_typed_errors_from_the_live_server(sdk, call, cls, status, fragment):
+    with pytest.raises(cls) as caught:
+        call(sdk)
+    error = caught.value
+    assert type(error) is cls and error.status_code == status and error.code == status
+    assert fragment in error.message and error.request_id
+
+
+@pytest.mark.slow
+def test_stream_errors_are_typed(sdk):
+    with pytest.raises(BadRequestError, match="could not be decoded"):
+        list(sdk.chat_stream(prompt="?", images=b"\x89PNG bad"))
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_chat_plain_and_streamed(serve_url, media_files, capsys):
+    with Client(serve_url) as client:
+        expected = client.chat(prompt="What is this?", images=PNG, audio=WAV, **ASK).text
+    args = ["chat", "What is this?", "--image", str(media_files / "cat.png"), "--audio", str(media_files / "tone.wav"),
+            "--url", serve_url, "--max-tokens", "6", "--seed", "0", "--temperature", "0"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main([*args, "--stream", "--json"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.slow
+def test_cli_generate_writes_decodable_files(serve_url, tmp_path, capsys):
+    assert main(["generate", "image", "a cat", "-o", str(tmp_path / "cat.png"), "--seed", "3", "--url", serve_url]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'cat.png'}"
+    with Client(serve_url) as client:
+        expected = np.asarray(client.generate_image("a cat", seed=3))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cat.png").convert("RGB")), expected)
+    assert main(["generate", "audio", "a bell", "-o", str(tmp_path / "bell.flac"), "--url", serve_url]) == 0
+    samples, rate = sf.read(tmp_path / "bell.flac")
+    assert rate == 16000 and samples.shape == (16000,)
+    assert main(["generate", "video", "waves", "-o", str(tmp_path / "waves.gif"), "--url", serve_url]) == 0
+    assert Image.open(tmp_path / "waves.gif").n_frames == 8
+
+
+@pytest.mark.slow
+def test_cli_models_lists_the_servers_models(serve_url):
+    # The installed console script, in its own process.
+    script = Path(sys.executable).parent / "omnistage"
+    result = subprocess.run([str(script), "models", "--url", serve_url], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("omnistage-tiny\tinput: text,image,video,audio\toutput: text,image,video,audio")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["chat", "?", "--model", "gpt-9"], "'gpt-9' does not exist"),
+        (["chat", "?", "--image", "/nonexistent/cat.png"], "No such file"),
+        (["generate", "image", "x", "-o", "out.png", "--size", "3x3"], "expected size 64x64"),
+        (["models"], "cannot connect"),
+    ],
+    ids=["404", "missing-file", "400", "no-server"],
+)
+def test_cli_failure_is_one_line_on_stderr(serve_url, tmp_path, monkeypatch, capsys, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{_closed_port()}" if fragment == "cannot connect" else serve_url
+    assert main([*args, "--url", url, "--timeout", "10"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("omnistage: error: ") and fragment in line
+    assert not (tmp_path / "out.png").exists()
+
+
+# --- the official openai package, pointed at /v1 ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_openai_package_snippets(serve_url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused")
+    # Chat with an image, as a data URL.
+    url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    response = client.chat.completions.create(
+        model="omnistage-tiny",
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}],
+        **ASK,
+    )
+    with Client(serve_url) as sdk:
+        expected = sdk.chat(prompt="What is this?", images=PNG, **ASK).text
+    assert response.choices[0].message.content == expected
+    # Streaming.
+    stream = client.chat.completions.create(
+        model="omnistage-tiny", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}],
+        stream=True, **ASK,
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == expected
+    # Image generation.
+    image = client.images.generate(model="omnistage-tiny", prompt="a red circle", response_format="b64_json")
+    assert Image.open(io.BytesIO(base64.b64decode(image.data[0].b64_json))).size == (64, 64)
+    # Its errors carry the same status.
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_errors_are_one_family():
+    for cls in (BadRequestError, NotFoundError, PayloadTooLargeError, UnsupportedMediaTypeError, OverloadedError, ServerError, AuthenticationError):
+        assert issubclass(cls, APIError) and issubclass(cls, OmnistageError)
+    assert issubclass(ClientConnectionError, OmnistageError) and issubclass(RateLimitError, OverloadedError)
