@@ -32,6 +32,8 @@ RETRY_STATUSES = frozenset({429, 503})
 # Failures before the server can have acted on the request: safe to send again.
 _CONNECTION_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
+_GENERATION_PATHS = {"image": "/v1/images/generations", "video": "/v1/videos/generations", "audio": "/v1/audio/generations"}
+
 Transport = Literal["msgpack", "json"]
 
 
@@ -337,7 +339,7 @@ class _Core:
         body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
         if model or self.model:
             body["model"] = model or self.model
-        return _Call("POST", f"/v1/{modality}s/generations", body)
+        return _Call("POST", _GENERATION_PATHS[modality], body)
 
     # Responses
 

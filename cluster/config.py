@@ -165,6 +165,19 @@ class Stages(_Strict):
         return [m for m in ("image", "video", "audio") if getattr(self, f"{m}_generator")]
 
 
+class InputLimits(_Strict):
+    """Bounds on what one request may carry, checked before or while decoding (413 or 400)."""
+
+    max_media_items: int = Field(8, ge=0, description="Media parts per request.")
+    max_image_pixels: int = Field(16_777_216, ge=1, description="width x height, read from the header before decoding (4096x4096).")
+    image_formats: list[str] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP"], description="Pillow format names accepted."
+    )
+    max_audio_seconds: float = Field(600, gt=0, description="Longer audio is refused before its samples are read.")
+    max_video_frames: int = Field(3600, ge=1, description="Decoding stops with 413 past this many frames.")
+    max_video_frame_pixels: int = Field(4_194_304, ge=1, description="width x height of a frame (2048x2048).")
+
+
 class ServerConfig(_Strict):
     """The HTTP front of the Serve app."""
 
@@ -173,6 +186,7 @@ class ServerConfig(_Strict):
     request_timeout_s: float = Field(120, gt=0, description="A request still running after this gets 408.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 before parsing.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that sets none.")
+    limits: InputLimits = Field(default_factory=InputLimits)
     remote_media_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts whose http(s) media URLs the server fetches; empty refuses remote URLs (only data URLs).",

@@ -329,9 +329,10 @@ class StageUDF:
             return {}
         try:
             return dict(zip([row for row, _ in checked], self.stage([item for _, item in checked])))
-        except InvalidInputError:
+        except InvalidInputError as exc:
             if len(checked) == 1:
-                raise
+                errors[checked[0][0]] = _error(self.step, exc)
+                return {}
         log.warning("batch_refused_running_rows_alone", step=self.step, rows=len(checked))
         outputs = {}
         for row, item in checked:

@@ -111,7 +111,7 @@ class LocalPipeline:
             raise UnsupportedMediaError(
                 f"expected output modalities among {['text', *self.generators]}, got {unknown}"
             )
-        chat = parse_messages(messages, accepted=list(self.encoders))
+        chat = parse_messages(messages, accepted=list(self.encoders), limits=self.config.server.limits)
 
         # 2. Encode each medium, one batched call per modality
         features: list = [None] * len(chat.media)

@@ -17,8 +17,17 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
-from omnistage.actors.media import parse_data_url, to_audio_clip, to_image_array, to_video_array
+from omnistage.actors.media import (
+    decode_audio,
+    decode_image,
+    decode_video,
+    parse_data_url,
+    to_audio_clip,
+    to_image_array,
+    to_video_array,
+)
 from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, Modality
+from omnistage.cluster.config import InputLimits
 
 # Content part type -> the modality it carries.
 PART_MODALITY: dict[str, Modality] = {"image_url": "image", "input_audio": "audio", "video_url": "video"}
@@ -35,12 +44,26 @@ class ParsedChat:
 
 
 def parse_messages(
-    messages: list[dict[str, Any]], accepted: list[Modality], remote: RemoteMedia | None = None
+    messages: list[dict[str, Any]],
+    accepted: list[Modality],
+    remote: RemoteMedia | None = None,
+    limits: InputLimits | None = None,
 ) -> ParsedChat:
     """Check and decode a chat. ``accepted`` names the input modalities this deployment serves;
-    ``remote`` says which hosts media URLs may be fetched from (none by default)."""
+    ``remote`` says which hosts media URLs may be fetched from (none by default); ``limits``
+    bound what the media may cost to decode."""
+    limits = limits or InputLimits()
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError(f"expected a non-empty list of messages, got {_kind(messages)}")
+    n_media = sum(
+        1
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") in PART_MODALITY
+    )
+    if n_media > limits.max_media_items:
+        raise InvalidInputError(f"expected at most {limits.max_media_items} media items per request, got {n_media}")
     out_messages, media = [], []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -69,7 +92,7 @@ def parse_messages(
                     )
                 if role != "user":
                     raise InvalidInputError(f"expected media only in user messages, got {kind} in a {role!r} message")
-                media.append((modality, _decode(modality, part.get(kind), where, remote)))
+                media.append((modality, _decode(modality, part.get(kind), where, remote, limits)))
                 texts.append(PLACEHOLDERS[modality])
             else:
                 raise InvalidInputError(
@@ -80,9 +103,11 @@ def parse_messages(
     return ParsedChat(messages=out_messages, media=media)
 
 
-def _decode(modality: Modality, value: Any, where: str, remote: RemoteMedia | None) -> np.ndarray | AudioClip:
+def _decode(
+    modality: Modality, value: Any, where: str, remote: RemoteMedia | None, limits: InputLimits
+) -> np.ndarray | AudioClip:
     if modality == "audio":
-        return _decode_audio(value, where)
+        return _decode_audio(value, where, limits)
     if isinstance(value, dict):
         value = value.get("url")
     if isinstance(value, str):
@@ -90,21 +115,29 @@ def _decode(modality: Modality, value: Any, where: str, remote: RemoteMedia | No
         allowed = ("image/",) if modality == "image" else ("video/", "image/gif")
         if not mime.startswith(allowed):
             raise UnsupportedMediaError(f"expected {where} to be a {' or '.join(allowed)} data URL, got {mime!r}")
+    if isinstance(value, (bytes, bytearray)):
+        # Files from a request: decoded within the limits. Arrays and PIL images come from Python callers.
+        if modality == "image":
+            return decode_image(bytes(value), max_pixels=limits.max_image_pixels, formats=tuple(limits.image_formats))
+        return decode_video(
+            bytes(value), max_frames=limits.max_video_frames, max_pixels_per_frame=limits.max_video_frame_pixels
+        )
     return to_image_array(value) if modality == "image" else to_video_array(value)
 
 
-def _decode_audio(value: Any, where: str) -> AudioClip:
+def _decode_audio(value: Any, where: str, limits: InputLimits) -> AudioClip:
     if isinstance(value, dict):
         fmt = value.get("format")
         if fmt not in AUDIO_FORMATS:
             raise UnsupportedMediaError(f"expected {where} audio format in {AUDIO_FORMATS}, got {fmt!r}")
-        data = value.get("data")
-        if isinstance(data, str):
+        value = value.get("data")
+        if isinstance(value, str):
             try:
-                data = base64.b64decode(data, validate=True)
+                value = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
-                raise InvalidInputError(f"expected {where} audio data as base64, got {len(data)} characters that are not") from None
-        return to_audio_clip(data)
+                raise InvalidInputError(f"expected {where} audio data as base64, got {len(value)} characters that are not") from None
+    if isinstance(value, (bytes, bytearray)):
+        return decode_audio(bytes(value), max_seconds=limits.max_audio_seconds)
     if isinstance(value, tuple) and len(value) == 2:
         return to_audio_clip(value[0], sampling_rate=value[1])
     return to_audio_clip(value)

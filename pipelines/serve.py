@@ -198,7 +198,9 @@ class Ingress:
             self._check_model(req.model)
             wanted = self._output_modalities(req.modalities)
             # 2. Decode media (CPU work off the event loop)
-            chat = await asyncio.to_thread(parse_messages, req.messages, list(self.encoders), self.remote_media)
+            chat = await asyncio.to_thread(
+                parse_messages, req.messages, list(self.encoders), self.remote_media, self.config.server.limits
+            )
             # 3. Route: encoder -> input projector responses go straight into the LLM call
             embeds = [
                 self.input_projector.remote(self.encoders[m].remote(item, request_id=rid), request_id=rid)

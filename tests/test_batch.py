@@ -185,6 +185,21 @@ def test_a_row_the_llm_refuses_fails_alone(tiny_preset, tmp_path):
     assert all(row["answer"] is not None and row["completion_tokens"] > 0 for row in answered)
 
 
+def test_a_batch_the_stage_refuses_runs_row_by_row(tiny_preset):
+    """Each conditioning passes the generator's check, but two lengths cannot share one pipeline
+    call: the adapter runs the rows alone instead of failing them."""
+    rng = np.random.default_rng(0)
+    conditioning = [rng.standard_normal((77, 32)).astype(np.float32), rng.standard_normal((9, 32)).astype(np.float32)]
+    data, shapes = batch._pack(conditioning)
+    table = pa.table(
+        {"id": ["a", "b"], "error": pa.nulls(2, pa.string()), "seed": [1, 2], "conditioning": data, "conditioning_shape": shapes}
+    )
+    out = batch.GeneratorUDF(CONFIG.stages.image_generator, "image")(table)
+    assert out.column("error").null_count == 2
+    assert [Image.open(io.BytesIO(m)).size for m in out.column("media").to_pylist()] == [(64, 64), (64, 64)]
+    assert "conditioning" not in out.column_names
+
+
 def test_skip_ids_and_missing_ids_drop_rows(tmp_path):
     path, _ = make_sample_dataset(tmp_path, rows=4)
     table = pq.read_table(path)

@@ -13,6 +13,7 @@ import builtins
 import http.server
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -93,7 +94,7 @@ class StubServer:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def close(self):
@@ -441,24 +442,22 @@ def test_cli_models_lists_the_servers_models(serve_url):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "args,fragment",
-    [
+def test_cli_failure_is_one_line_on_stderr(serve_url, tmp_path):
+    """The installed console script, in its own process: one line on stderr, exit status 1."""
+    cases = [
         (["chat", "?", "--model", "gpt-9"], "'gpt-9' does not exist"),
-        (["chat", "?", "--image", "/nonexistent/cat.png"], "No such file"),
-        (["generate", "image", "x", "-o", "out.png", "--size", "3x3"], "expected size 64x64"),
-        (["models"], "cannot connect"),
-    ],
-    ids=["404", "missing-file", "400", "no-server"],
-)
-def test_cli_failure_is_one_line_on_stderr(serve_url, tmp_path, monkeypatch, capsys, args, fragment):
-    monkeypatch.chdir(tmp_path)
-    url = f"http://127.0.0.1:{_closed_port()}" if fragment == "cannot connect" else serve_url
-    assert main([*args, "--url", url, "--timeout", "10"]) == 1
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    (line,) = captured.err.splitlines()
-    assert line.startswith("omnistage: error: ") and fragment in line
+        (["chat", "?", "--image", str(tmp_path / "missing.png")], "No such file"),
+        (["generate", "image", "x", "-o", str(tmp_path / "out.png"), "--size", "3x3"], "expected size 64x64"),
+        (["models", "--url", f"http://127.0.0.1:{_closed_port()}"], "cannot connect"),
+    ]
+    for args, fragment in cases:
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "omnistage"), *args, "--timeout", "10"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "OMNISTAGE_URL": serve_url},
+        )
+        assert result.returncode == 1 and result.stdout == "", (args, result.stdout)
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("omnistage: error: ") and fragment in line, line
     assert not (tmp_path / "out.png").exists()
 
 

@@ -85,3 +85,20 @@ def test_remote_urls_only_from_allowed_hosts(media_server):
         parse_messages(_image_url(f"{media_server}/elsewhere"), accepted=["image"], remote=allowed)
     with pytest.raises(PayloadTooLargeError, match="at most 10 bytes"):
         parse_messages(_image_url(f"{media_server}/cat.png"), accepted=["image"], remote=RemoteMedia(("127.0.0.1",), max_bytes=10))
+
+
+def test_limits_refuse_before_decoding():
+    from omnistage.actors.media import encode_video
+    from omnistage.cluster.config import InputLimits
+    from omnistage.pipelines.demo import sample_video
+
+    png_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}}
+    with pytest.raises(InvalidInputError, match="at most 2 media items per request, got 3"):
+        parse_messages([{"role": "user", "content": [png_part] * 3}], accepted=["image"], limits=InputLimits(max_media_items=2))
+    with pytest.raises(PayloadTooLargeError, match=r"at most 100 pixels, got 64x64"):
+        parse_messages([{"role": "user", "content": [png_part]}], accepted=["image"], limits=InputLimits(max_image_pixels=100))
+    with pytest.raises(UnsupportedMediaError, match="formats"):
+        parse_messages([{"role": "user", "content": [png_part]}], accepted=["image"], limits=InputLimits(image_formats=["JPEG"]))
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(encode_video(sample_video(12), fps=8)).decode()}}
+    with pytest.raises(PayloadTooLargeError, match="4"):
+        parse_messages([{"role": "user", "content": [video]}], accepted=["video"], limits=InputLimits(max_video_frames=4))
