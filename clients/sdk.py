@@ -16,13 +16,16 @@ import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import msgpack
 
 from omnistage.clients import errors
 from omnistage.clients.media import Audio, Video, content_part, decode_media, prepare_messages
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 300.0
@@ -377,8 +380,12 @@ class _Core:
         return [Model(**{k: v for k, v in entry.items() if k in fields}) for entry in self.decode(response)["data"]]
 
     def health(self, response: httpx.Response) -> Health:
-        body = self.decode(response)
-        return Health(status=body.get("status", "unknown"), unavailable=list(body.get("unavailable") or []))
+        try:
+            body = self.decode(response)
+        except ValueError:  # a proxy's 503 page rather than the server's answer
+            body = {}
+        status = body.get("status") or ("ok" if response.status_code < 400 else "unavailable")
+        return Health(status=status, unavailable=list(body.get("unavailable") or []))
 
     def stream_state(self) -> _StreamState:
         return _StreamState(self)
@@ -541,7 +548,7 @@ class Client:
         """The model's answer about one image (a path, bytes, PIL image or array)."""
         return self.chat(prompt=prompt, images=[image], **options).text
 
-    def generate_image(self, prompt: str, *, size: str | None = None, seed: int | None = None, model: str | None = None) -> Any:
+    def generate_image(self, prompt: str, *, size: str | None = None, seed: int | None = None, model: str | None = None) -> Image:
         """A generated image, as a PIL image (``size`` is ``"WIDTHxHEIGHT"``)."""
         return self._core.generation_result(self._send(self._core.generation_call("image", prompt, model, size=size, seed=seed)), "image")
 
@@ -703,7 +710,7 @@ class AsyncClient:
         """See :meth:`Client.caption`."""
         return (await self.chat(prompt=prompt, images=[image], **options)).text
 
-    async def generate_image(self, prompt: str, *, size: str | None = None, seed: int | None = None, model: str | None = None) -> Any:
+    async def generate_image(self, prompt: str, *, size: str | None = None, seed: int | None = None, model: str | None = None) -> Image:
         """See :meth:`Client.generate_image`."""
         call = self._core.generation_call("image", prompt, model, size=size, seed=seed)
         return self._core.generation_result(await self._send(call), "image")

@@ -187,6 +187,11 @@ class ServerConfig(_Strict):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 before parsing.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that sets none.")
     limits: InputLimits = Field(default_factory=InputLimits)
+    api_key_hashes_file: str | None = Field(
+        None,
+        description="A file of SHA-256 hex digests of accepted API keys, one per line; with it (or OMNISTAGE_API_KEYS "
+        "set), every /v1 route needs 'Authorization: Bearer KEY'. /healthz stays open.",
+    )
     remote_media_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts whose http(s) media URLs the server fetches; empty refuses remote URLs (only data URLs).",

@@ -232,7 +232,7 @@ def written_ids(output: str, id_column: str) -> pa.Array | None:
             continue
         try:
             names = pq.read_schema(file, filesystem=fs).names
-        except (pa.ArrowInvalid, OSError) as exc:
+        except pa.ArrowInvalid as exc:  # no footer; an OSError (e.g. a network error) propagates
             aside = f"{path}/{PARTIAL_DIR}/{os.path.basename(file)}.partial"
             fs.create_dir(f"{path}/{PARTIAL_DIR}")
             fs.move(file, aside)

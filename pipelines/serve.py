@@ -9,10 +9,13 @@ Each pool has its own autoscaling, resources and queue limits from the config.
 import asyncio
 import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -123,8 +126,39 @@ def _media_json(media: list, binary: bool) -> list[dict[str, Any]]:
     ]
 
 
-class _NotFound(Exception):
-    """An unknown model or an absent capability (404)."""
+class _RouteError(Exception):
+    status = 500
+
+
+class _NotFound(_RouteError):
+    """An unknown model or an absent capability."""
+
+    status = 404
+
+
+class _Unauthorized(_RouteError):
+    """A missing or wrong API key. The message says nothing about the system."""
+
+    status = 401
+
+    def __init__(self) -> None:
+        super().__init__("invalid or missing API key")
+
+
+def api_key_hashes(config: OmnistageConfig) -> list[str]:
+    """SHA-256 hex digests of the accepted API keys: ``OMNISTAGE_API_KEYS`` (comma-separated keys)
+    plus ``server.api_key_hashes_file`` (one digest per line, ``#`` comments). Empty: no keys needed."""
+    import os
+
+    hashes = [hashlib.sha256(key.strip().encode()).hexdigest() for key in os.environ.get("OMNISTAGE_API_KEYS", "").split(",") if key.strip()]
+    if config.server.api_key_hashes_file:
+        for line in Path(config.server.api_key_hashes_file).read_text().splitlines():
+            line = line.split("#", 1)[0].strip().lower()
+            if line:
+                if not re.fullmatch(r"[0-9a-f]{64}", line):
+                    raise ValueError(f"expected SHA-256 hex digests in {config.server.api_key_hashes_file}, got a line of {len(line)} characters")
+                hashes.append(line)
+    return hashes
 
 
 def _usage(reply: LLMReply) -> dict[str, int]:
@@ -141,9 +175,10 @@ def _usage(reply: LLMReply) -> dict[str, int]:
 class Ingress:
     """HTTP front: OpenAI-style routes over the stage pools, whose handles it receives."""
 
-    def __init__(self, config: dict[str, Any], **handles: Any):
+    def __init__(self, config: dict[str, Any], key_hashes: list[str], **handles: Any):
         configure_logging()
         self.config = OmnistageConfig.model_validate(config)
+        self.key_hashes = [bytes.fromhex(h) for h in key_hashes]
         self.model_id = self.config.name
         self.created = int(time.time())
         self.handles = handles
@@ -176,7 +211,11 @@ class Ingress:
         return JSONResponse({"status": "unavailable" if down else "ok", "unavailable": down}, status_code=503 if down else 200)
 
     @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+        except _RouteError as exc:
+            return self._error(exc, _request_id(request))
         stages = self.config.stages
         entry = {
             "id": self.model_id,
@@ -193,6 +232,7 @@ class Ingress:
         rid = _request_id(request)
         try:
             # 1. Read and check the request
+            self._authorize(request)
             body, binary = await self._read(request)
             req = ChatCompletionRequest.model_validate(body)
             self._check_model(req.model)
@@ -255,6 +295,16 @@ class Ingress:
         return {"array_bytes_received": self.array_bytes_received}
 
     # Steps
+
+    def _authorize(self, request: Request) -> None:
+        if not self.key_hashes:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode()).digest()
+        # Compared against every digest in constant time, so timing says nothing about the keys.
+        valid = [hmac.compare_digest(digest, h) for h in self.key_hashes]
+        if scheme.lower() != "bearer" or not any(valid):
+            raise _Unauthorized()
 
     async def _read(self, request: Request) -> tuple[dict[str, Any], bool]:
         """The body as a dict, and whether the answer goes back as msgpack."""
@@ -341,6 +391,7 @@ class Ingress:
     async def _media_generation(self, request: Request, modality: str) -> Response:
         rid = _request_id(request)
         try:
+            self._authorize(request)
             body, binary = await self._read(request)
             req = MediaGenerationRequest.model_validate(body)
             self._check_model(req.model)
@@ -400,7 +451,7 @@ class Ingress:
         return JSONResponse(body)
 
     def _log_error(self, exc: BaseException, rid: str) -> tuple[int, str]:
-        status, message = (404, str(exc)) if isinstance(exc, _NotFound) else _status_of(exc)
+        status, message = (exc.status, str(exc)) if isinstance(exc, _RouteError) else _status_of(exc)
         # The exception type only: messages of library errors may quote request bytes.
         log.log(40 if status >= 500 else 20, "request_failed", request_id=rid, status=status, error=type(exc).__name__)
         return status, message
@@ -408,6 +459,8 @@ class Ingress:
     def _error(self, exc: BaseException, rid: str) -> JSONResponse:
         status, message = self._log_error(exc, rid)
         headers = {"Retry-After": _RETRY_AFTER_S} if status in (429, 503) else {}
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(error_body(message, status), status_code=status, headers=headers)
 
 
@@ -451,7 +504,7 @@ def build_app(config: OmnistageConfig) -> serve.Application:
             name, stage_config.model_dump(mode="json"), config.cache.model_dump(mode="json")
         )
     ingress = Ingress.options(**deployment_options(config.server.ingress, "ingress"))
-    return ingress.bind(config.model_dump(mode="json"), **pools)
+    return ingress.bind(config.model_dump(mode="json"), api_key_hashes(config), **pools)
 
 
 def prepare_models(config: OmnistageConfig) -> None:
