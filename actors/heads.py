@@ -46,14 +46,24 @@ class HeadStage(Stage):
 
     def __init__(self, config):
         super().__init__(config)
+        self.spec, heads = self.load_heads()
+        self.heads = heads.to(self.device, self.dtype).eval()
+
+    def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
+        """(spec, heads) from the checkpoint directory; subclasses may read other layouts."""
         config_file = self.checkpoint / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"expected {CONFIG_NAME} in checkpoint directory {str(self.checkpoint)!r}")
-        self.spec = json.loads(config_file.read_text())
-        heads = self.build_heads(self.spec)
+        spec = json.loads(config_file.read_text())
+        if "heads" not in spec:
+            raise ValueError(
+                f"{str(config_file)!r} has no 'heads' entry: it is not a {type(self).__name__} checkpoint "
+                f"(model_type {spec.get('model_type')!r})"
+            )
+        heads = self.build_heads(spec)
         # strict: a missing or extra tensor means config.json does not describe these weights.
         heads.load_state_dict(load_file(str(self.checkpoint / WEIGHTS_NAME)), strict=True)
-        self.heads = heads.to(self.device, self.dtype).eval()
+        return spec, heads
 
     @property
     def modalities(self) -> list[str]:

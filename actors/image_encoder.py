@@ -9,6 +9,7 @@ import torch
 
 from omnistage.actors.base import Stage
 from omnistage.actors.media import to_image_array
+from omnistage.actors.multimodal import is_multimodal_checkpoint, load_multimodal, vision_part
 from omnistage.actors.payloads import Features
 from omnistage.cluster.config import ImageEncoderConfig
 
@@ -40,18 +41,46 @@ class ImageEncoder(Stage):
         from transformers import AutoImageProcessor, AutoModel
 
         self.processor = AutoImageProcessor.from_pretrained(self.checkpoint)
-        model = AutoModel.from_pretrained(self.checkpoint, dtype=self.dtype)
-        # A full CLIP / SigLIP checkpoint also holds a text tower; only the vision side is used.
-        self.model = getattr(model, "vision_model", model).to(self.device).eval()
-        self.feature_dim: int = self.model.config.hidden_size
+        # feature_layer None means last_hidden_state (after any post-layernorm, as BLIP-2 reads it).
+        self.feature_layer: int | list[int] | None = config.feature_layer
+        self.drop_cls: bool = config.drop_cls
+        if is_multimodal_checkpoint(self.checkpoint):
+            # LLaVA / BLIP-2: keep the vision tower; the checkpoint's own feature layer and CLS
+            # choice apply unless this stage's config sets them explicitly.
+            tower, layer, drop_cls = vision_part(load_multimodal(self.checkpoint, self.dtype))
+            self.model = tower
+            if "feature_layer" not in config.model_fields_set:
+                self.feature_layer = layer
+            if "drop_cls" not in config.model_fields_set:
+                self.drop_cls = drop_cls
+        else:
+            # The class comes from the checkpoint's model_type (CLIP, SigLIP, ViT, DINOv2, BEiT, ...).
+            model = AutoModel.from_pretrained(self.checkpoint, dtype=self.dtype)
+            # A full CLIP / SigLIP checkpoint also holds a text tower; only the vision side is used.
+            self.model = getattr(model, "vision_model", model)
+        self.model = self.model.to(self.device).eval()
+        vision_config = self.model.config
+        n_layers = 1 if isinstance(self.feature_layer, int | None) else len(self.feature_layer)
+        self.feature_dim: int = vision_config.hidden_size * n_layers
+        # Some towers (SigLIP) have no CLS token: dropping would lose a patch.
+        self.has_cls = _has_cls(vision_config)
+        if not self.has_cls:
+            self.drop_cls = False
 
     @torch.inference_mode()
     def encode_frames(self, images: list[np.ndarray]) -> torch.Tensor:
         """(n, height, width, 3) uint8 images -> (n, n_tokens, d_vision) features on the stage's device."""
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
-        features = out.hidden_states[self.config.feature_layer]
-        return features[:, 1:] if self.config.drop_cls else features
+        if self.feature_layer is None:
+            layers = [out.last_hidden_state]
+        elif isinstance(self.feature_layer, int):
+            layers = [out.hidden_states[self.feature_layer]]
+        else:  # LLaVA variants that concatenate several layers
+            layers = [out.hidden_states[i] for i in self.feature_layer]
+        if self.drop_cls:
+            layers = [h[:, 1:] for h in layers]
+        return layers[0] if len(layers) == 1 else torch.cat(layers, dim=-1)
 
     def check(self, image: np.ndarray) -> None:
         to_image_array(image)
@@ -60,3 +89,8 @@ class ImageEncoder(Stage):
         arrays = [to_image_array(image) for image in images]
         features = self.encode_frames(arrays).float().cpu().numpy()
         return [Features(modality="image", features=f) for f in features]
+
+
+def _has_cls(vision_config) -> bool:
+    """Whether the tower prepends a CLS token: SigLIP-style towers output patch tokens only."""
+    return vision_config.model_type not in ("siglip_vision_model", "siglip2_vision_model")

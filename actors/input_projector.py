@@ -119,3 +119,12 @@ class InputProjector(HeadStage):
     in_field = "features"
     output_type = Embeddings
     out_field = "embeds"
+
+    def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
+        """A LLaVA or BLIP-2 checkpoint gives its image projector as the ``image`` head."""
+        from omnistage.actors.multimodal import is_multimodal_checkpoint, load_multimodal, projector_part
+
+        if not is_multimodal_checkpoint(self.checkpoint):
+            return super().load_heads()
+        module, spec = projector_part(load_multimodal(self.checkpoint, self.dtype))
+        return {"heads": {"image": spec}}, nn.ModuleDict({"image": module})

@@ -21,6 +21,7 @@ import torch
 from omnistage.actors.base import Stage
 from omnistage.actors.builtin import TINY_DIMS
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
+from omnistage.actors.multimodal import image_token, is_multimodal_checkpoint, language_part, load_multimodal
 from omnistage.actors.payloads import (
     MODALITIES,
     NEXTGPT_SIGNAL_TOKENS,
@@ -108,14 +109,30 @@ class LLM(Stage):
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"the tokenizer in {str(self.checkpoint)!r} has no chat template; add one to its tokenizer_config.json")
-        self.model = AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=self.dtype)
+        self.placeholders: dict[str, str] = dict(PLACEHOLDERS)
+        if is_multimodal_checkpoint(self.checkpoint):
+            # LLaVA / BLIP-2: serve the language model; the image token is the checkpoint's own.
+            whole = load_multimodal(self.checkpoint, self.dtype)
+            self.model = language_part(whole)
+            self.placeholders = {"image": PLACEHOLDERS["image"]}
+            image_id = image_token(whole.config)
+            got = self.tokenizer.convert_tokens_to_ids(PLACEHOLDERS["image"])
+            if got != image_id:
+                raise ValueError(
+                    f"the tokenizer in {str(self.checkpoint)!r} maps {PLACEHOLDERS['image']!r} to id {got}, "
+                    f"but the checkpoint's config names image token id {image_id}"
+                )
+            del whole
+        else:
+            # The class comes from the checkpoint's model_type (LLaMA, Qwen2, OPT, Persimmon, ...).
+            self.model = AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=self.dtype)
         self._add_missing_tokens()
         self.model.to(self.device).eval()
         self.embed_tokens = self.model.get_input_embeddings()
         self.hidden_size = self.embed_tokens.embedding_dim
 
         vocab = self.tokenizer.get_vocab()
-        self.placeholder_ids = {vocab[token]: modality for modality, token in PLACEHOLDERS.items()}
+        self.placeholder_ids = {vocab[token]: modality for modality, token in self.placeholders.items()}
         self.groups = {m: [vocab[t] for t in signal_token_names(m, n)] for m, n in config.signal_tokens.items()}
         self.signal_modality = {t: m for m, ids in self.groups.items() for t in ids}
         # The sampler never picks a placeholder or a group's later tokens (those are forced).
@@ -128,7 +145,7 @@ class LLM(Stage):
         self.max_context = getattr(self.model.config, "max_position_embeddings", None)
 
     def _add_missing_tokens(self) -> None:
-        needed = list(PLACEHOLDERS.values()) + [
+        needed = list(self.placeholders.values()) + [
             token for m, n in self.config.signal_tokens.items() for token in signal_token_names(m, n)
         ]
         vocab = self.tokenizer.get_vocab()

@@ -93,6 +93,14 @@ def _serve(args: argparse.Namespace) -> None:
     from omnistage.cluster.config import load_config
     from omnistage.pipelines.serve import run_server
 
+    if args.export_config:
+        # For `serve deploy` / KubeRay: write the Serve config and start nothing.
+        from omnistage.pipelines.serve_config import write_serve_config
+
+        path = write_serve_config(args.config, args.export_config, host=args.host, port=args.port)
+        if args.export_config != "-":
+            print(f"wrote the Serve config for {args.config!r} to {path}; deploy it with: serve deploy {path}")
+        return
     run_server(load_config(args.config), host=args.host, port=args.port, address=args.address)
 
 
@@ -192,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default: the config's, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: the config's, 8000)")
     serve.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
+    serve.add_argument(
+        "--export-config", metavar="FILE",
+        help="write the Serve config (`serve deploy` format) for --config to FILE (- for stdout) and exit",
+    )
     serve.set_defaults(func=_serve)
 
     samples = commands.add_parser("samples", help="write a sample image, video and audio file to try requests with")

@@ -147,7 +147,16 @@ class StageServer:
 
         cache = self.stage.cache_stats() if hasattr(self.stage, "cache_stats") else None
         replica = serve.get_replica_context().replica_id.unique_id
-        return {**self._counts, "gpu_ids": ray.get_gpu_ids(), "device": str(self.stage.device), "cache": cache, "replica": replica}
+        context = ray.get_runtime_context()
+        return {
+            **self._counts,
+            "gpu_ids": ray.get_gpu_ids(),
+            "device": str(self.stage.device),
+            "cache": cache,
+            "replica": replica,
+            "actor_name": context.get_actor_name(),
+            "node_id": context.get_node_id(),
+        }
 
     def ping(self) -> str:
         return self.name

@@ -54,6 +54,13 @@ class LocalPipeline:
         """Load a shipped preset by name (``"tiny"``) or a YAML config by path."""
         return cls(load_config(name_or_path))
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, name: str | None = None) -> LocalPipeline:
+        """Serve a LLaVA or BLIP-2 checkpoint directory, split into encoder, projector and LLM stages."""
+        from omnistage.actors.multimodal import pretrained_config
+
+        return cls(pretrained_config(path, name))
+
     def _check_compatible(self) -> None:
         """Each stage's output must fit the next stage's input; fail at load, naming both sides."""
         for modality, encoder in self.encoders.items():

@@ -47,14 +47,16 @@ def ray_session(omnistage_home):
     """One local Ray for the whole session (Ray takes seconds to start).
 
     Logical CPUs and GPUs are declared beyond this machine's: stage actors ask for fractions of a
-    CPU, and declared GPUs let GPU placement be tested while models still run on the CPU.
+    CPU, and declared GPUs let GPU placement be tested while models still run on the CPU. The
+    dashboard (on loopback) serves Ray's state API, which the reliability tests read.
     """
     import ray
 
     ray.init(
         num_cpus=8,
         num_gpus=4,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         runtime_env={"env_vars": {"OMNISTAGE_HOME": str(omnistage_home), "HF_HUB_OFFLINE": "1"}},
     )
     yield ray
@@ -135,6 +137,8 @@ def serve_config(redis_server):
     data["stages"]["llm"]["resources"]["num_gpus"] = 1
     data["stages"]["image_generator"]["resources"]["num_gpus"] = 1
     data["server"]["max_request_bytes"] = 2_000_000
+    # A tight queue on one generator pool, so overload is observable.
+    data["stages"]["audio_generator"]["queue"].update(max_ongoing_requests=1, max_queued_requests=1)
     # Two image encoder replicas share the Redis feature cache.
     data["stages"]["image_encoder"]["scaling"]["min_replicas"] = 2
     data["cache"]["redis_url"] = redis_server.url

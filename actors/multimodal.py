@@ -1,0 +1,269 @@
+"""Published end-to-end checkpoints (LLaVA, BLIP-2) split across the stage pools.
+
+A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
+``config.json`` and takes its own part of the model:
+
+| model_type | image encoder | input projector | LLM |
+|---|---|---|---|
+| ``llava`` | ``model.vision_tower``, hidden states of ``vision_feature_layer``, CLS dropped for the ``default`` strategy | ``model.multi_modal_projector`` | ``model.language_model`` + ``lm_head`` as a causal LM |
+| ``blip-2`` | ``vision_model``, ``last_hidden_state`` (after its post-layernorm) | ``query_tokens`` + ``qformer`` + ``language_projection`` | ``language_model`` (OPT) |
+
+The whole model is loaded (``AutoModelForImageTextToText``, class chosen from the checkpoint's
+config) and the unused parts are dropped, so each pool briefly holds the full weights while loading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MULTIMODAL_TYPES = ("llava", "blip-2")
+
+
+def checkpoint_model_type(path: str | Path) -> str | None:
+    """The ``model_type`` in a transformers checkpoint's ``config.json``, or None (no such file or key)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def is_multimodal_checkpoint(path: str | Path) -> bool:
+    return checkpoint_model_type(path) in MULTIMODAL_TYPES
+
+
+def load_multimodal(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The whole end-to-end model; its class comes from the checkpoint's own config."""
+    from transformers import AutoModelForImageTextToText
+
+    model_type = checkpoint_model_type(path)
+    if model_type not in MULTIMODAL_TYPES:
+        raise ValueError(f"expected a checkpoint with model_type in {MULTIMODAL_TYPES} at {str(path)!r}, got {model_type!r}")
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
+
+
+def vision_part(model: nn.Module) -> tuple[nn.Module, int | list[int] | None, bool]:
+    """(vision tower, hidden-state layer or None for ``last_hidden_state``, drop CLS)."""
+    config = model.config
+    if config.model_type == "llava":
+        return model.model.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
+    if config.model_type == "blip-2":
+        # BLIP-2's Q-Former reads the vision model's last_hidden_state: after post_layernorm, CLS kept.
+        return model.vision_model, None, False
+    raise ValueError(f"no vision part known for model_type {config.model_type!r}")
+
+
+class Blip2Bridge(nn.Module):
+    """BLIP-2's input projector: learnable queries read the image features through the Q-Former,
+    then a linear map into the language model's embeddings (as in ``Blip2ForConditionalGeneration``)."""
+
+    def __init__(self, query_tokens: nn.Parameter, qformer: nn.Module, language_projection: nn.Module):
+        super().__init__()
+        self.query_tokens = query_tokens
+        self.qformer = qformer
+        self.language_projection = language_projection
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        mask = torch.ones(features.shape[:-1], dtype=torch.long, device=features.device)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=features, encoder_attention_mask=mask)
+        return self.language_projection(out.last_hidden_state.to(self.language_projection.weight.dtype))
+
+
+def projector_part(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """(image projector module, its head spec ``{"type", "in_dim", "out_dim", ...}``)."""
+    config = model.config
+    text_width = config.text_config.hidden_size
+    if config.model_type == "llava":
+        layers = config.vision_feature_layer
+        n_layers = 1 if isinstance(layers, int) else len(layers)
+        in_dim = config.vision_config.hidden_size * n_layers
+        return model.model.multi_modal_projector, {"type": "llava", "in_dim": in_dim, "out_dim": text_width}
+    if config.model_type == "blip-2":
+        bridge = Blip2Bridge(model.query_tokens, model.qformer, model.language_projection)
+        spec = {
+            "type": "blip-2",
+            "in_dim": config.vision_config.hidden_size,
+            "out_dim": text_width,
+            "num_queries": config.num_query_tokens,
+        }
+        return bridge, spec
+    raise ValueError(f"no projector part known for model_type {config.model_type!r}")
+
+
+def language_part(model: nn.Module) -> nn.Module:
+    """The language model as a causal LM (embeddings in, logits and a KV cache out)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if config.model_type == "blip-2":
+        if config.text_config.is_encoder_decoder:
+            raise NotImplementedError(
+                "BLIP-2 with an encoder-decoder language model (Flan-T5) is not served yet: the LLM stage "
+                "decodes causal LMs only"
+            )
+        lm = model.language_model
+    elif config.model_type == "llava":
+        # LLaVA keeps the base model and lm_head apart; put them back into the text config's
+        # causal-LM class. Built on the meta device so no weights are allocated twice.
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config.text_config)
+        lm.model = model.model.language_model
+        lm.lm_head = model.lm_head
+    else:
+        raise ValueError(f"no language part known for model_type {config.model_type!r}")
+    lm.generation_config = model.generation_config
+    return lm.eval()
+
+
+def image_token(model_config: Any) -> int:
+    """The id of the image placeholder token the checkpoint's config names."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(model_config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{model_config.model_type} config names no image token (image_token_id / image_token_index)")
+
+
+# --- tiny end-to-end checkpoints, for tests and docs ---------------------------------------------
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}\n"
+    "{% else %}{{ message['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# BLIP-2's processor puts the query tokens first, then BOS, then the text: the template moves a
+# message's <image> to the front, so a chat maps onto exactly that layout.
+BLIP2_CHAT_TEMPLATE = (
+    "{% set ns = namespace(image=false, text='') %}"
+    "{% for message in messages %}{% if '<image>' in message['content'] %}{% set ns.image = true %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set ns.text = ns.text + ' ' + message['content'] %}"
+    "{% else %}{% set ns.text = ns.text + 'Question: ' + (message['content'] | replace('<image>', '') | trim) + ' Answer:' %}"
+    "{% endif %}{% endfor %}"
+    "{% if ns.image %}<image>{% endif %}{{ bos_token }}{{ ns.text }}"
+)
+
+
+def _byte_tokenizer(extra: list[str], chat_template: str):
+    """A byte-level fast tokenizer (``tokenizer.json``, no merges), built offline: 256 byte tokens,
+    then ``<pad>``, ``</s>``, ``<s>`` and ``extra`` as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<s>", *extra]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_llava(path: str | Path, seed: int = 0) -> Path:
+    """A LLaVA-1.5-shaped model: CLIP ViT (30x30, 2x2 patches, 225 tokens) -> 2-layer GELU MLP ->
+    2-layer LLaMA, with a byte-level tokenizer whose ``<image>`` is the config's image token."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = _byte_tokenizer(["<image>"], LLAVA_CHAT_TEMPLATE)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+    return path
+
+
+def build_tiny_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8) -> Path:
+    """A BLIP-2-shaped model: BLIP ViT (30x30, 2x2 patches) -> Q-Former with ``num_query_tokens``
+    queries -> linear projection -> 2-layer OPT, with a byte tokenizer (``<image>``, BOS ``<s>``)."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+
+    path = Path(path)
+    tokenizer = _byte_tokenizer(["<image>"], BLIP2_CHAT_TEMPLATE)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = Blip2VisionConfig(
+        image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=99,
+    )
+    text = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens, image_token_index=image_id,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    BlipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(path)
+    return path
+
+
+def pretrained_config(path: str | Path, name: str | None = None):
+    """An ``OmnistageConfig`` serving a LLaVA or BLIP-2 directory as image encoder, input projector
+    and LLM pools (image in, text out; no generators, no signal tokens). The same dict works as the
+    ``stages`` section of a YAML file for the Serve app."""
+    from omnistage.cluster.config import OmnistageConfig
+
+    path = Path(path).expanduser().resolve()
+    model_type = checkpoint_model_type(path)
+    if model_type not in MULTIMODAL_TYPES:
+        raise ValueError(
+            f"expected a LLaVA or BLIP-2 checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
+            f"got model_type {model_type!r} at {str(path)!r}"
+        )
+    model = str(path)
+    return OmnistageConfig.model_validate(
+        {
+            "name": name or path.name,
+            "stages": {
+                "image_encoder": {"model": model},
+                "input_projector": {"model": model},
+                "llm": {"model": model, "signal_tokens": {}},
+            },
+        }
+    )

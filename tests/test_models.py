@@ -1,0 +1,313 @@
+"""Real checkpoint layouts per stage: LLaVA and BLIP-2 split across the stages with exactly the
+answers of transformers' own ``generate``, the survey's model families loaded from local
+directories, and load-time checks between output projector and generator.
+
+Every model is tiny, built from its config, saved with ``save_pretrained`` and loaded back through
+the stages' own loaders (no hub).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from omnistage.actors.payloads import AudioClip, Embeddings, Features, LLMRequest
+
+RNG = np.random.default_rng(0)
+QUESTION = "What is it?"
+
+
+def _image(seed=0, h=30, w=30):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _chat(image):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": image}, {"type": "text", "text": QUESTION}]}]
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    from omnistage.actors.multimodal import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava", seed=0)
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory):
+    from omnistage.actors.multimodal import build_tiny_blip2
+
+    return build_tiny_blip2(tmp_path_factory.mktemp("blip2") / "tiny-blip2", seed=0)
+
+
+def _reference(path, image, max_new_tokens, n_image_tokens=None):
+    """Greedy token ids from transformers' generate on the whole model, with the prompt laid out
+    as the model's processor does: each ``<image>`` repeated once per image token."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = AutoImageProcessor.from_pretrained(path)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    n = n_image_tokens or model.config.num_query_tokens
+    ids = [t for i in ids for t in ([i] * n if i == image_id else [i])]
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False
+        )[0].tolist()
+    new = out[len(ids) :] if len(out) > max_new_tokens else out
+    eos = model.generation_config.eos_token_id
+    if eos in new:
+        new = new[: new.index(eos)]
+    assert image_id not in new  # the stage never samples a placeholder; plain generate must not either
+    return new, tokenizer.decode(new, skip_special_tokens=True), model
+
+
+def _staged_ids(pipeline, image, max_tokens):
+    """Token ids through the stage objects one by one, as the Serve pools pass them on."""
+    features = pipeline.encoders["image"]([image])
+    embeddings = pipeline.input_projector(features)
+    request = LLMRequest(messages=[{"role": "user", "content": f"<image>\n{QUESTION}"}], media=embeddings, max_tokens=max_tokens)
+    return pipeline.llm([request])[0].token_ids
+
+
+# LLaVA
+
+
+def test_llava_split_matches_transformers_generate_token_for_token(llava_dir):
+    from omnistage.pipelines.local import LocalPipeline
+
+    pipeline = LocalPipeline.from_pretrained(llava_dir)
+    assert pipeline.config.name == "tiny-llava" and list(pipeline.encoders) == ["image"] and not pipeline.generators
+    for seed in (0, 1):
+        image = _image(seed)
+        expected_ids, expected_text, _ = _reference(llava_dir, image, max_new_tokens=12, n_image_tokens=225)
+        assert len(expected_ids) >= 4  # a real answer, not an immediate end of sequence
+        assert _staged_ids(pipeline, image, 12) == expected_ids
+        result = pipeline.chat(_chat(image), max_tokens=12)
+        assert result.text == expected_text
+        assert result.usage["prompt_tokens"] == 225 + len(pipeline.llm._prompt_ids(
+            LLMRequest(messages=[{"role": "user", "content": f"<image>\n{QUESTION}"}]))) - 1
+    # The image reaches the answer: a different image gives a different greedy answer.
+    assert _staged_ids(pipeline, _image(0), 12) != _staged_ids(pipeline, _image(1), 12)
+
+
+def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    from omnistage.actors.image_encoder import ImageEncoder
+    from omnistage.actors.input_projector import InputProjector
+    from omnistage.cluster.config import ImageEncoderConfig, InputProjectorConfig
+
+    encoder = ImageEncoder(ImageEncoderConfig(model=str(llava_dir)))
+    # vision_feature_layer -2 and the "default" strategy (drop CLS) come from the checkpoint.
+    assert (encoder.feature_layer, encoder.drop_cls, encoder.feature_dim) == (-2, True, 32)
+    features = encoder([_image()])
+    assert features[0].features.shape == (225, 32)
+    projector = InputProjector(InputProjectorConfig(model=str(llava_dir)))
+    assert projector.head_spec("image") == {"type": "llava", "in_dim": 32, "out_dim": 32}
+    projected = projector(features)[0].embeds
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    pixels = encoder.processor(images=[_image()], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default",
+            output_hidden_states=True,
+        ).pooler_output[0]
+    np.testing.assert_allclose(projected, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+    # A stage's own config still wins over the checkpoint's choice.
+    explicit = ImageEncoder(ImageEncoderConfig(model=str(llava_dir), feature_layer=-1, drop_cls=False))
+    assert explicit([_image()])[0].features.shape == (226, 32)
+
+
+def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
+    from omnistage.pipelines.local import LocalPipeline
+
+    with pytest.raises(ValueError, match=r"LLaVA or BLIP-2.*model_type 'llama'"):
+        LocalPipeline.from_pretrained(tiny_preset / "llm")
+
+
+# BLIP-2
+
+
+def test_blip2_split_matches_transformers_generate_token_for_token(blip2_dir):
+    from omnistage.pipelines.local import LocalPipeline
+
+    pipeline = LocalPipeline.from_pretrained(blip2_dir)
+    assert pipeline.input_projector.head_spec("image") == {"type": "blip-2", "in_dim": 32, "out_dim": 32, "num_queries": 8}
+    # The chat template puts the query tokens first, then BOS and the question, as BLIP-2's processor does.
+    rendered = pipeline.llm.render_prompt([{"role": "user", "content": f"<image>\n{QUESTION}"}])
+    assert rendered == f"<image><s>Question: {QUESTION} Answer:"
+    for seed in (0, 1):
+        image = _image(seed)
+        expected_ids, expected_text, _ = _reference(blip2_dir, image, max_new_tokens=12)
+        assert len(expected_ids) >= 4
+        assert _staged_ids(pipeline, image, 12) == expected_ids
+        assert pipeline.chat(_chat(image), max_tokens=12).text == expected_text
+    features = pipeline.encoders["image"]([_image()])[0].features
+    assert features.shape == (226, 32)  # BLIP-2 keeps CLS and reads last_hidden_state
+    assert pipeline.input_projector([Features("image", features)])[0].embeds.shape == (8, 32)
+
+
+def test_blip2_image_changes_the_answer(blip2_dir):
+    from omnistage.pipelines.local import LocalPipeline
+
+    pipeline = LocalPipeline.from_pretrained(blip2_dir)
+    embeds = [pipeline.input_projector(pipeline.encoders["image"]([_image(s)]))[0].embeds for s in (0, 1)]
+    assert not np.allclose(embeds[0], embeds[1])
+    _, _, model = _reference(blip2_dir, _image(0), max_new_tokens=1)
+    # The staged projector output is exactly what BLIP-2 scatters into the prompt.
+    pixels = pipeline.encoders["image"].processor(images=[_image(0)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        image_embeds = model.vision_model(pixels).last_hidden_state
+        query = model.qformer(query_embeds=model.query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
+        expected = model.language_projection(query)[0].numpy()
+    np.testing.assert_allclose(embeds[0], expected, rtol=1e-5, atol=1e-6)
+
+
+# The survey's families, each built tiny, saved, and loaded through the stage's own loader
+
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
+
+def _clip(path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(image_size=30, patch_size=2, **VIT), projection_dim=16)).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+
+
+def _vit(path):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    ViTModel(ViTConfig(image_size=30, patch_size=2, **VIT)).save_pretrained(path)
+    ViTImageProcessor(size={"height": 30, "width": 30}).save_pretrained(path)
+
+
+def _dinov2(path):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(image_size=30, patch_size=2, **VIT)).save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+
+
+def _beit(path):
+    from transformers import BeitConfig, BeitImageProcessor, BeitModel
+
+    BeitModel(BeitConfig(image_size=30, patch_size=2, **VIT)).save_pretrained(path)
+    BeitImageProcessor(size={"height": 30, "width": 30}, do_center_crop=False).save_pretrained(path)
+
+
+def _siglip(path):
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=dict(image_size=30, patch_size=2, **VIT))).save_pretrained(path)
+    SiglipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "family, build, tower, n_tokens",
+    [
+        ("clip", _clip, "CLIPVisionModel", 225),
+        ("vit", _vit, "ViTModel", 225),
+        ("dinov2", _dinov2, "Dinov2Model", 225),
+        ("beit", _beit, "BeitModel", 225),
+        ("siglip", _siglip, "SiglipVisionModel", 225),  # no CLS token: nothing is dropped
+    ],
+)
+def test_image_encoder_families(tmp_path, family, build, tower, n_tokens):
+    from omnistage.actors.image_encoder import ImageEncoder
+    from omnistage.cluster.config import ImageEncoderConfig
+
+    torch.manual_seed(0)
+    build(tmp_path / family)
+    encoder = ImageEncoder(ImageEncoderConfig(model=str(tmp_path / family)))
+    assert type(encoder.model).__name__ == tower
+    out = encoder([_image(0, 40, 50), _image(1)])
+    assert [f.features.shape for f in out] == [(n_tokens, 32)] * 2
+    assert np.isfinite(out[0].features).all() and not np.allclose(out[0].features, out[1].features)
+    pixels = encoder.processor(images=[_image(1)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = encoder.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][0]
+    np.testing.assert_allclose(out[1].features, hidden[-n_tokens:].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _tokenizer():
+    from omnistage.actors.llm import TINY_CHAT_TEMPLATE
+    from omnistage.actors.multimodal import _byte_tokenizer
+
+    return _byte_tokenizer([], TINY_CHAT_TEMPLATE)
+
+
+def _llama(path, vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def _qwen2(path, vocab):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def _opt(path, vocab):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=32, ffn_dim=37, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=512))
+
+
+def _persimmon(path, vocab):
+    from transformers import PersimmonConfig, PersimmonForCausalLM
+
+    return PersimmonForCausalLM(PersimmonConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=2, num_attention_heads=4))
+
+
+@pytest.mark.parametrize(
+    "family, build, cls",
+    [
+        ("llama", _llama, "LlamaForCausalLM"),  # Vicuna is a LLaMA fine-tune: same class
+        ("qwen2", _qwen2, "Qwen2ForCausalLM"),
+        ("opt", _opt, "OPTForCausalLM"),
+        ("persimmon", _persimmon, "PersimmonForCausalLM"),
+    ],
+)
+def test_llm_families(tmp_path, family, build, cls):
+    from omnistage.actors.llm import LLM
+    from omnistage.cluster.config import LLMConfig
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    model = build(tmp_path, len(tokenizer))
+    for name in ("eos_token_id", "pad_token_id"):
+        setattr(model.config, name, getattr(tokenizer, name))
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+    model.save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+
+    llm = LLM(LLMConfig(model=str(tmp_path / family), signal_tokens={}))
+    assert type(llm.model).__name__ == cls
+    # Text only: the stage's greedy decode equals the model's own generate.
+    request = LLMRequest(messages=[{"role": "user", "content": "Hi there"}], max_tokens=6)
+    ids = llm._prompt_ids(request)
+    with torch.no_grad():
+        expected = llm.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    if tokenizer.eos_token_id in expected:
+        expected = expected[: expected.index(tokenizer.eos_token_id)]
+    assert llm([request])[0].token_ids == expected
+    # With an image spliced in at its placeholder.
+    media = [Embeddings("image", RNG.standard_normal((5, 32)).astype(np.float32))]
+    result = llm([LLMRequest(messages=[{"role": "user", "content": "<image> Hi"}], media=media, max_tokens=3)])[0]
+    assert result.prompt_tokens == len(llm._prompt_ids(LLMRequest(messages=[{"role": "user", "content": "<image> Hi"}]))) + 4
+    assert 1 <= len(result.token_ids) <= 3

@@ -1,0 +1,174 @@
+"""Faults, overload and hostile input against the live Serve app (see docs/reliability.md)."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import time
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from omnistage.actors.media import encode_png
+from omnistage.pipelines.demo import sample_image
+
+pytestmark = pytest.mark.slow
+
+
+def _running(name):
+    from ray import serve
+
+    return serve.status().applications["omnistage"].deployments[name].replica_states.get("RUNNING", 0)
+
+
+def _gcs_address():
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def _wait(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_killing_the_llm_replica_under_load_loses_no_request(serve_url, serve_config):
+    """RELIABILITY row 1: in-flight requests fail fast as a retryable 503, the SDK retries them."""
+    import ray
+
+    from omnistage.clients import Client
+
+    from ray import serve
+
+    llm = serve.get_deployment_handle("llm", "omnistage")
+    assert _running("llm") == serve_config.stages.llm.scaling.min_replicas
+    victim = llm.stats.remote().result()["actor_name"]
+    image = sample_image()
+
+    def one(i):
+        with Client(serve_url, max_retries=10, timeout=240) as client:
+            return isinstance(client.caption(image, prompt=f"request {i}", max_tokens=24), str)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        futures = [pool.submit(one, i) for i in range(50)]
+        time.sleep(2)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        succeeded = [f.result() for f in futures]
+    assert succeeded == [True] * 50
+    # The controller replaces the replica: the pool is back at its size, on a new actor.
+    assert _wait(lambda: _running("llm") >= serve_config.stages.llm.scaling.min_replicas, 120)
+    assert llm.stats.remote().result()["actor_name"] != victim
+
+
+def test_overloaded_pool_answers_503_with_retry_after(serve_url):
+    """RELIABILITY row 5: a full queue refuses at once; the queued requests complete."""
+    body = {"prompt": "a bell", "seed": 0}
+
+    def one(_):
+        with httpx.Client(timeout=120) as c:
+            return c.post(f"{serve_url}/v1/audio/generations", json=body)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(one, range(12)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["type"] == "overloaded_error"
+
+
+def test_health_stays_green_after_faults(client):
+    assert client.get("/healthz").status_code == 200
+
+
+def test_object_store_returns_to_baseline_after_many_requests(serve_url):
+    """RELIABILITY row 6: features and signal states are freed once their request is answered."""
+    from ray.util.state import summarize_objects
+
+    def store_bytes():
+        summary = summarize_objects(address=_gcs_address(), raise_on_missing_output=False)["cluster"]["summary"]
+        return sum(group["total_size_mb"] for group in summary.values())
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(encode_png(sample_image(96))).decode()}}
+    body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "?"}]}], "max_tokens": 2, "modalities": ["text", "image"]}
+
+    def one(_):
+        with httpx.Client(timeout=120) as c:
+            return c.post(f"{serve_url}/v1/chat/completions", json=body).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(one, range(20)))  # warm-up
+    baseline = store_bytes()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        codes = list(pool.map(one, range(300)))
+    assert codes == [200] * 300
+    assert _wait(lambda: store_bytes() <= baseline + 1.0, 60), (baseline, store_bytes())
+
+
+# Hostile input: whatever the bytes, a 4xx and never a 500; the server stays healthy.
+
+_PARTS = {
+    "image": lambda data: {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}},
+    "video": lambda data: {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}},
+    "audio": lambda data: {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}},
+}
+
+
+def _mutated_png(data: bytes, position: int, value: int) -> bytes:
+    png = bytearray(encode_png(sample_image(16)))
+    png[position % len(png)] = value
+    return bytes(png) + data
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(sorted(_PARTS)),
+    data=st.binary(max_size=256),
+    position=st.integers(0, 400),
+    value=st.integers(0, 255),
+)
+def test_fuzzed_media_never_cause_a_500(client, kind, data, position, value):
+    payload = _mutated_png(data, position, value) if kind == "image" else data
+    body = {"messages": [{"role": "user", "content": [_PARTS[kind](payload)]}], "max_tokens": 1}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code in (200, 400, 413, 415), response.text
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(st.binary(max_size=300), st.recursive(st.none() | st.integers() | st.text(max_size=20) | st.binary(max_size=20), lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)))
+def test_fuzzed_bodies_never_cause_a_500(client, body):
+    if isinstance(body, bytes):
+        requests = [(body, "application/json"), (body, "application/msgpack")]
+    else:
+        requests = [(msgpack.packb(body, use_bin_type=True), "application/msgpack")]
+        try:
+            chat = {"messages": [{"role": "user", "content": body}], "max_tokens": 1}
+            requests.append((json.dumps(chat).encode(), "application/json"))
+        except TypeError:  # bytes inside: not expressible in JSON
+            pass
+    for content, content_type in requests:
+        response = client.post("/v1/chat/completions", content=content, headers={"Content-Type": content_type})
+        # Some generated bodies are valid chats (e.g. empty content): 200 is fine, 5xx never.
+        assert response.status_code < 500, response.text
+
+
+def test_decompression_bomb_and_deep_nesting_are_refused_without_decoding(client):
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 400 megapixels in a few KB
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [_PARTS["image"](bomb.getvalue())]}]})
+    assert response.status_code == 413 and "pixels" in response.json()["error"]["message"]
+    nested = b"\x91" * 5000 + b"\xc0"  # 5000 nested msgpack arrays
+    response = client.post("/v1/chat/completions", content=nested, headers={"Content-Type": "application/msgpack"})
+    assert response.status_code == 400
+    many = [_PARTS["image"](encode_png(sample_image(8)))] * 9
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": many}]})
+    assert response.status_code == 400 and "at most 8 media items" in response.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
