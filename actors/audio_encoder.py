@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +62,21 @@ class AudioEncoder(Stage):
         from transformers import AutoFeatureExtractor, AutoModel
 
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(self.checkpoint)
+        # The class comes from the checkpoint's model_type (Whisper, HuBERT, CLAP, ...).
         model = AutoModel.from_pretrained(self.checkpoint, dtype=self.dtype)
-        # Encoder-decoder checkpoints (Whisper) carry a text decoder this stage does not need.
-        self.model = (model.get_encoder() if model.config.is_encoder_decoder else model).to(self.device).eval()
+        # Encoder-decoder checkpoints (Whisper) carry a text decoder this stage does not need;
+        # a full CLAP checkpoint also holds a text tower.
+        if model.config.is_encoder_decoder:
+            model = model.get_encoder()
+        model = getattr(model, "audio_model", model)
+        self.model = model.to(self.device).eval()
         self.sampling_rate = self.feature_extractor.sampling_rate
         self.feature_dim: int = self.model.config.hidden_size
+        self.input_name: str = self.model.main_input_name
+        self._accepted = set(inspect.signature(self.model.forward).parameters)
+        # Raw-waveform models (HuBERT, wav2vec 2.0) take each clip at its own length: padding a
+        # batch would change their outputs. Spectrogram models take a fixed window, batched.
+        self.per_clip = self.input_name == "input_values"
 
     def check(self, clip: AudioClip) -> None:
         to_audio_clip(clip)
@@ -73,8 +84,19 @@ class AudioEncoder(Stage):
     @torch.inference_mode()
     def __call__(self, clips: list[AudioClip]) -> list[Features]:
         waves = [to_mono_16k(to_audio_clip(clip), self.sampling_rate) for clip in clips]
-        inputs = self.feature_extractor(waves, sampling_rate=self.sampling_rate, return_tensors="pt")
-        mel = inputs["input_features"].to(self.device, self.dtype)
-        out = self.model(mel, output_hidden_states=True)
-        features = out.hidden_states[self.config.feature_layer].float().cpu().numpy()
+        batches = [[w] for w in waves] if self.per_clip else [waves]
+        features = [f for batch in batches for f in self._encode(batch)]
         return [Features(modality="audio", features=np.ascontiguousarray(f)) for f in features]
+
+    def _encode(self, waves: list[np.ndarray]) -> np.ndarray:
+        inputs = self.feature_extractor(waves, sampling_rate=self.sampling_rate, return_tensors="pt")
+        kwargs = {
+            k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+            for k, v in inputs.items()
+            if k in self._accepted and k != "attention_mask"
+        }
+        out = self.model(**kwargs, output_hidden_states=True)
+        hidden = out.hidden_states[self.config.feature_layer]
+        if hidden.ndim == 4:  # CLAP's HTSAT keeps a (B, C, H, W) feature map: one token per cell
+            hidden = hidden.flatten(2).transpose(1, 2)
+        return hidden.float().cpu().numpy()

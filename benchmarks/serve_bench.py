@@ -140,7 +140,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_config(args.config)
     cpus = os.cpu_count() or 1
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     results: dict = {"machine_cpus": cpus, "config": args.config}
 

@@ -231,35 +231,38 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         rid = _request_id(request)
         try:
-            # 1. Read and check the request
-            self._authorize(request)
-            body, binary = await self._read(request)
-            req = ChatCompletionRequest.model_validate(body)
-            self._check_model(req.model)
-            wanted = self._output_modalities(req.modalities)
-            # 2. Decode media (CPU work off the event loop)
-            chat = await asyncio.to_thread(
-                parse_messages, req.messages, list(self.encoders), self.remote_media, self.config.server.limits
-            )
-            # 3. Route: encoder -> input projector responses go straight into the LLM call
-            embeds = [
-                self.input_projector.remote(self.encoders[m].remote(item, request_id=rid), request_id=rid)
-                for m, item in chat.media
-            ]
-            llm_request = LLMRequest(
-                messages=chat.messages,
-                max_tokens=req.max_completion_tokens or req.max_tokens or self.config.server.default_max_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                seed=req.seed,
-                stop=req.stop_list(),
-                force_modalities=wanted,
-            )
-            if req.stream:
-                return await self._stream_chat(llm_request, embeds, req, rid)
-            reply = self._received(await self.llm.remote(llm_request, *embeds, request_id=rid))
-            # 4. Signal groups -> output projector -> generators
-            media = await self._generate(reply.signal_refs, req.seed, rid)
+            # Past the deadline the awaits below are cancelled, and Serve cancels the calls
+            # still running downstream: a hung stage costs a 408, not a stuck request.
+            async with asyncio.timeout(self.config.server.request_timeout_s):
+                # 1. Read and check the request
+                self._authorize(request)
+                body, binary = await self._read(request)
+                req = ChatCompletionRequest.model_validate(body)
+                self._check_model(req.model)
+                wanted = self._output_modalities(req.modalities)
+                # 2. Decode media (CPU work off the event loop)
+                chat = await asyncio.to_thread(
+                    parse_messages, req.messages, list(self.encoders), self.remote_media, self.config.server.limits
+                )
+                # 3. Route: encoder -> input projector responses go straight into the LLM call
+                embeds = [
+                    self.input_projector.remote(self.encoders[m].remote(item, request_id=rid), request_id=rid)
+                    for m, item in chat.media
+                ]
+                llm_request = LLMRequest(
+                    messages=chat.messages,
+                    max_tokens=req.max_completion_tokens or req.max_tokens or self.config.server.default_max_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    seed=req.seed,
+                    stop=req.stop_list(),
+                    force_modalities=wanted,
+                )
+                if req.stream:
+                    return await self._stream_chat(llm_request, embeds, req, rid)
+                reply = self._received(await self.llm.remote(llm_request, *embeds, request_id=rid))
+                # 4. Signal groups -> output projector -> generators
+                media = await self._generate(reply.signal_refs, req.seed, rid)
         except Exception as exc:
             return self._error(exc, rid)
         message = {"role": "assistant", "content": reply.text}
@@ -391,32 +394,36 @@ class Ingress:
     async def _media_generation(self, request: Request, modality: str) -> Response:
         rid = _request_id(request)
         try:
-            self._authorize(request)
-            body, binary = await self._read(request)
-            req = MediaGenerationRequest.model_validate(body)
-            self._check_model(req.model)
-            if modality not in self.generators:
-                raise _NotFound(f"this model does not generate {modality}; it generates {list(self.generators) or 'text only'}")
-            self._check_generation_size(modality, req)
-            llm_request = LLMRequest(
-                messages=[{"role": "user", "content": req.prompt}],
-                max_tokens=self.config.server.generation_max_tokens,
-                temperature=0.0,
-                force_modalities=[modality],
-            )
-            replies = await asyncio.gather(*(self.llm.remote(llm_request, request_id=rid) for _ in range(req.n)))
-            media = await asyncio.gather(
-                *(
-                    self._generate(
-                        [ref for ref in self._received(reply).signal_refs if ref[0] == modality][:1],
-                        None if req.seed is None else req.seed + i,
-                        rid,
-                    )
-                    for i, reply in enumerate(replies)
-                )
-            )
+            async with asyncio.timeout(self.config.server.request_timeout_s):
+                return await self._generate_media(request, modality, rid)
         except Exception as exc:
             return self._error(exc, rid)
+
+    async def _generate_media(self, request: Request, modality: str, rid: str) -> Response:
+        self._authorize(request)
+        body, binary = await self._read(request)
+        req = MediaGenerationRequest.model_validate(body)
+        self._check_model(req.model)
+        if modality not in self.generators:
+            raise _NotFound(f"this model does not generate {modality}; it generates {list(self.generators) or 'text only'}")
+        self._check_generation_size(modality, req)
+        llm_request = LLMRequest(
+            messages=[{"role": "user", "content": req.prompt}],
+            max_tokens=self.config.server.generation_max_tokens,
+            temperature=0.0,
+            force_modalities=[modality],
+        )
+        replies = await asyncio.gather(*(self.llm.remote(llm_request, request_id=rid) for _ in range(req.n)))
+        media = await asyncio.gather(
+            *(
+                self._generate(
+                    [ref for ref in self._received(reply).signal_refs if ref[0] == modality][:1],
+                    None if req.seed is None else req.seed + i,
+                    rid,
+                )
+                for i, reply in enumerate(replies)
+            )
+        )
         data = [
             {
                 "b64_json": items[0].data if binary else base64.b64encode(items[0].data).decode(),
@@ -532,8 +539,9 @@ def run_server(config: OmnistageConfig, host: str | None = None, port: int | Non
 
     host = host or config.server.host
     port = port or config.server.port
-    # The dashboard runs code for whoever reaches it; a local server does without it.
-    ray.init(address=address, include_dashboard=False if address is None else None)
+    # The dashboard runs code for whoever reaches it; a local server does without it. "local"
+    # starts a new instance rather than joining whatever cluster another process left running.
+    ray.init(address=address or "local", include_dashboard=False if address is None else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

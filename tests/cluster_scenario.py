@@ -209,7 +209,8 @@ def run() -> dict[str, Any]:
         # Remove the node the LLM replica runs on; its type has another node.
         llm_node = placed["llm"]["node_id"]
         t = time.monotonic()
-        cluster.remove_node(node_handles[llm_node])
+        # Not graceful: the node is lost as a machine is, not drained.
+        cluster.remove_node(node_handles[llm_node], allow_graceful=False)
         timings["remove_node_s"] = time.monotonic() - t
         t = time.monotonic()
         moved_to = None

@@ -53,6 +53,8 @@ def ray_session(omnistage_home):
     import ray
 
     ray.init(
+        # "local" always starts a new instance, never joining one another process left running.
+        address="local",
         num_cpus=8,
         num_gpus=4,
         include_dashboard=True,

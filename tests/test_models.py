@@ -311,3 +311,161 @@ def test_llm_families(tmp_path, family, build, cls):
     result = llm([LLMRequest(messages=[{"role": "user", "content": "<image> Hi"}], media=media, max_tokens=3)])[0]
     assert result.prompt_tokens == len(llm._prompt_ids(LLMRequest(messages=[{"role": "user", "content": "<image> Hi"}]))) + 4
     assert 1 <= len(result.token_ids) <= 3
+
+
+def _whisper(path):
+    from omnistage.actors.audio_encoder import build_tiny
+
+    build_tiny(path, 0)
+
+
+def _hubert(path):
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    HubertModel(HubertConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, conv_dim=(16, 16),
+        conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    )).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(path)
+
+
+def _clap(path):
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+    audio = dict(window_size=4, spec_size=128, num_mel_bins=64, patch_size=4, patch_stride=[4, 4], hidden_size=32,
+                 patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2], num_hidden_layers=2, projection_dim=16)
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, projection_dim=16)
+    ClapModel(ClapConfig(audio_config=audio, text_config=text, projection_dim=16)).save_pretrained(path)
+    ClapFeatureExtractor(feature_size=64, sampling_rate=16000, hop_length=160, max_length_s=1, fft_window_size=400,
+                         truncation="rand_trunc").save_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "family, build, cls, shapes",
+    [
+        ("whisper", _whisper, "WhisperEncoder", [(50, 16), (50, 16)]),  # a fixed 1 s window
+        ("hubert", _hubert, "HubertModel", [(1599, 16), (799, 16)]),  # one frame per 10 ms of the clip
+        ("clap", _clap, "ClapAudioModel", [(256, 32), (256, 32)]),  # HTSAT's 16 x 16 feature map
+    ],
+)
+def test_audio_encoder_families(tmp_path, family, build, cls, shapes):
+    from omnistage.actors.audio_encoder import AudioEncoder
+    from omnistage.cluster.config import AudioEncoderConfig
+
+    torch.manual_seed(0)
+    build(tmp_path / family)
+    encoder = AudioEncoder(AudioEncoderConfig(model=str(tmp_path / family)))
+    assert type(encoder.model).__name__ == cls
+    clips = [AudioClip(RNG.uniform(-0.5, 0.5, 16000).astype(np.float32), 16000),
+             AudioClip(RNG.uniform(-0.5, 0.5, 16000).astype(np.float32), 32000)]  # 0.5 s at 32 kHz
+    out = encoder(clips)
+    assert [f.features.shape for f in out] == shapes
+    assert all(np.isfinite(f.features).all() for f in out)
+    assert out[0].features.shape[1] == encoder.feature_dim
+    # Batched or alone, a clip gives the same features.
+    np.testing.assert_allclose(encoder(clips[1:])[0].features, out[1].features, rtol=1e-4, atol=1e-5)
+
+
+# Output projector and generator must agree, checked at load
+
+
+@pytest.mark.parametrize(
+    "modality, head, message",
+    [
+        ("image", {"type": "transformer", "d_model": 32, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 1,
+                   "ffn_dim": 64, "num_queries": 77, "out_dim": 48},
+         r"produces conditioning of shape \(77, 48\), but the image generator expects \(any, 32\)"),
+        ("audio", {"type": "mlp", "num_signal_tokens": 8, "hidden_dim": 64, "num_queries": 2, "out_dim": 32},
+         r"produces conditioning of shape \(2, 32\), but the audio generator expects \(1, 32\)"),
+    ],
+)
+def test_output_projector_generator_mismatch_fails_at_load(tmp_path, tiny_preset, modality, head, message):
+    from omnistage.actors.heads import save_heads
+    from omnistage.actors.output_projector import OutputProjector
+    from omnistage.cluster.config import OmnistageConfig
+    from omnistage.pipelines.local import LocalPipeline
+
+    spec = {"heads": {modality: {**head, "in_dim": 32}}}
+    save_heads(OutputProjector.build_heads(spec), spec, tmp_path / "projector")
+    config = OmnistageConfig.model_validate({
+        "name": "mismatch",
+        "stages": {
+            "llm": {"model": "tiny"},
+            "output_projector": {"model": str(tmp_path / "projector")},
+            f"{modality}_generator": {"model": str(tiny_preset / f"{modality}_generator")},
+        },
+    })
+    with pytest.raises(ValueError, match=message):
+        LocalPipeline(config)
+
+
+# dtype from config
+
+
+def test_llm_runs_in_bfloat16_on_cpu(tiny_preset):
+    from omnistage.actors.llm import LLM
+    from omnistage.cluster.config import LLMConfig
+
+    llm = LLM(LLMConfig(model="tiny", dtype="bfloat16", device="cpu"))
+    assert llm.dtype == torch.bfloat16 and llm.model.dtype == torch.bfloat16
+    assert llm.embed_tokens.weight.dtype == torch.bfloat16
+    media = [Embeddings("image", RNG.standard_normal((6, 32)).astype(np.float32))]
+    request = LLMRequest(messages=[{"role": "user", "content": "<image> Draw"}], media=media, max_tokens=4,
+                         force_modalities=["image"])
+    result = llm([request])[0]
+    assert 1 <= len(result.token_ids) <= 4 + 4
+    (signal,) = result.signals
+    # Payloads leave the stage as float32 numpy whatever the compute dtype.
+    assert signal.hidden.dtype == np.float32 and signal.hidden.shape == (4, 32) and np.isfinite(signal.hidden).all()
+    assert llm.embed_prompt(request).dtype == torch.bfloat16
+
+
+def test_multimodal_stages_honour_dtype(llava_dir):
+    from omnistage.actors.image_encoder import ImageEncoder
+    from omnistage.actors.input_projector import InputProjector
+    from omnistage.cluster.config import ImageEncoderConfig, InputProjectorConfig
+
+    encoder = ImageEncoder(ImageEncoderConfig(model=str(llava_dir), dtype="bfloat16"))
+    assert next(encoder.model.parameters()).dtype == torch.bfloat16
+    features = encoder([_image()])
+    assert features[0].features.dtype == np.float32 and features[0].features.shape == (225, 32)
+    projector = InputProjector(InputProjectorConfig(model=str(llava_dir), dtype="bfloat16"))
+    assert projector(features)[0].embeds.dtype == np.float32
+
+
+# Through the Serve app: the LLaVA split as its own pools, answering over HTTP
+
+
+@pytest.mark.slow
+def test_llava_through_serve_matches_transformers_generate(ray_session, llava_dir):
+    import base64
+
+    import httpx
+    from ray import serve
+
+    from omnistage.actors.media import encode_png
+    from omnistage.actors.multimodal import pretrained_config
+    from omnistage.pipelines.serve import build_app
+
+    from conftest import SERVE_PORT
+
+    config = pretrained_config(llava_dir, name="tiny-llava")
+    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    serve.run(build_app(config), name="tiny-llava", route_prefix="/tiny-llava")
+    try:
+        image = _image(1)
+        expected_ids, expected_text, _ = _reference(llava_dir, image, max_new_tokens=12, n_image_tokens=225)
+        url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
+        body = {
+            "model": "tiny-llava", "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": QUESTION}]}],
+        }
+        with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}/tiny-llava", timeout=120) as client:
+            reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()
+        assert answer["choices"][0]["message"]["content"] == expected_text
+        assert answer["usage"]["completion_tokens"] == len(expected_ids)
+    finally:
+        serve.delete("tiny-llava")

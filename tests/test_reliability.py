@@ -172,3 +172,21 @@ def test_decompression_bomb_and_deep_nesting_are_refused_without_decoding(client
     response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": many}]})
     assert response.status_code == 400 and "at most 8 media items" in response.json()["error"]["message"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_request_past_its_deadline_gets_408_and_the_server_carries_on(client, serve_config):
+    """RELIABILITY row 4: a stage that takes too long costs a 408; downstream calls are cancelled."""
+    from omnistage.pipelines.serve import deploy
+
+    hurried = serve_config.model_copy(update={"server": serve_config.server.model_copy(update={"request_timeout_s": 0.3})})
+    deploy(hurried)  # only the ingress changes, so only it restarts
+    try:
+        slow = {"messages": [{"role": "user", "content": "write a long story"}], "max_tokens": 1024, "temperature": 0}
+        start = time.monotonic()
+        response = client.post("/v1/chat/completions", json=slow)
+        assert response.status_code == 408 and response.json()["error"]["type"] == "timeout_error"
+        assert time.monotonic() - start < 10
+    finally:
+        deploy(serve_config)
+    quick = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", json=quick).status_code == 200
