@@ -123,9 +123,15 @@ class LLM(Stage):
                     f"but the checkpoint's config names image token id {image_id}"
                 )
             del whole
+        elif _is_encoder_decoder(self.checkpoint):
+            # Flan-T5 / UL2: the prompt (media spliced in) goes into the encoder; the decoder writes.
+            from transformers import AutoModelForSeq2SeqLM
+
+            self.model = AutoModelForSeq2SeqLM.from_pretrained(self.checkpoint, dtype=self.dtype)
         else:
             # The class comes from the checkpoint's model_type (LLaMA, Qwen2, OPT, Persimmon, ...).
             self.model = AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=self.dtype)
+        self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         self._add_missing_tokens()
         self.model.to(self.device).eval()
         self.embed_tokens = self.model.get_input_embeddings()
@@ -262,6 +268,9 @@ class LLM(Stage):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         seqs = [self._new_sequence(request) for request in requests]
 
+        if self.is_encoder_decoder:
+            yield from self._decode_seq2seq(seqs, embeds, mask)
+            return self._results(seqs, prompts)
         out = self.model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, output_hidden_states=True
         )
@@ -281,6 +290,33 @@ class LLM(Stage):
                 use_cache=True,
                 output_hidden_states=True,
             )
+        return self._results(seqs, prompts)
+
+    def _decode_seq2seq(self, seqs: list[_Sequence], embeds: torch.Tensor, mask: torch.Tensor) -> Generator[list[str], None, None]:
+        """The encoder reads the prompt once; the decoder starts from ``decoder_start_token_id``.
+        Signal states come from the decoder's last layer."""
+        encoder_outputs = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        start = self.model.config.decoder_start_token_id
+        tokens = torch.full((len(seqs), 1), start, dtype=torch.long, device=self.device)
+        cache = None
+        while True:
+            out = self.model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=mask,
+                decoder_input_ids=tokens,
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+            cache = out.cache
+            logits, hidden = out.logits[:, -1], out.decoder_hidden_states[-1][:, -1]
+            step = [self._step(seq, logits[i], hidden[i]) if not seq.done else self.pad_id for i, seq in enumerate(seqs)]
+            yield [self._new_text(seq) for seq in seqs]
+            if all(seq.done for seq in seqs):
+                return
+            tokens = torch.tensor(step, device=self.device)[:, None]
+
+    def _results(self, seqs: list[_Sequence], prompts: list[torch.Tensor]) -> list[LLMResult]:
         return [
             LLMResult(
                 text=seq.emitted,
@@ -370,6 +406,12 @@ class LLM(Stage):
         text = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True)
         cut = _find_stop(text, seq.request.stop)
         return text if cut is None else text[:cut]
+
+
+def _is_encoder_decoder(checkpoint: Path) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(checkpoint), "is_encoder_decoder", False))
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -6,7 +6,7 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
 | model_type | image encoder | input projector | LLM |
 |---|---|---|---|
 | ``llava`` | ``model.vision_tower``, hidden states of ``vision_feature_layer``, CLS dropped for the ``default`` strategy | ``model.multi_modal_projector`` | ``model.language_model`` + ``lm_head`` as a causal LM |
-| ``blip-2`` | ``vision_model``, ``last_hidden_state`` (after its post-layernorm) | ``query_tokens`` + ``qformer`` + ``language_projection`` | ``language_model`` (OPT) |
+| ``blip-2`` | ``vision_model``, ``last_hidden_state`` (after its post-layernorm) | ``query_tokens`` + ``qformer`` + ``language_projection`` | ``language_model`` (OPT; Flan-T5 as encoder-decoder) |
 
 The whole model is loaded (``AutoModelForImageTextToText``, class chosen from the checkpoint's
 config) and the unused parts are dropped, so each pool briefly holds the full weights while loading.
@@ -104,11 +104,7 @@ def language_part(model: nn.Module) -> nn.Module:
 
     config = model.config
     if config.model_type == "blip-2":
-        if config.text_config.is_encoder_decoder:
-            raise NotImplementedError(
-                "BLIP-2 with an encoder-decoder language model (Flan-T5) is not served yet: the LLM stage "
-                "decodes causal LMs only"
-            )
+        # OPT (causal) or Flan-T5 (encoder-decoder: the LLM stage feeds the prompt to its encoder).
         lm = model.language_model
     elif config.model_type == "llava":
         # LLaVA keeps the base model and lm_head apart; put them back into the text config's
@@ -201,9 +197,10 @@ def build_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8) -> Path:
+def build_tiny_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8, language: str = "opt") -> Path:
     """A BLIP-2-shaped model: BLIP ViT (30x30, 2x2 patches) -> Q-Former with ``num_query_tokens``
-    queries -> linear projection -> 2-layer OPT, with a byte tokenizer (``<image>``, BOS ``<s>``)."""
+    queries -> linear projection -> 2-layer OPT (or Flan-T5 with ``language="t5"``), with a byte
+    tokenizer (``<image>``, BOS ``<s>``; the T5 layout ends the prompt with EOS instead of a BOS)."""
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
@@ -214,7 +211,11 @@ def build_tiny_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8)
     )
 
     path = Path(path)
-    tokenizer = _byte_tokenizer(["<image>"], BLIP2_CHAT_TEMPLATE)
+    template = BLIP2_CHAT_TEMPLATE
+    if language == "t5":
+        # T5 tokenizers add no BOS but end the text with EOS, as BLIP-2's T5 processor does.
+        template = template.replace("{{ bos_token }}{{ ns.text }}", "{{ ns.text }}{{ eos_token }}")
+    tokenizer = _byte_tokenizer(["<image>"], template)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = Blip2VisionConfig(
         image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
@@ -223,11 +224,21 @@ def build_tiny_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8)
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=99,
     )
-    text = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=32, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
-        word_embed_proj_dim=32, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    if language == "t5":
+        from transformers import T5Config
+
+        text = T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    else:
+        text = OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=32, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
     config = Blip2Config(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
         num_query_tokens=num_query_tokens, image_token_index=image_id,

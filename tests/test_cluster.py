@@ -13,7 +13,6 @@ import yaml
 
 from omnistage.cluster.config import ConfigError, OmnistageConfig, load_config
 from omnistage.cluster.manifests import (
-    RAY_CLUSTER_YAML,
     RAYSERVICE_YAML,
     load_ray_cluster,
     placement_problems,
@@ -21,7 +20,13 @@ from omnistage.cluster.manifests import (
     rayservice_offers,
     render_rayservice,
 )
-from omnistage.pipelines.serve_config import SERVE_IMPORT_PATH, app_builder, export_serve_config, pools
+from omnistage.pipelines.serve_config import (
+    SERVE_IMPORT_PATH,
+    app_builder,
+    config_from_serve_config,
+    export_serve_config,
+    pools,
+)
 
 SCENARIO = Path(__file__).with_name("cluster_scenario.py")
 
@@ -146,9 +151,8 @@ def test_placement_check_names_the_pool_and_what_is_missing(gpu_config, cluster_
 # The Serve config export
 
 
-def test_exported_serve_config_is_rays_schema_and_builds_the_same_app(gpu_config):
+def test_exported_serve_config_is_rays_schema_and_deploys_the_config(gpu_config):
     from ray.serve._private.build_app import build_app
-    from ray.serve.deployment import deployment_to_schema
     from ray.serve.schema import ServeDeploySchema
 
     exported = export_serve_config(gpu_config)
@@ -156,19 +160,40 @@ def test_exported_serve_config_is_rays_schema_and_builds_the_same_app(gpu_config
     (app,) = schema.applications
     assert app.import_path == SERVE_IMPORT_PATH and app.route_prefix == "/"
     assert schema.http_options.host == "0.0.0.0" and schema.http_options.port == 8000
-    # What Serve builds from import_path + args is what the deployments section describes.
+    assert schema.http_options.request_timeout_s == gpu_config.server.request_timeout_s
+    # Placement lives in `deployments` only; args plus deployments give back the whole config.
+    stages = app.args["config"]["stages"]
+    assert not any(section in stage for stage in stages.values() if stage for section in ("scaling", "resources", "queue"))
+    assert config_from_serve_config(exported) == gpu_config
+    llm = next(d for d in app.deployments if d.name == "llm")
+    assert llm.ray_actor_options.resources == {"omnistage_llm_node": 0.01} and llm.ray_actor_options.num_gpus == 1
+    assert llm.autoscaling_config["max_replicas"] == 4
+    # Every override names a deployment the builder makes, and the builder makes no other.
     built = build_app(app_builder(app.args), name=app.name)
-    from_code = {d.name: deployment_to_schema(d) for d in built.deployments}
-    overrides = {d.name: d for d in app.deployments}
-    assert set(from_code) == set(overrides) == set(pools(gpu_config))
-    for name, override in overrides.items():
-        code = from_code[name]
-        assert override.ray_actor_options == code.ray_actor_options, name
-        assert override.max_ongoing_requests == code.max_ongoing_requests, name
-        assert override.max_queued_requests == code.max_queued_requests, name
-        for key in ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests"):
-            assert override.autoscaling_config[key] == getattr(code.autoscaling_config, key), (name, key)
-    assert overrides["llm"].ray_actor_options.resources == {"omnistage_llm_node": 0.01}
+    assert {d.name for d in built.deployments} == {d.name for d in app.deployments} == set(pools(gpu_config))
+
+
+def _code_version(exported):
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    return get_app_code_version(ServeDeploySchema.model_validate(exported).applications[0])
+
+
+def test_scaling_changes_update_in_place_and_model_changes_redeploy(gpu_config):
+    """Serve restarts every replica when an app's code version (import path and args) changes;
+    deployment options alone are applied in place."""
+    base = export_serve_config(gpu_config)
+    rescaled = export_serve_config(_with(gpu_config, "llm", scaling={"max_replicas": 3}, queue={"max_ongoing_requests": 8}))
+    assert rescaled["applications"][0]["deployments"] != base["applications"][0]["deployments"]
+    assert _code_version(rescaled) == _code_version(base)
+    data = gpu_config.model_dump()
+    data["stages"]["llm"]["model"] = "/models/another-7b"
+    assert _code_version(export_serve_config(OmnistageConfig.model_validate(data))) != _code_version(base)
+    # A new omnistage version alone redeploys too, so upgraded code reaches the replicas.
+    upgraded = export_serve_config(gpu_config)
+    upgraded["applications"][0]["runtime_env"]["env_vars"]["OMNISTAGE_VERSION"] = "99.0"
+    assert _code_version(upgraded) != _code_version(base)
 
 
 def test_app_builder_takes_a_preset_name_or_a_mapping(gpu_config):
@@ -181,6 +206,13 @@ def test_app_builder_takes_a_preset_name_or_a_mapping(gpu_config):
         app_builder({"preset": "tiny"})
     with pytest.raises(ConfigError, match="args.config is invalid"):
         app_builder({"config": {"name": "x"}})
+    # A preset name in args is loaded on the cluster; deployments still set the placement.
+    exported = export_serve_config(gpu_config)
+    exported["applications"][0]["args"] = {"config": "gpu-cluster"}
+    assert config_from_serve_config(exported) == gpu_config
+    exported["applications"][0]["deployments"].append({"name": "ocr_encoder"})
+    with pytest.raises(ConfigError, match="'ocr_encoder', which the app does not have"):
+        config_from_serve_config(exported)
 
 
 def test_cli_exports_the_serve_config_and_starts_nothing(tmp_path):
@@ -207,19 +239,32 @@ def test_committed_rayservice_is_the_generated_one():
     )
 
 
+def test_every_manifest_runs_the_installed_ray(rayservice_docs, cluster_yaml):
+    import ray
+
+    rayservice = next(d for d in rayservice_docs if d["kind"] == "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    assert cluster_yaml["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    dockerfile = (RAYSERVICE_YAML.parent / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
+
+
 def test_rayservice_groups_serve_the_preset_with_gcs_fault_tolerance(rayservice_docs, gpu_config, cluster_yaml):
     rayservice = next(d for d in rayservice_docs if d["kind"] == "RayService")
     assert rayservice["apiVersion"] == "ray.io/v1"
     spec = rayservice["spec"]
-    # Its Serve config is the exported one.
-    assert yaml.safe_load(spec["serveConfigV2"]) == export_serve_config(gpu_config)
+    # Its Serve config is the exported one, and deploys the preset.
+    serve_config = yaml.safe_load(spec["serveConfigV2"])
+    assert serve_config == export_serve_config(gpu_config)
+    deployed = config_from_serve_config(serve_config)
+    assert deployed == gpu_config
     cluster = spec["rayClusterConfig"]
     ft = cluster["gcsFaultToleranceOptions"]
     assert ft["redisAddress"] and ft["redisPassword"]["valueFrom"]["secretKeyRef"]["key"] == "gcs-redis-password"
     assert cluster["authOptions"] == {"mode": "token"}
     # Every pool fits a group; the groups mirror ray_cluster.yaml's worker types.
     offers = rayservice_offers(rayservice)
-    assert placement_problems(gpu_config, offers) == []
+    assert placement_problems(deployed, offers) == []
     launcher = {o.name.replace("_", "-"): o for o in ray_cluster_offers(cluster_yaml)}
     for offer in offers:
         twin = launcher[offer.name]

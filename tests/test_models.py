@@ -58,7 +58,10 @@ def _reference(path, image, max_new_tokens, n_image_tokens=None):
         out = model.generate(
             input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False
         )[0].tolist()
-    new = out[len(ids) :] if len(out) > max_new_tokens else out
+    if model.config.text_config.is_encoder_decoder:
+        new = out[1:]  # after the decoder start token
+    else:
+        new = out[len(ids) :] if len(out) > max_new_tokens else out
     eos = model.generation_config.eos_token_id
     if eos in new:
         new = new[: new.index(eos)]
@@ -469,3 +472,58 @@ def test_llava_through_serve_matches_transformers_generate(ray_session, llava_di
         assert answer["usage"]["completion_tokens"] == len(expected_ids)
     finally:
         serve.delete("tiny-llava")
+
+
+def test_llm_encoder_decoder_flan_t5(tmp_path):
+    """Flan-T5 / UL2 layout: the prompt, media spliced in, goes into the encoder; the decoder writes."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from omnistage.actors.llm import LLM
+    from omnistage.cluster.config import LLMConfig
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False,  # Flan-T5's choices
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "flan-t5")
+    tokenizer.save_pretrained(tmp_path / "flan-t5")
+
+    llm = LLM(LLMConfig(model=str(tmp_path / "flan-t5"), signal_tokens={"image": 4}))
+    assert type(llm.model).__name__ == "T5ForConditionalGeneration" and llm.is_encoder_decoder
+    request = LLMRequest(messages=[{"role": "user", "content": "Hi there"}], max_tokens=6)
+    ids = llm._prompt_ids(request)
+    with torch.no_grad():
+        expected = llm.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, 1:].tolist()
+    if tokenizer.eos_token_id in expected:
+        expected = expected[: expected.index(tokenizer.eos_token_id)]
+    assert llm([request])[0].token_ids == expected
+    # Media go into the encoder; a forced signal group comes back from the decoder.
+    media = [Embeddings("image", RNG.standard_normal((5, 32)).astype(np.float32))]
+    forced = LLMRequest(messages=[{"role": "user", "content": "<image> Draw"}], media=media, max_tokens=3,
+                        force_modalities=["image"])
+    result = llm([forced, request])[0]
+    (signal,) = result.signals
+    assert signal.hidden.shape == (4, 32) and np.isfinite(signal.hidden).all()
+    # Batched with a longer prompt (left-padded encoder input), the text-only answer is unchanged.
+    assert llm([forced, request])[1].token_ids == expected
+
+
+def test_blip2_flan_t5_split_matches_transformers_generate(tmp_path):
+    """BLIP-2 with Flan-T5: the projected queries and the question go into T5's encoder."""
+    from omnistage.actors.multimodal import build_tiny_blip2
+    from omnistage.pipelines.local import LocalPipeline
+
+    path = build_tiny_blip2(tmp_path / "tiny-blip2-t5", seed=0, language="t5")
+    pipeline = LocalPipeline.from_pretrained(path)
+    assert type(pipeline.llm.model).__name__ == "T5ForConditionalGeneration"
+    assert pipeline.llm.render_prompt([{"role": "user", "content": f"<image>\n{QUESTION}"}]) == (
+        f"<image>Question: {QUESTION} Answer:</s>"
+    )
+    for seed in (0, 1):
+        image = _image(seed)
+        expected_ids, expected_text, _ = _reference(path, image, max_new_tokens=8)
+        assert len(expected_ids) >= 2
+        assert _staged_ids(pipeline, image, 8) == expected_ids
+        assert pipeline.chat(_chat(image), max_tokens=8).text == expected_text
