@@ -33,7 +33,9 @@ class Resources(_Strict):
 
 class Batching(_Strict):
     max_batch_size: int = Field(8, ge=1, description="Largest batch one forward pass takes.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a partial batch waits for more requests.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="How long a partial batch waits for more requests; 0 takes what queued up while the last batch ran."
+    )
 
 
 class Scaling(_Strict):
