@@ -167,3 +167,31 @@ def client(serve_url):
 
     with httpx.Client(base_url=serve_url, timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def wait_until():
+    """``wait_until(condition, timeout)``: poll every half second until it holds; False on timeout."""
+
+    def wait(condition, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.5)
+        return False
+
+    return wait
+
+
+@pytest.fixture(scope="session")
+def running_replicas(serve_url):
+    """``running(name)``: how many replicas of the session app's deployment ``name`` are running."""
+    from ray import serve
+
+    from omnistage.pipelines.serve import APP_NAME
+
+    def running(name: str) -> int:
+        return serve.status().applications[APP_NAME].deployments[name].replica_states.get("RUNNING", 0)
+
+    return running

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import msgpack
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,28 +19,13 @@ from omnistage.pipelines.demo import sample_image
 pytestmark = pytest.mark.slow
 
 
-def _running(name):
-    from ray import serve
-
-    return serve.status().applications["omnistage"].deployments[name].replica_states.get("RUNNING", 0)
-
-
 def _gcs_address():
     import ray
 
     return ray.get_runtime_context().gcs_address
 
 
-def _wait(condition, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def test_killing_the_llm_replica_under_load_loses_no_request(serve_url, serve_config):
+def test_killing_the_llm_replica_under_load_loses_no_request(serve_url, serve_config, running_replicas, wait_until):
     """RELIABILITY row 1: in-flight requests fail fast as a retryable 503, the SDK retries them."""
     import ray
 
@@ -50,7 +34,7 @@ def test_killing_the_llm_replica_under_load_loses_no_request(serve_url, serve_co
     from ray import serve
 
     llm = serve.get_deployment_handle("llm", "omnistage")
-    assert _running("llm") == serve_config.stages.llm.scaling.min_replicas
+    assert running_replicas("llm") == serve_config.stages.llm.scaling.min_replicas
     victim = llm.stats.remote().result()["actor_name"]
     image = sample_image()
 
@@ -65,7 +49,7 @@ def test_killing_the_llm_replica_under_load_loses_no_request(serve_url, serve_co
         succeeded = [f.result() for f in futures]
     assert succeeded == [True] * 50
     # The controller replaces the replica: the pool is back at its size, on a new actor.
-    assert _wait(lambda: _running("llm") >= serve_config.stages.llm.scaling.min_replicas, 120)
+    assert wait_until(lambda: running_replicas("llm") >= serve_config.stages.llm.scaling.min_replicas, 120)
     assert llm.stats.remote().result()["actor_name"] != victim
 
 
@@ -89,7 +73,7 @@ def test_health_stays_green_after_faults(client):
     assert client.get("/healthz").status_code == 200
 
 
-def test_object_store_returns_to_baseline_after_many_requests(serve_url):
+def test_object_store_returns_to_baseline_after_many_requests(serve_url, wait_until):
     """RELIABILITY row 6: features and signal states are freed once their request is answered."""
     from ray.util.state import summarize_objects
 
@@ -110,7 +94,7 @@ def test_object_store_returns_to_baseline_after_many_requests(serve_url):
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         codes = list(pool.map(one, range(300)))
     assert codes == [200] * 300
-    assert _wait(lambda: store_bytes() <= baseline + 1.0, 60), (baseline, store_bytes())
+    assert wait_until(lambda: store_bytes() <= baseline + 1.0, 60), (baseline, store_bytes())
 
 
 # Hostile input: whatever the bytes, a 4xx and never a 500; the server stays healthy.

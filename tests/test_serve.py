@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import threading
-import time
 
 import av
 import httpx
@@ -186,28 +185,11 @@ def test_gpu_pools_are_placed_on_declared_gpus(client):
     assert _handle("image_encoder").stats.remote().result()["gpu_ids"] == []
 
 
-def _running(name):
-    from ray import serve
-
-    from omnistage.pipelines.serve import APP_NAME
-
-    states = serve.status().applications[APP_NAME].deployments[name].replica_states
-    return states.get("RUNNING", 0)
-
-
-def _wait(condition, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def test_image_generation_load_scales_only_its_path(client, serve_url, serve_config):
+def test_image_generation_load_scales_only_its_path(client, serve_url, serve_config, running_replicas, wait_until):
+    _running = running_replicas
     untouched = ["image_encoder", "video_encoder", "audio_encoder", "input_projector"]
     minimum = {n: getattr(serve_config.stages, n).scaling.min_replicas for n in [*untouched, "image_generator"]}
-    assert _wait(lambda: all(_running(n) == minimum[n] for n in minimum), 60)
+    assert wait_until(lambda: all(_running(n) == minimum[n] for n in minimum), 60)
     stop = threading.Event()
 
     def load():
@@ -219,7 +201,7 @@ def test_image_generation_load_scales_only_its_path(client, serve_url, serve_con
     for t in threads:
         t.start()
     try:
-        scaled = _wait(lambda: _running("image_generator") == 2, 60)
+        scaled = wait_until(lambda: _running("image_generator") == 2, 60)
         during = {n: _running(n) for n in untouched}
     finally:
         stop.set()
@@ -227,7 +209,7 @@ def test_image_generation_load_scales_only_its_path(client, serve_url, serve_con
             t.join()
     assert scaled, "the image generator pool did not scale up under load"
     assert during == {n: minimum[n] for n in untouched}
-    assert _wait(lambda: _running("image_generator") == 1, 60), "the image generator pool did not scale back down"
+    assert wait_until(lambda: _running("image_generator") == 1, 60), "the image generator pool did not scale back down"
 
 
 def test_api_keys_guard_v1_routes_only(client, serve_config, monkeypatch, tmp_path):
