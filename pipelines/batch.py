@@ -14,7 +14,7 @@ Every row carries an ``error`` column. A row that a step refuses gets its error 
 every later step untouched, so one bad row never fails the job. What counts as the row's fault:
 anything raised while reading or decoding its media or prompt, and ``InvalidInputError`` from a
 stage's ``check`` or call. Any other exception in a stage is the stage's fault (a bug, a device
-out of memory): its block fails and Ray Data retries it, then fails the job, and a rerun resumes.
+out of memory): its block fails and with it the job, and a rerun resumes.
 
 Resume: the output folder is the checkpoint. A run first reads the ids already in the output and
 skips them; it then writes new files named after its own run id, so reruns append and never
@@ -48,7 +48,7 @@ from omnistage.actors.payloads import (
     Modality,
     SignalGroup,
 )
-from omnistage.cluster.config import OmnistageConfig, StageConfig, load_config
+from omnistage.cluster.config import InputLimits, OmnistageConfig, StageConfig, load_config
 from omnistage.pipelines.batch_io import (
     MediaReader,
     input_ids,
@@ -146,8 +146,9 @@ def _scatter(values: dict[int, Any], n: int, type_: pa.DataType) -> pa.Array:
 # --- steps that run as tasks ---------------------------------------------------------------------
 
 
-def _rows_to_do(table: pa.Table, id_column: str, skip_ids: pa.Array | None) -> pa.Table:
-    """Drop rows whose id is already written, and rows without an id (they could not be resumed)."""
+def rows_to_do(table: pa.Table, *, id_column: str, skip_ids: pa.Array | None) -> pa.Table:
+    """Drop rows whose id is in ``skip_ids`` (strings), and rows without an id (they could not be
+    resumed). Runs on whole read blocks: ``is_in`` hashes ``skip_ids`` on every call."""
     ids = table.column(id_column)
     keep = pc.is_valid(ids)
     if ids.null_count:
@@ -164,11 +165,15 @@ def _prompt_text(value: Any, column: str | None) -> str:
     return value
 
 
-def _decode_row(value: bytes | np.ndarray, text: str, modality: Modality, num_frames: int | None) -> tuple[ParsedChat, np.ndarray, int | None]:
+def _decode_row(
+    value: bytes | np.ndarray, text: str, modality: Modality, num_frames: int | None, limits: InputLimits | None
+) -> tuple[ParsedChat, np.ndarray, int | None]:
     """One row's chat, its decoded medium and (audio) sampling rate, as ``LocalPipeline`` decodes them."""
     part = PART_TYPE[modality]
     chat = parse_messages(
-        [{"role": "user", "content": [{"type": part, part: value}, {"type": "text", "text": text}]}], accepted=[modality]
+        [{"role": "user", "content": [{"type": part, part: value}, {"type": "text", "text": text}]}],
+        accepted=[modality],
+        limits=limits,
     )
     medium = chat.media[0][1]
     if isinstance(medium, AudioClip):
@@ -192,10 +197,12 @@ def prepare_caption(
     media_root: str | None,
     num_frames: int | None,
     seed: int,
-    skip_ids: pa.Array | None = None,
+    limits: InputLimits | None = None,
 ) -> pa.Table:
-    """Read and decode each row's medium, build its chat; a row that fails gets its error."""
-    table = _rows_to_do(table, id_column, skip_ids)
+    """Read and decode each row's medium, build its chat; a row that fails gets its error.
+
+    ``limits`` (the config's ``server.limits``) bound pixels, frames and seconds as in serving.
+    """
     reader = MediaReader(media_root)
     cells = table.column(media_column).to_pylist()
     prompts = table.column(prompt_column).to_pylist() if prompt_column else [prompt] * table.num_rows
@@ -209,7 +216,7 @@ def prepare_caption(
             error = _error("prompt", exc)
         else:
             try:
-                chat, medium, rate = _decode_row(reader(cell, media_column), text, modality, num_frames)
+                chat, medium, rate = _decode_row(reader(cell, media_column), text, modality, num_frames, limits)
             except Exception as exc:  # noqa: BLE001 - reading or decoding one row's medium is that row's problem
                 error = _error("decode", exc)
         errors.append(error)
@@ -234,11 +241,8 @@ def prepare_caption(
     )
 
 
-def prepare_generate(
-    table: pa.Table, *, id_column: str, prompt_column: str, seed: int, skip_ids: pa.Array | None = None
-) -> pa.Table:
+def prepare_generate(table: pa.Table, *, id_column: str, prompt_column: str, seed: int) -> pa.Table:
     """Check each row's prompt and build its chat; a row that fails gets its error."""
-    table = _rows_to_do(table, id_column, skip_ids)
     errors, messages = [], []
     prompts = table.column(prompt_column).to_pylist()
     for value in prompts:
@@ -519,6 +523,14 @@ def _block_rows(stages: list[StageConfig]) -> int:
     return 2 * max(stage.batching.max_batch_size for stage in stages)
 
 
+def _rows_to_do(ds: ray.data.Dataset, id_column: str, skip_ids: pa.Array | None) -> ray.data.Dataset:
+    """``ds`` without the rows to skip, filtered block by block as read (before the repartition)."""
+    skip = None if skip_ids is None else skip_ids.cast(pa.string())
+    return ds.map_batches(
+        rows_to_do, batch_format="pyarrow", batch_size=None, fn_kwargs={"id_column": id_column, "skip_ids": skip}
+    )
+
+
 def _source(source: str | ray.data.Dataset, columns: dict[str, str | None]) -> ray.data.Dataset:
     """The input as a Dataset, checked to have the named columns."""
     names = input_schema(source).names if isinstance(source, str) else source.schema().names
@@ -565,6 +577,7 @@ def caption(
     if media_root is None and isinstance(source, str):
         media_root = media_root_of(source)
 
+    ds = _rows_to_do(ds, id_column, skip_ids)
     ds = ds.repartition(target_num_rows_per_block=_block_rows([encoder, projector, llm]))
     ds = ds.map_batches(
         prepare_caption,
@@ -578,7 +591,7 @@ def caption(
             "media_root": media_root,
             "num_frames": getattr(encoder, "num_frames", None),
             "seed": seed,
-            "skip_ids": skip_ids,
+            "limits": cfg.server.limits,
         },
     )
     ds = ds.map_batches(EncoderUDF, fn_constructor_args=(encoder, modality), **_pool(encoder))
@@ -628,11 +641,12 @@ def generate(
     generator = _stage_config(cfg, f"{modality}_generator", "generate")
     ds = _source(source, {"id": id_column, "prompt": prompt_column})
 
+    ds = _rows_to_do(ds, id_column, skip_ids)
     ds = ds.repartition(target_num_rows_per_block=_block_rows([llm, projector, generator]))
     ds = ds.map_batches(
         prepare_generate,
         batch_format="pyarrow",
-        fn_kwargs={"id_column": id_column, "prompt_column": prompt_column, "seed": seed, "skip_ids": skip_ids},
+        fn_kwargs={"id_column": id_column, "prompt_column": prompt_column, "seed": seed},
     )
     ds = ds.map_batches(
         LLMUDF,
