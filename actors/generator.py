@@ -1,9 +1,9 @@
 """Generator stages (the fifth stage): diffusion pipelines turn conditioning (H_X) into media.
 
-Each stage drives a diffusers pipeline with ``prompt_embeds`` from the output projector, so a
-checkpoint needs no text encoder. The pipeline class comes from the checkpoint's
-``model_index.json``: the tiny presets built here load the same way as Stable Diffusion,
-Zeroscope or AudioLDM checkpoints.
+Each stage drives a diffusers pipeline with ``prompt_embeds`` from the output projector (and, for
+AudioLDM 2, ``generated_prompt_embeds``), so a checkpoint needs no text encoder. The pipeline class
+comes from the checkpoint's ``model_index.json``: the tiny presets built here load the same way as
+Stable Diffusion, Zeroscope, AudioLDM or AudioLDM 2 checkpoints.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from diffusers import (
+    AudioLDM2Pipeline,
     AudioLDMPipeline,
     AutoencoderKL,
     DDIMScheduler,
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
         ImageGeneratorConfig,
         VideoGeneratorConfig,
     )
+
+# Components that classifier-free guidance runs to embed the empty negative prompt, in the pipelines
+# served here (the second text encoder, projection and language model are AudioLDM 2's).
+GUIDANCE_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "projection_model", "language_model")
 
 # --- tiny checkpoints ---------------------------------------------------------------------------
 # Sizes follow diffusers' own tests (get_dummy_components), with cross-attention and class-label
@@ -185,6 +190,11 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     return (pixels * 255).round().astype(np.uint8)
 
 
+def _expected(shape: tuple[int | None, int]) -> str:
+    seq_len, width = shape
+    return f"({'seq_len' if seq_len is None else seq_len}, {width})"
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"an array of shape {value.shape} and dtype {value.dtype}"
@@ -208,11 +218,13 @@ class _Generator(Stage):
         # Components saved as null must be passed as None: diffusers refuses to load a pipeline
         # missing a component that is not in its _optional_components (text_encoder, tokenizer).
         absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
-        if config.guidance_scale > 1 and not {"text_encoder", "tokenizer"}.isdisjoint(absent):
+        missing = [name for name in GUIDANCE_COMPONENTS if name in absent]
+        if config.guidance_scale > 1 and missing:
             raise ValueError(
-                f"guidance_scale={config.guidance_scale} turns on classifier-free guidance, which needs a "
+                f"guidance_scale={config.guidance_scale} turns on classifier-free guidance, which needs the "
                 f"text encoder and tokenizer to embed the empty negative prompt, but checkpoint "
-                f"{str(self.checkpoint)!r} has none; set guidance_scale to 1 or use a checkpoint with a text encoder"
+                f"{str(self.checkpoint)!r} has no {', '.join(missing)}; set guidance_scale to 1 or use a "
+                f"checkpoint with a text encoder"
             )
         self.pipeline = DiffusionPipeline.from_pretrained(self.checkpoint, dtype=self.dtype, **absent).to(self.device)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -227,34 +239,53 @@ class _Generator(Stage):
         seq_len = self.pipeline.tokenizer.model_max_length if self.config.guidance_scale > 1 else None
         return seq_len, self.pipeline.unet.config.cross_attention_dim
 
+    @property
+    def generated_shape(self) -> tuple[int | None, int] | None:
+        """(seq_len, width) of one request's ``generated_embeds``; None where the pipeline takes one
+        conditioning (every pipeline but AudioLDM 2)."""
+        return None
+
     def check(self, request: GenerationRequest) -> None:
-        """Raise ``InvalidInputError`` unless the conditioning is a finite (seq_len, width) float array."""
-        seq_len, width = self.conditioning_shape
-        expected = f"({'seq_len' if seq_len is None else seq_len}, {width})"
-        embeds = request.conditioning.embeds
-        if not (isinstance(embeds, np.ndarray) and embeds.ndim == 2 and np.issubdtype(embeds.dtype, np.floating)):
+        """Raise ``InvalidInputError`` unless the conditioning is a finite (seq_len, width) float array,
+        and ``generated_embeds`` is one too where the pipeline takes it, else None."""
+        self._check_array("conditioning", request.conditioning.embeds, self.conditioning_shape)
+        generated, shape = request.conditioning.generated_embeds, self.generated_shape
+        pipeline = type(self.pipeline).__name__
+        if shape is None and generated is not None:
             raise InvalidInputError(
-                f"expected {self.modality} conditioning as a 2-D float array of shape {expected}, got {_describe(embeds)}"
+                f"expected {self.modality} conditioning without generated_embeds ({pipeline} takes one conditioning), "
+                f"got generated_embeds as {_describe(generated)}"
             )
-        wrong_len = embeds.shape[0] == 0 or (seq_len is not None and embeds.shape[0] != seq_len)
-        if embeds.shape[1] != width or wrong_len:
-            raise InvalidInputError(f"expected {self.modality} conditioning of shape {expected}, got shape {embeds.shape}")
-        if not np.isfinite(embeds).all():
+        if shape is not None:
+            if generated is None:
+                raise InvalidInputError(
+                    f"expected {self.modality} generated conditioning (generated_embeds) of shape {_expected(shape)} "
+                    f"for {pipeline}, got None"
+                )
+            self._check_array("generated conditioning", generated, shape)
+
+    def _check_array(self, label: str, array: Any, shape: tuple[int | None, int]) -> None:
+        seq_len, width = shape
+        expected = _expected(shape)
+        if not (isinstance(array, np.ndarray) and array.ndim == 2 and np.issubdtype(array.dtype, np.floating)):
             raise InvalidInputError(
-                f"expected finite {self.modality} conditioning, got {np.count_nonzero(~np.isfinite(embeds))} non-finite values"
+                f"expected {self.modality} {label} as a 2-D float array of shape {expected}, got {_describe(array)}"
+            )
+        wrong_len = array.shape[0] == 0 or (seq_len is not None and array.shape[0] != seq_len)
+        if array.shape[1] != width or wrong_len:
+            raise InvalidInputError(f"expected {self.modality} {label} of shape {expected}, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise InvalidInputError(
+                f"expected finite {self.modality} {label}, got {np.count_nonzero(~np.isfinite(array))} non-finite values"
             )
 
-    def _stack_conditioning(self, requests: list[GenerationRequest]) -> torch.Tensor:
-        """Check every request's (seq_len, width) conditioning -> (batch, seq_len, width) on the device."""
-        for request in requests:
-            self.check(request)
-        shapes = [request.conditioning.embeds.shape for request in requests]
+    def _stack(self, requests: list[GenerationRequest], field: str, label: str) -> torch.Tensor:
+        """One checked (seq_len, width) array per request -> (batch, seq_len, width) on the device."""
+        arrays = [getattr(request.conditioning, field) for request in requests]
+        shapes = [array.shape for array in arrays]
         if len(set(shapes)) > 1:
-            raise InvalidInputError(
-                f"expected {self.modality} conditioning of one shape across a batch, got shapes {shapes}"
-            )
-        stacked = np.stack([request.conditioning.embeds for request in requests])
-        return torch.from_numpy(stacked).to(device=self.device, dtype=self.dtype)
+            raise InvalidInputError(f"expected {self.modality} {label} of one shape across a batch, got shapes {shapes}")
+        return torch.from_numpy(np.stack(arrays)).to(device=self.device, dtype=self.dtype)
 
     @staticmethod
     def _generator(seed: int | None) -> torch.Generator:
@@ -271,19 +302,25 @@ class _Generator(Stage):
         """One media item per request, in order; all requests go through one pipeline call."""
         if not requests:
             return []
-        embeds = self._stack_conditioning(requests)
+        for request in requests:
+            self.check(request)
+        embeds = self._stack(requests, "embeds", "conditioning")
+        generated = (
+            None if self.generated_shape is None else self._stack(requests, "generated_embeds", "generated conditioning")
+        )
         with torch.inference_mode():
             output = self.pipeline(
                 generator=[self._generator(request.seed) for request in requests],
                 num_inference_steps=self.config.num_inference_steps,
                 guidance_scale=self.config.guidance_scale,
                 output_type="np",
-                **self._pipeline_inputs(embeds),
+                **self._pipeline_inputs(embeds, generated),
             )
         return self._to_media(output)
 
-    def _pipeline_inputs(self, embeds: torch.Tensor) -> dict[str, Any]:
-        """Modality-specific pipeline arguments, given conditioning of shape (batch, seq_len, width)."""
+    def _pipeline_inputs(self, embeds: torch.Tensor, generated: torch.Tensor | None) -> dict[str, Any]:
+        """Modality-specific pipeline arguments, given conditioning of shape (batch, seq_len, width) and,
+        where ``generated_shape`` is not None, generated conditioning of shape (batch, seq_len, width)."""
         raise NotImplementedError
 
     def _to_media(self, output: Any) -> list[GeneratedMedia]:
@@ -302,7 +339,7 @@ class ImageGenerator(_Generator):
     modality = "image"
     config: ImageGeneratorConfig
 
-    def _pipeline_inputs(self, embeds: torch.Tensor) -> dict[str, Any]:
+    def _pipeline_inputs(self, embeds: torch.Tensor, generated: torch.Tensor | None) -> dict[str, Any]:
         return {"prompt_embeds": embeds, "height": self.config.height, "width": self.config.width}
 
     def _to_media(self, output: Any) -> list[GeneratedMedia]:
@@ -325,7 +362,7 @@ class VideoGenerator(_Generator):
     modality = "video"
     config: VideoGeneratorConfig
 
-    def _pipeline_inputs(self, embeds: torch.Tensor) -> dict[str, Any]:
+    def _pipeline_inputs(self, embeds: torch.Tensor, generated: torch.Tensor | None) -> dict[str, Any]:
         return {
             "prompt_embeds": embeds,
             "height": self.config.height,
@@ -349,14 +386,38 @@ class VideoGenerator(_Generator):
         ]
 
 
+def _audioldm2_widths(cross_attention_dim: Any) -> tuple[int, int]:
+    """(prompt_embeds width, generated_prompt_embeds width) of an AudioLDM 2 UNet.
+
+    Each block lists up to four cross-attention widths (an int is one entry, None is self-attention
+    only). The UNet feeds entries 0 and 1 ``encoder_hidden_states`` (the pipeline's
+    ``generated_prompt_embeds``, GPT-2's width) and later entries ``encoder_hidden_states_1`` (its
+    ``prompt_embeds``, Flan-T5's width): ``[None, 768, 1024]`` per block is self-attention only,
+    then GPT-2 base, then Flan-T5-large.
+    """
+    blocks = cross_attention_dim if isinstance(cross_attention_dim, (list, tuple)) else [cross_attention_dim]
+    entries = [block if isinstance(block, (list, tuple)) else [block] for block in blocks]
+    generated = {width for block in entries for width in block[:2] if width is not None}
+    prompt = {width for block in entries for width in block[2:] if width is not None}
+    if len(generated) != 1 or len(prompt) != 1:
+        raise ValueError(
+            f"expected an AudioLDM 2 UNet with one generated_prompt_embeds width (cross-attention entries 0-1) and "
+            f"one prompt_embeds width (entries 2-3) in every block, got cross_attention_dim {cross_attention_dim}"
+        )
+    return prompt.pop(), generated.pop()
+
+
 class AudioGenerator(_Generator):
-    """AudioLDM (1) text-to-audio pipeline, driven by one pooled conditioning vector.
+    """AudioLDM or AudioLDM 2 text-to-audio pipeline, driven by conditioning; which one comes from
+    the checkpoint's ``model_index.json``.
 
-    Input: ``GenerationRequest`` with conditioning (1, projection_class_embeddings_input_dim).
-    Output: WAV, array (n_samples,) float32 at the vocoder's sampling rate.
+    Input: ``GenerationRequest`` whose conditioning is, for AudioLDM, one pooled CLAP embedding
+    (1, projection_class_embeddings_input_dim); for AudioLDM 2, ``embeds`` (seq_len, Flan-T5 width)
+    as ``prompt_embeds`` and ``generated_embeds`` (seq_len, GPT-2 width) as
+    ``generated_prompt_embeds``. Output: WAV, array (n_samples,) float32 at the vocoder's rate.
 
-    AudioLDM makes ``int(audio_length_s / hop_s)`` mel frames (hop: the vocoder's upsampling, 64
-    samples in the tiny preset), rounded up to a multiple of the VAE's scale factor, and cuts the
+    Both make ``int(audio_length_s / hop_s)`` mel frames (hop: the vocoder's upsampling, 64
+    samples in the tiny preset), rounded up to a multiple of the VAE's scale factor, and cut the
     waveform to ``int(audio_length_s * rate)`` samples: 16000 for one second of the tiny preset.
     The float quotient can fall just below a whole number and lose a frame: 0.7 s gives 174
     frames, so 11136 samples instead of 11200.
@@ -368,17 +429,51 @@ class AudioGenerator(_Generator):
 
     def __init__(self, config: AudioGeneratorConfig):
         super().__init__(config)
-        if self.pipeline.text_encoder is None:
+        if not isinstance(self.pipeline, (AudioLDMPipeline, AudioLDM2Pipeline)):
+            raise ValueError(
+                f"expected an AudioLDMPipeline or AudioLDM2Pipeline checkpoint for the audio generator, got "
+                f"{type(self.pipeline).__name__} in {str(self.checkpoint)!r}"
+            )
+        self.two_conditionings = isinstance(self.pipeline, AudioLDM2Pipeline)
+        if self.two_conditionings:
+            self.prompt_width, self.generated_width = _audioldm2_widths(self.pipeline.unet.config.cross_attention_dim)
+            # Given both conditionings, AudioLDM2Pipeline still reads text_encoder_2.dtype (to cast
+            # prompt_embeds), text_encoder_2.config.model_type (a VITS encoder would need a
+            # transcription) and language_model.dtype (to cast generated_prompt_embeds); it runs neither.
+            if self.pipeline.text_encoder_2 is None:
+                self.pipeline.text_encoder_2 = SimpleNamespace(dtype=self.dtype, config=SimpleNamespace(model_type=None))
+            if self.pipeline.language_model is None:
+                self.pipeline.language_model = SimpleNamespace(dtype=self.dtype)
+        elif self.pipeline.text_encoder is None:
             # AudioLDMPipeline._encode_prompt casts given prompt_embeds to text_encoder.dtype
             # even without a text encoder (AttributeError on None); dtype is all it reads.
             self.pipeline.text_encoder = SimpleNamespace(dtype=self.dtype)
 
     @property
     def conditioning_shape(self) -> tuple[int | None, int]:
-        """(1, width): AudioLDM's UNet takes one pooled CLAP embedding as its class label."""
+        """AudioLDM: (1, width), its UNet takes one pooled CLAP embedding as its class label.
+        AudioLDM 2: (any, Flan-T5 width); under guidance the negative prompt is padded to the
+        conditioning's own length, so any length still fits."""
+        if self.two_conditionings:
+            return None, self.prompt_width
         return 1, self.pipeline.unet.config.projection_class_embeddings_input_dim
 
-    def _pipeline_inputs(self, embeds: torch.Tensor) -> dict[str, Any]:
+    @property
+    def generated_shape(self) -> tuple[int | None, int] | None:
+        """AudioLDM 2: (any, GPT-2 width); under guidance the negative side is GPT-2's own
+        generation of ``max_new_tokens`` states, concatenated with these, so that many."""
+        if not self.two_conditionings:
+            return None
+        seq_len = self.pipeline.language_model.config.max_new_tokens if self.config.guidance_scale > 1 else None
+        return seq_len, self.generated_width
+
+    def _pipeline_inputs(self, embeds: torch.Tensor, generated: torch.Tensor | None) -> dict[str, Any]:
+        if self.two_conditionings:
+            return {
+                "prompt_embeds": embeds,
+                "generated_prompt_embeds": generated,
+                "audio_length_in_s": self.config.audio_length_s,
+            }
         return {"prompt_embeds": embeds[:, 0], "audio_length_in_s": self.config.audio_length_s}
 
     def _to_media(self, output: Any) -> list[GeneratedMedia]:

@@ -35,7 +35,7 @@ class HeadStage(Stage):
     Items are grouped by modality and length, and each group goes through its head in one pass.
     """
 
-    make_head: ClassVar[Any]  # staticmethod(spec) -> nn.Module
+    make_head: ClassVar[Any]  # staticmethod(spec) -> nn.Module giving a tensor or {field: tensor}
     in_field: ClassVar[str]  # the input payload's array attribute
     output_type: ClassVar[type]  # the output payload class
     out_field: ClassVar[str]  # the output payload's array attribute
@@ -96,7 +96,11 @@ class HeadStage(Stage):
             groups.setdefault((item.modality, array.shape[0]), []).append(i)
         for (modality, _), indices in groups.items():
             batch = torch.from_numpy(np.stack([arrays[i] for i in indices])).to(self.device, self.dtype)
-            out = self.heads[modality](batch).float().cpu().numpy()
-            for i, array in zip(indices, out):
-                results[i] = self.output_type(modality=modality, **{self.out_field: array})
+            out = self.heads[modality](batch)
+            # A head gives one tensor (for out_field) or, when it fills several payload fields,
+            # a dict of field name to tensor.
+            fields = out if isinstance(out, dict) else {self.out_field: out}
+            outputs = {name: tensor.float().cpu().numpy() for name, tensor in fields.items()}
+            for row, i in enumerate(indices):
+                results[i] = self.output_type(modality=modality, **{name: array[row] for name, array in outputs.items()})
         return results

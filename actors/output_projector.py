@@ -4,6 +4,10 @@ Two designs, one head per output modality in one checkpoint:
 ``transformer`` (NExT-GPT / GILL: a linear map in, an encoder-decoder transformer whose decoder
 reads ``num_queries`` learnable queries, a linear map out to the generator's conditioning width)
 and ``mlp`` (a two-layer MLP over the flattened signal states, reshaped to the conditioning).
+
+A head whose spec has a ``generated`` entry also fills ``Conditioning.generated_embeds``, for
+generators that take two conditionings (AudioLDM 2): ``generated`` is a head spec of its own, of
+either type, reading the same signal states (its ``in_dim`` is the outer head's).
 """
 
 from __future__ import annotations
@@ -64,12 +68,34 @@ class MLPHead(nn.Module):
         return self.mlp(signals).view(signals.shape[0], *self.shape)
 
 
-def make_head(spec: dict[str, Any]) -> nn.Module:
+class TwoConditioningHead(nn.Module):
+    """Two heads over the same signal states: ``embeds`` and ``generated_embeds`` of ``Conditioning``."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        generated = spec["generated"]
+        if generated.get("in_dim", spec["in_dim"]) != spec["in_dim"]:
+            raise ValueError(
+                f"expected the generated head to read the signal states' width {spec['in_dim']}, "
+                f"got in_dim {generated['in_dim']}"
+            )
+        self.embeds = _single_head({k: v for k, v in spec.items() if k != "generated"})
+        self.generated_embeds = _single_head({**generated, "in_dim": spec["in_dim"]})
+
+    def forward(self, signals: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embeds": self.embeds(signals), "generated_embeds": self.generated_embeds(signals)}
+
+
+def _single_head(spec: dict[str, Any]) -> nn.Module:
     if spec["type"] == "transformer":
         return TransformerHead(spec)
     if spec["type"] == "mlp":
         return MLPHead(spec)
     raise ValueError(f"expected an output projector type in {HEAD_TYPES}, got {spec['type']!r}")
+
+
+def make_head(spec: dict[str, Any]) -> nn.Module:
+    return TwoConditioningHead(spec) if "generated" in spec else _single_head(spec)
 
 
 def build_tiny(path: Path, seed: int) -> None:
@@ -111,7 +137,8 @@ def build_tiny(path: Path, seed: int) -> None:
 class OutputProjector(HeadStage):
     """Signal groups to generator conditioning.
 
-    Input: ``SignalGroup`` (n_signal_tokens, d_llm). Output: ``Conditioning`` (num_queries, out_dim).
+    Input: ``SignalGroup`` (n_signal_tokens, d_llm). Output: ``Conditioning`` (num_queries, out_dim),
+    with ``generated_embeds`` (generated num_queries, generated out_dim) where the head has ``generated``.
     """
 
     component = "output_projector"
@@ -123,3 +150,8 @@ class OutputProjector(HeadStage):
     def conditioning_shape(self, modality: str) -> tuple[int, int]:
         head = self.head_spec(modality)
         return head["num_queries"], head["out_dim"]
+
+    def generated_shape(self, modality: str) -> tuple[int, int] | None:
+        """Shape of ``Conditioning.generated_embeds`` for ``modality``; None if the head makes none."""
+        generated = self.head_spec(modality).get("generated")
+        return None if generated is None else (generated["num_queries"], generated["out_dim"])

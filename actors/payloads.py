@@ -115,12 +115,18 @@ class LLMResult:
 class Conditioning:
     """A generator's conditioning (H_X), in the space of its own text encoder.
 
+    ``generated_embeds`` is a second conditioning, for generators that take two: AudioLDM 2's
+    ``generated_prompt_embeds`` (the sequence its GPT-2 language model generates), next to
+    ``embeds`` as its Flan-T5 ``prompt_embeds``. None for generators that take one.
+
     Dimensions:
         embeds: (seq_len, d_cond) float32; seq_len is 1 for pooled conditioning (AudioLDM)
+        generated_embeds: (n_generated, d_generated) float32, or None
     """
 
     modality: Modality
     embeds: np.ndarray
+    generated_embeds: np.ndarray | None = None
 
 
 @dataclass

@@ -26,6 +26,18 @@ class ChatResult:
     usage: dict[str, int] = field(default_factory=dict)
 
 
+def _shape(shape: tuple[int | None, int]) -> str:
+    length, width = shape
+    return f"({length if length is not None else 'any'}, {width})"
+
+
+def _check_fits(producer: str, produced: tuple[int, int], consumer: str, expected: tuple[int | None, int]) -> None:
+    """Raise ``ValueError`` naming both shapes unless ``produced`` fits ``expected`` (None: any length)."""
+    length, width = expected
+    if produced[1] != width or (length is not None and produced[0] != length):
+        raise ValueError(f"{producer} of shape {produced}, but {consumer} {_shape(expected)}")
+
+
 class LocalPipeline:
     """Encoders -> input projector -> LLM -> output projector -> generators, in this process.
 
@@ -86,12 +98,34 @@ class LocalPipeline:
                     f"the output projector's {modality} head reads width {head['in_dim']}, "
                     f"but the LLM's hidden states have width {self.llm.hidden_size}"
                 )
-            produced = self.output_projector.conditioning_shape(modality)
-            length, width = generator.conditioning_shape
-            if produced[1] != width or (length is not None and produced[0] != length):
+            _check_fits(
+                f"the output projector's {modality} head produces conditioning",
+                self.output_projector.conditioning_shape(modality),
+                f"the {modality} generator expects",
+                generator.conditioning_shape,
+            )
+            # A second conditioning (AudioLDM 2's generated_prompt_embeds) must be made exactly
+            # where the generator takes one.
+            produced = self.output_projector.generated_shape(modality)
+            expected = generator.generated_shape
+            pipeline = type(generator.pipeline).__name__
+            if produced is None and expected is not None:
                 raise ValueError(
-                    f"the output projector's {modality} head produces conditioning of shape {produced}, "
-                    f"but the {modality} generator expects ({length if length is not None else 'any'}, {width})"
+                    f"the output projector's {modality} head produces no generated conditioning, but the {modality} "
+                    f"generator ({pipeline}) expects generated conditioning of shape {_shape(expected)}; give the head "
+                    f"a 'generated' head spec"
+                )
+            if produced is not None and expected is None:
+                raise ValueError(
+                    f"the output projector's {modality} head produces generated conditioning of shape {produced}, "
+                    f"but the {modality} generator ({pipeline}) takes none"
+                )
+            if produced is not None:
+                _check_fits(
+                    f"the output projector's {modality} head produces generated conditioning",
+                    produced,
+                    f"the {modality} generator expects",
+                    expected,
                 )
 
     def chat(

@@ -1,16 +1,28 @@
 """Real checkpoint layouts per stage: LLaVA and BLIP-2 split across the stages with exactly the
 answers of transformers' own ``generate``, the survey's model families loaded from local
-directories, and load-time checks between output projector and generator.
+directories, AudioLDM 2 driven by two conditionings from one output projector head, and load-time
+checks between output projector and generator.
 
 Every model is tiny, built from its config, saved with ``save_pretrained`` and loaded back through
 the stages' own loaders (no hub).
 """
 
+import io
+
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
-from omnistage.actors.payloads import AudioClip, Embeddings, Features, LLMRequest
+from omnistage.actors.payloads import (
+    AudioClip,
+    Conditioning,
+    Embeddings,
+    Features,
+    GenerationRequest,
+    LLMRequest,
+    SignalGroup,
+)
 
 RNG = np.random.default_rng(0)
 QUESTION = "What is it?"
@@ -402,6 +414,178 @@ def test_output_projector_generator_mismatch_fails_at_load(tmp_path, tiny_preset
         LocalPipeline(config)
 
 
+# AudioLDM 2: prompt_embeds and generated_prompt_embeds, both from one output projector head
+
+# Flan-T5 (prompt_embeds) and GPT-2 (generated_prompt_embeds) widths of the tiny UNet.
+A2_PROMPT_WIDTH, A2_GENERATED_WIDTH = 24, 16
+A2_SECONDS = 0.5
+A2_HEAD = {
+    "type": "transformer", "in_dim": 32, "d_model": 32, "num_heads": 4, "num_encoder_layers": 1,
+    "num_decoder_layers": 1, "ffn_dim": 64, "num_queries": 6, "out_dim": A2_PROMPT_WIDTH,
+    "generated": {"type": "mlp", "num_signal_tokens": 8, "hidden_dim": 64, "num_queries": 8, "out_dim": A2_GENERATED_WIDTH},
+}
+
+
+@pytest.fixture(scope="module")
+def audioldm2_dir(tmp_path_factory):
+    """AudioLDM 2 with only what runs on given conditioning: UNet, VAE, vocoder and scheduler. The
+    text encoders, tokenizers, projection model and GPT-2 are saved as null."""
+    from diffusers import AudioLDM2Pipeline, AudioLDM2UNet2DConditionModel, AutoencoderKL, DDIMScheduler
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    path = tmp_path_factory.mktemp("audioldm2") / "tiny-audioldm2"
+    torch.manual_seed(0)
+    unet = AudioLDM2UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        # Per block: self-attention only, then GPT-2's sequence, then Flan-T5's (diffusers' own tests: [None, 16, 32]).
+        cross_attention_dim=([None, A2_GENERATED_WIDTH, A2_PROMPT_WIDTH],) * 2,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=1, out_channels=1, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    torch.manual_seed(0)
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=8, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[8, 8],
+        upsample_kernel_sizes=[16, 16], resblock_kernel_sizes=[3, 7], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+        normalize_before=False, initializer_range=0.1,  # the default 0.01 is silence as 16-bit PCM
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    unused = dict.fromkeys(["text_encoder", "text_encoder_2", "projection_model", "language_model", "tokenizer",
+                            "tokenizer_2", "feature_extractor"])
+    AudioLDM2Pipeline(vae=vae, unet=unet, scheduler=scheduler, vocoder=vocoder, **unused).save_pretrained(path)
+    return path
+
+
+def _output_projector(path, heads):
+    from omnistage.actors.heads import save_heads
+    from omnistage.actors.output_projector import OutputProjector
+
+    spec = {"heads": heads}
+    save_heads(OutputProjector.build_heads(spec), spec, path)
+    return path
+
+
+def test_audioldm2_widths_follow_the_unet_layout():
+    from omnistage.actors.generator import _audioldm2_widths
+
+    assert _audioldm2_widths([[None, 768, 1024]] * 4) == (1024, 768)  # (Flan-T5-large, GPT-2 base)
+    with pytest.raises(ValueError, match=r"one prompt_embeds width.*got cross_attention_dim \(8, 16\)"):
+        _audioldm2_widths((8, 16))  # one cross-attention per block: no Flan-T5 stream
+
+
+def test_audioldm2_generates_wav_from_output_projector(tmp_path, audioldm2_dir):
+    from omnistage.actors.errors import InvalidInputError
+    from omnistage.actors.generator import AudioGenerator
+    from omnistage.actors.output_projector import OutputProjector
+    from omnistage.cluster.config import AudioGeneratorConfig, OutputProjectorConfig
+
+    generator = AudioGenerator(AudioGeneratorConfig(model=str(audioldm2_dir), num_inference_steps=2, audio_length_s=A2_SECONDS))
+    assert type(generator.pipeline).__name__ == "AudioLDM2Pipeline"
+    assert generator.conditioning_shape == (None, A2_PROMPT_WIDTH)
+    assert generator.generated_shape == (None, A2_GENERATED_WIDTH)
+    projector = OutputProjector(OutputProjectorConfig(model=str(_output_projector(tmp_path / "projector", {"audio": A2_HEAD}))))
+    assert projector.conditioning_shape("audio") == (6, A2_PROMPT_WIDTH)
+    assert projector.generated_shape("audio") == (8, A2_GENERATED_WIDTH)
+
+    signals = [SignalGroup("audio", np.random.default_rng(s).standard_normal((8, 32)).astype(np.float32)) for s in (0, 1)]
+    conditionings = projector(signals)
+    for c in conditionings:
+        assert c.embeds.shape == (6, A2_PROMPT_WIDTH) and c.generated_embeds.shape == (8, A2_GENERATED_WIDTH)
+        assert c.embeds.dtype == c.generated_embeds.dtype == np.float32
+    conditioning = conditionings[0]
+
+    first, again, other_seed = (generator([GenerationRequest(conditioning, seed=s)])[0] for s in (0, 0, 1))
+    rate = generator.pipeline.vocoder.config.sampling_rate
+    assert first.modality == "audio" and first.mime_type == "audio/wav" and first.rate == rate == 16000
+    assert first.array.shape == (int(A2_SECONDS * rate),) and first.array.dtype == np.float32
+    assert np.isfinite(first.array).all() and np.abs(first.array).max() > 0.01  # audible once 16-bit PCM
+    samples, decoded_rate = sf.read(io.BytesIO(first.data), dtype="float32")
+    assert decoded_rate == rate and samples.shape == first.array.shape
+    assert first.data == again.data and not np.array_equal(first.array, other_seed.array)
+
+    # embeds are prompt_embeds and generated_embeds are generated_prompt_embeds: the stage's output is
+    # the pipeline's own for the same tensors and noise.
+    with torch.no_grad():
+        direct = generator.pipeline(
+            prompt_embeds=torch.from_numpy(conditioning.embeds[None]),
+            generated_prompt_embeds=torch.from_numpy(conditioning.generated_embeds[None]),
+            num_inference_steps=2, guidance_scale=1.0, audio_length_in_s=A2_SECONDS,
+            generator=torch.Generator().manual_seed(0),
+        ).audios[0]
+    np.testing.assert_array_equal(first.array, direct)
+    # Both conditionings reach the audio.
+    for changed in (Conditioning("audio", conditioning.embeds + 1, conditioning.generated_embeds),
+                    Conditioning("audio", conditioning.embeds, conditioning.generated_embeds + 1)):
+        assert not np.allclose(generator([GenerationRequest(changed, seed=0)])[0].array, first.array, atol=1e-4)
+    # A batch gives what single calls give (up to the order of batched CPU sums).
+    batched = generator([GenerationRequest(c, seed=i) for i, c in enumerate(conditionings)])
+    np.testing.assert_allclose(batched[0].array, first.array, rtol=0, atol=1e-5)
+    assert not np.allclose(batched[0].array, batched[1].array)
+
+    with pytest.raises(InvalidInputError, match=r"generated conditioning \(generated_embeds\) of shape \(seq_len, 16\) "
+                                                r"for AudioLDM2Pipeline, got None"):
+        generator([GenerationRequest(Conditioning("audio", conditioning.embeds), seed=0)])
+    wide = Conditioning("audio", conditioning.embeds, np.zeros((8, 32), np.float32))
+    with pytest.raises(InvalidInputError, match=r"generated conditioning of shape \(seq_len, 16\), got shape \(8, 32\)"):
+        generator([GenerationRequest(wide, seed=0)])
+
+
+def test_audioldm2_through_local_pipeline(tmp_path, audioldm2_dir):
+    """The whole path: LLM signal tokens -> one head making both conditionings -> AudioLDM 2 -> WAV."""
+    from omnistage.cluster.config import OmnistageConfig
+    from omnistage.pipelines.local import LocalPipeline
+
+    config = OmnistageConfig.model_validate({
+        "name": "audioldm2",
+        "stages": {
+            "llm": {"model": "tiny"},
+            "output_projector": {"model": str(_output_projector(tmp_path / "projector", {"audio": A2_HEAD}))},
+            "audio_generator": {"model": str(audioldm2_dir), "num_inference_steps": 2, "audio_length_s": A2_SECONDS},
+        },
+    })
+    pipeline = LocalPipeline(config)  # the load-time check accepts both conditionings
+    result = pipeline.chat([{"role": "user", "content": "Play a drum."}], max_tokens=4, seed=0, modalities=["text", "audio"])
+    (media,) = result.media
+    assert media.modality == "audio" and media.mime_type == "audio/wav"
+    samples, rate = sf.read(io.BytesIO(media.data), dtype="float32")
+    assert rate == 16000 and samples.shape == (int(A2_SECONDS * 16000),) and np.isfinite(samples).all()
+
+
+@pytest.mark.parametrize(
+    "generator, head, message",
+    [
+        ("audioldm2", {**A2_HEAD, "generated": {**A2_HEAD["generated"], "out_dim": 20}},
+         r"head produces generated conditioning of shape \(8, 20\), but the audio generator expects \(any, 16\)"),
+        ("audioldm2", {k: v for k, v in A2_HEAD.items() if k != "generated"},
+         r"head produces no generated conditioning, but the audio generator \(AudioLDM2Pipeline\) expects "
+         r"generated conditioning of shape \(any, 16\)"),
+        ("audioldm2", {**A2_HEAD, "out_dim": 32},
+         r"head produces conditioning of shape \(6, 32\), but the audio generator expects \(any, 24\)"),
+        ("audioldm", {"type": "mlp", "in_dim": 32, "num_signal_tokens": 8, "hidden_dim": 64, "num_queries": 1,
+                      "out_dim": 32, "generated": A2_HEAD["generated"]},
+         r"head produces generated conditioning of shape \(8, 16\), but the audio generator \(AudioLDMPipeline\) takes none"),
+    ],
+)
+def test_audioldm2_conditioning_mismatch_fails_at_load(tmp_path, request, generator, head, message):
+    from omnistage.cluster.config import OmnistageConfig
+    from omnistage.pipelines.local import LocalPipeline
+
+    generator_dir = (request.getfixturevalue("audioldm2_dir") if generator == "audioldm2"
+                     else request.getfixturevalue("tiny_preset") / "audio_generator")
+    config = OmnistageConfig.model_validate({
+        "name": "mismatch",
+        "stages": {
+            "llm": {"model": "tiny"},
+            "output_projector": {"model": str(_output_projector(tmp_path / "projector", {"audio": head}))},
+            "audio_generator": {"model": str(generator_dir)},
+        },
+    })
+    with pytest.raises(ValueError, match=message):
+        LocalPipeline(config)
+
+
 # dtype from config
 
 
@@ -436,11 +620,12 @@ def test_multimodal_stages_honour_dtype(llava_dir):
     assert projector(features)[0].embeds.dtype == np.float32
 
 
-# Through the Serve app: the LLaVA split as its own pools, answering over HTTP
+# Through the Serve app: the LLaVA and BLIP-2 splits as their own pools, answering over HTTP
 
 
-@pytest.mark.slow
-def test_llava_through_serve_matches_transformers_generate(ray_session, llava_dir):
+def _check_through_serve(path, name, n_image_tokens=None):
+    """Deploy ``path`` split into encoder, projector and LLM pools as its own app under ``/name``, on
+    the session's Serve instance, and compare its greedy answer over HTTP with transformers' generate."""
     import base64
 
     import httpx
@@ -452,26 +637,37 @@ def test_llava_through_serve_matches_transformers_generate(ray_session, llava_di
 
     from conftest import SERVE_PORT
 
-    config = pretrained_config(llava_dir, name="tiny-llava")
+    config = pretrained_config(path, name=name)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
-    serve.run(build_app(config), name="tiny-llava", route_prefix="/tiny-llava")
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
     try:
         image = _image(1)
-        expected_ids, expected_text, _ = _reference(llava_dir, image, max_new_tokens=12, n_image_tokens=225)
+        expected_ids, expected_text, _ = _reference(path, image, max_new_tokens=12, n_image_tokens=n_image_tokens)
+        assert len(expected_ids) >= 4  # a real answer, not an immediate end of sequence
         url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
         body = {
-            "model": "tiny-llava", "max_tokens": 12, "temperature": 0,
+            "model": name, "max_tokens": 12, "temperature": 0,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": QUESTION}]}],
         }
-        with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}/tiny-llava", timeout=120) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}/{name}", timeout=120) as client:
             reply = client.post("/v1/chat/completions", json=body)
         assert reply.status_code == 200, reply.text
         answer = reply.json()
         assert answer["choices"][0]["message"]["content"] == expected_text
         assert answer["usage"]["completion_tokens"] == len(expected_ids)
     finally:
-        serve.delete("tiny-llava")
+        serve.delete(name)
+
+
+@pytest.mark.slow
+def test_llava_through_serve_matches_transformers_generate(ray_session, llava_dir):
+    _check_through_serve(llava_dir, "tiny-llava", n_image_tokens=225)
+
+
+@pytest.mark.slow
+def test_blip2_through_serve_matches_transformers_generate(ray_session, blip2_dir):
+    _check_through_serve(blip2_dir, "tiny-blip2")  # 8 query tokens, first in the prompt
 
 
 def test_llm_encoder_decoder_flan_t5(tmp_path):
