@@ -61,12 +61,21 @@ class QueueLimits(_Strict):
     max_queued_requests: int = Field(64, ge=-1, description="Requests waiting per caller before new ones are refused; -1 for no limit.")
 
 
+class HealthChecks(_Strict):
+    period_s: float = Field(10, gt=0, description="How often Serve calls a replica's health check (Serve's default).")
+    timeout_s: float = Field(30, gt=0, description="A check unanswered after this counts as failed (Serve's default).")
+
+
 class PoolConfig(_Strict):
-    """How one deployment's replicas are placed, scaled and queued."""
+    """How one deployment's replicas are placed, scaled, queued and checked."""
 
     scaling: Scaling = Field(default_factory=Scaling)
     resources: Resources = Field(default_factory=Resources)
     queue: QueueLimits = Field(default_factory=QueueLimits)
+    health: HealthChecks = Field(
+        default_factory=HealthChecks,
+        description="Serve replaces a replica after three failed checks in a row.",
+    )
 
 
 class StageConfig(PoolConfig):
@@ -79,6 +88,12 @@ class StageConfig(PoolConfig):
     )
     device: str = Field("auto", description="auto picks CUDA when the replica has a GPU, else CPU; or e.g. 'cpu', 'cuda:0'.")
     batching: Batching = Field(default_factory=Batching)
+    stuck_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="A replica whose model worker has spent longer than this on one call (a hung kernel, a deadlock) "
+        "fails its health check, so Serve replaces it; set it above the slowest legitimate batch. None: no limit.",
+    )
 
 
 class ImageEncoderConfig(StageConfig):

@@ -93,6 +93,8 @@ class StageServer:
         self._batched.set_max_batch_size(batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=stage_name)
+        # When the worker thread began the call it is on (None: idle), for check_health.
+        self._call_started: float | None = None
         self._metrics = _Metrics(stage_name)
         self._waiting = 0
         self._counts = {"batches": 0, "items": 0, "largest_batch": 0}
@@ -119,7 +121,7 @@ class StageServer:
     async def _batched(self, items: list[Any], request_ids: list[str]) -> list[Any]:
         start = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self.stage, items)
+            results = await self._on_worker(self.stage, items)
         except Exception:
             self._metrics.errors.inc(len(items))
             log.exception("batch_failed", stage=self.name, request_ids=request_ids)
@@ -128,6 +130,17 @@ class StageServer:
         self._observe_batch(len(items), seconds)
         log.info("batch_done", stage=self.name, request_ids=request_ids, batch_size=len(items), seconds=round(seconds, 4))
         return results
+
+    async def _on_worker(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the stage's worker thread, which records when it started the call."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
+
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        self._call_started = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._call_started = None
 
     def _observe_batch(self, size: int, seconds: float) -> None:
         self._metrics.requests.inc(size)
@@ -162,9 +175,20 @@ class StageServer:
         return self.name
 
     def check_health(self) -> None:
-        """Serve calls this periodically; raising makes the controller replace the replica."""
+        """Serve calls this every ``health.period_s``; after three failures in a row the controller
+        replaces the replica. It never waits on the worker thread, so a stuck model cannot also
+        stall its own check."""
         import torch
 
+        started, limit = self._call_started, self.stage.config.stuck_after_s
+        busy_s = 0.0 if started is None else time.monotonic() - started
+        if limit is not None and busy_s > limit:
+            # The ingress answers the call's requests with 408 at their deadline, but only a new
+            # replica frees a worker stuck in a kernel that never returns or a deadlock.
+            raise RuntimeError(
+                f"expected the {self.name} worker to finish a call within stuck_after_s={limit}, "
+                f"got one running for {busy_s:.1f} s"
+            )
         if self.stage.device.type == "cuda":
             # Surfaces a lost or faulted GPU (e.g. an Xid error) as an unhealthy replica.
             torch.cuda.synchronize(self.stage.device)
@@ -197,11 +221,10 @@ class LLMServer(StageServer):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _stream_batched(self, requests: list[LLMRequest], request_ids: list[str]):
-        loop = asyncio.get_running_loop()
         steps = self.stage.stream(requests)
         start = time.perf_counter()
         while True:
-            finished, value = await loop.run_in_executor(self._executor, _advance, steps)
+            finished, value = await self._on_worker(_advance, steps)
             if finished:
                 results = value
                 break

@@ -478,7 +478,7 @@ _SERVER_CLASSES = {"llm": LLMServer, "image_generator": GeneratorServer, "video_
 
 def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
     """Serve options of one pool from its config section."""
-    scaling, resources, queue = pool.scaling, pool.resources, pool.queue
+    scaling, resources, queue, health = pool.scaling, pool.resources, pool.queue, pool.health
     return {
         "name": name,
         "autoscaling_config": {
@@ -494,6 +494,8 @@ def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)},
         "max_ongoing_requests": queue.max_ongoing_requests,
         "max_queued_requests": queue.max_queued_requests,
+        "health_check_period_s": health.period_s,
+        "health_check_timeout_s": health.timeout_s,
     }
 
 

@@ -7,7 +7,7 @@ builder on the cluster, which builds the same application ``omnistage serve`` de
 
 The export splits the config in two, so each setting lives in one place:
 
-- ``deployments``: each pool's placement (``scaling``, ``resources``, ``queue``) as Serve options.
+- ``deployments``: each pool's placement (``scaling``, ``resources``, ``queue``, ``health``) as Serve options.
   Serve applies changes here in place: new autoscaling bounds or queue limits restart nothing.
 - ``http_options``: the server's host, port and request timeout (fixed once Serve has started).
 - ``args.config``: everything else (models, batching, input limits, the request timeout again for
@@ -30,7 +30,7 @@ from omnistage.pipelines.serve import APP_NAME, build_app, deployment_options
 SERVE_IMPORT_PATH = "omnistage.pipelines.serve_config:app_builder"
 ROUTE_PREFIX = "/"
 # Sections of a pool's config that become Serve deployment options instead of builder args.
-PLACEMENT_SECTIONS = ("scaling", "resources", "queue")
+PLACEMENT_SECTIONS = ("scaling", "resources", "queue", "health")
 # Server settings that become Serve's http_options (the proxies') instead of builder args. The
 # request timeout goes to both: the proxies enforce it and the ingress cancels downstream calls.
 HTTP_SETTINGS = ("host", "port")
@@ -148,6 +148,7 @@ def _pool_from_options(options: dict[str, Any]) -> dict[str, Any]:
         "scaling": scaling,
         "resources": {k: v for k, v in resources.items() if v is not None},
         "queue": {k: options[k] for k in ("max_ongoing_requests", "max_queued_requests") if k in options},
+        "health": {k: options[f"health_check_{k}"] for k in ("period_s", "timeout_s") if f"health_check_{k}" in options},
     }
 
 
@@ -155,7 +156,7 @@ def dump_serve_config(config: OmnistageConfig, source: str) -> str:
     """``export_serve_config`` as YAML text, with a header saying where it came from."""
     header = (
         f"# Serve config for {config.name!r}, generated from {source} by `omnistage serve --export-config`.\n"
-        "# Deploy: serve deploy FILE (or serve run FILE). Pool placement (scaling, resources, queue) is in\n"
+        "# Deploy: serve deploy FILE (or serve run FILE). Pool placement (scaling, resources, queue, health) is in\n"
         "# `deployments`: Serve applies changes there in place. The rest is `args.config`: a change there\n"
         "# restarts every replica. Prefer changing the omnistage config and exporting again.\n"
     )

@@ -2,8 +2,11 @@
 
 import base64
 import concurrent.futures
+import contextlib
 import io
 import json
+import os
+import signal
 import time
 
 import httpx
@@ -13,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from omnistage.actors.media import encode_png
-from omnistage.pipelines.demo import sample_image
+from omnistage.actors.media import encode_png, encode_video
+from omnistage.pipelines.demo import sample_image, sample_video
+from omnistage.pipelines.serve import APP_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +27,46 @@ def _gcs_address():
     import ray
 
     return ray.get_runtime_context().gcs_address
+
+
+def _replica_actors() -> dict[str, dict[str, int]]:
+    """Deployment -> {replica actor name: pid} of the session app's live replicas."""
+    from ray.util.state import list_actors
+
+    prefix = f"ServeReplica:{APP_NAME}:"
+    found: dict[str, dict[str, int]] = {}
+    for actor in list_actors(address=_gcs_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=10_000):
+        if actor.class_name.startswith(prefix):
+            found.setdefault(actor.class_name.removeprefix(prefix), {})[actor.name] = actor.pid
+    return found
+
+
+@contextlib.contextmanager
+def _paused(pid: int):
+    """A stopped replica still accepts calls but runs none, so the test decides when the next stage
+    reads what the previous one produced."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        # Serve may have ended the process meanwhile: a replica stopped past its health checks.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _kill_replica(deployment: str, pid: int, wait_until) -> None:
+    """SIGKILL, as the OOM killer or a crash would; returns once Ray knows the actor is dead."""
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: pid not in _replica_actors().get(deployment, {}).values(), 30)
+
+
+def _replaced(deployment: str, running_replicas) -> bool:
+    """The one replica of ``deployment`` is a new actor, and running (checked after the old one died)."""
+    return len(_replica_actors().get(deployment, {})) == 1 == running_replicas(deployment)
+
+
+def _chat(serve_url: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=120)
 
 
 def test_killing_the_llm_replica_under_load_loses_no_request(serve_url, serve_config, running_replicas, wait_until):
@@ -51,6 +95,53 @@ def test_killing_the_llm_replica_under_load_loses_no_request(serve_url, serve_co
     # The controller replaces the replica: the pool is back at its size, on a new actor.
     assert wait_until(lambda: running_replicas("llm") >= serve_config.stages.llm.scaling.min_replicas, 120)
     assert llm.stats.remote().result()["actor_name"] != victim
+
+
+def _kill_between_stages(serve_url: str, body: dict, producer: str, reader: str, wait_until, settle_s: float = 0) -> httpx.Response:
+    """Posts ``body`` with the ``reader`` pool stopped, SIGKILLs the ``producer`` replica once it has
+    handled the request, waits ``settle_s``, then lets ``reader`` go on: what it reads has outlived
+    its producer."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(producer, APP_NAME)
+    actors = _replica_actors()
+    ((producer_pid,), (reader_pid,)) = (actors[producer].values(), actors[reader].values())
+    handled = handle.stats.remote().result()["items"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        with _paused(reader_pid):
+            answer = pool.submit(_chat, serve_url, body)
+            assert wait_until(lambda: handle.stats.remote().result()["items"] > handled, 30)
+            _kill_replica(producer, producer_pid, wait_until)
+            time.sleep(settle_s)
+        return answer.result()
+
+
+def test_killing_an_encoder_after_it_produced_features_loses_nothing(serve_url, running_replicas, wait_until):
+    """RELIABILITY row 2, encoder side: the ingress made the encoder call, so the ingress owns its
+    output; the features (here 144 KB, so in the node's object store) outlive the encoder."""
+    video = base64.b64encode(encode_video(sample_video(n_frames=6, size=40), fps=4)).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{video}"}}]}], "max_tokens": 2}
+    response = _kill_between_stages(serve_url, body, "video_encoder", "input_projector", wait_until)
+    assert response.status_code == 200, response.text
+    assert wait_until(lambda: _replaced("video_encoder", running_replicas), 120)
+
+
+def test_an_owner_dying_before_the_next_stage_reads_its_object_costs_a_retryable_503(serve_url, running_replicas, wait_until):
+    """RELIABILITY row 2: the LLM replica owns the signal hidden states it ``ray.put``s for the output
+    projector; killed after answering and before the projector read them, the object is gone."""
+    body = {"messages": [{"role": "user", "content": "a red circle"}], "max_tokens": 2, "modalities": ["text", "image"], "seed": 0}
+    # The raylet drops a dead owner's objects shortly after the owner dies, not at once: a reader
+    # that comes within that moment may still find the local copy.
+    response = _kill_between_stages(serve_url, body, "llm", "output_projector", wait_until, settle_s=3)
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["type"] == "overloaded_error" and "retry" in error["message"] and "Traceback" not in response.text
+    # The controller brings a new LLM replica; the same request, replayed, succeeds.
+    assert wait_until(lambda: _replaced("llm", running_replicas), 120)
+    replayed = _chat(serve_url, body)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["choices"][0]["message"]["media"][0]["type"] == "image"
 
 
 def test_overloaded_pool_answers_503_with_retry_after(serve_url):
@@ -176,3 +267,50 @@ def test_a_request_past_its_deadline_gets_408_and_the_server_carries_on(client, 
         deploy(serve_config)
     quick = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert client.post("/v1/chat/completions", json=quick).status_code == 200
+
+
+
+def test_a_worker_stuck_past_its_limit_fails_the_health_check(ray_session, tiny_preset):
+    """RELIABILITY row 3, the check: ``check_health`` raises while the worker thread is on a call
+    older than ``stuck_after_s``, and passes again once it returns."""
+    import asyncio
+
+    from omnistage.cluster.config import load_config
+    from omnistage.pipelines.deployments import StageServer
+
+    config = load_config("tiny").stages.output_projector.model_copy(update={"stuck_after_s": 0.2})
+    server = StageServer("output_projector", config.model_dump(mode="json"))
+
+    async def scenario():
+        server.check_health()
+        call = asyncio.ensure_future(server._on_worker(time.sleep, 1.0))  # a call that will not return in time
+        await asyncio.sleep(0.5)
+        with pytest.raises(RuntimeError, match=r"expected the output_projector worker to finish a call within stuck_after_s=0.2, got one running for"):
+            server.check_health()
+        await call
+        server.check_health()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_health_check_replaces_that_replica_and_no_other(serve_url, serve_config, running_replicas, wait_until):
+    """RELIABILITY row 3, the replacement: the audio encoder's checks (every 1 s, 2 s to answer in
+    the session config) fail while its process is stopped; Serve replaces that replica, every other
+    pool keeps its replicas, and an audio question succeeds."""
+    from omnistage.actors.media import encode_wav
+    from omnistage.pipelines.demo import sample_audio
+
+    assert serve_config.stages.audio_encoder.health.timeout_s <= 2
+    before = _replica_actors()
+    ((victim, pid),) = before["audio_encoder"].items()
+    with _paused(pid):
+        assert wait_until(lambda: _replica_actors().get("audio_encoder", {}).keys() - {victim} and running_replicas("audio_encoder") == 1, 60)
+    assert wait_until(lambda: victim not in _replica_actors().get("audio_encoder", {}), 60)
+    after = _replica_actors()
+    assert len(after["audio_encoder"]) == 1
+    assert {name: replicas for name, replicas in after.items() if name != "audio_encoder"} == {
+        name: replicas for name, replicas in before.items() if name != "audio_encoder"
+    }
+    audio = base64.b64encode(encode_wav(*sample_audio())).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}], "max_tokens": 2}
+    assert _chat(serve_url, body).status_code == 200
