@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/omnistage serve --config tiny
+	$(BIN)/omnistage serve --config shapes
 
 # The cache tests start their own redis-server on loopback (with a password), so the binary must
 # exist; Debian's package provides it.

@@ -2,7 +2,8 @@
 
 A preset is a directory with one checkpoint per component, each in the ordinary transformers or
 diffusers layout, so stages load it with ``from_pretrained`` exactly as they load downloaded
-checkpoints. ``tiny`` has random, seeded weights: building it twice gives identical files.
+checkpoints. ``tiny`` has random, seeded weights, built on first use: building it twice gives
+identical files. ``shapes`` is trained (``omnistage.pipelines.train``) and ships with the package.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import importlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 
 import structlog
@@ -22,7 +25,10 @@ BUILD_VERSION = 1
 
 BUILTIN_PRESETS: dict[str, str] = {
     "tiny": "random weights from tiny configs (CPU, seconds to build); its answers and media are noise",
+    "shapes": "trained on the shapes world (captions and draws coloured shapes); ships with the package",
 }
+# Presets whose weights ship inside the package (trained, not built), in omnistage.cluster/presets/.
+SHIPPED_PRESETS = ("shapes",)
 
 # Component name -> "module:function" that writes that component's checkpoint directory.
 # Each builder takes (path, seed). The order fixes the seeds, so keep new entries at the end.
@@ -49,10 +55,14 @@ TINY_DIMS = {
 
 
 def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write every component of the built-in preset ``name`` under ``out_dir``."""
+    """Write every component of the built-in preset ``name`` under ``out_dir`` (a shipped preset
+    is copied; ``seed`` applies to built ones)."""
     if name not in BUILTIN_PRESETS:
         raise ValueError(f"expected a built-in preset ({', '.join(BUILTIN_PRESETS)}), got {name!r}")
     out = Path(out_dir)
+    if name in SHIPPED_PRESETS:
+        shutil.copytree(ensure_preset(name), out, dirs_exist_ok=True)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     for index, (component, target) in enumerate(TINY_BUILDERS.items()):
         module_name, func_name = target.split(":")
@@ -71,8 +81,17 @@ def ensure_preset(name: str) -> Path:
     """The directory of built-in preset ``name``, building it first if this machine lacks it.
 
     Several processes may race to build it (one per Ray actor); each builds into its own temporary
-    directory and the first rename wins, so readers never see a half-written preset.
+    directory and the first rename wins, so readers never see a half-written preset. A shipped
+    preset is never built: its directory in the package is returned.
     """
+    if name in SHIPPED_PRESETS:
+        shipped = Path(str(resources.files("omnistage.cluster") / "presets" / name))
+        if not (shipped / "llm").is_dir():
+            raise FileNotFoundError(
+                f"expected the {name!r} preset's weights in {str(shipped)!r}, found none; "
+                f"train them with `omnistage train {name} DIR` and point each stage's `model:` at DIR/<stage>"
+            )
+        return shipped
     target = cache_root() / "presets" / f"{name}-v{BUILD_VERSION}"
     if target.is_dir():
         return target
@@ -88,6 +107,13 @@ def ensure_preset(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_presets(models: Iterable[str]) -> None:
+    """Build (or find) each built-in preset among ``models`` once, in this process, so that the
+    replicas or actors that load it later do not all build it at the same time."""
+    for name in sorted(set(models) & set(BUILTIN_PRESETS)):
+        ensure_preset(name)
 
 
 def resolve_checkpoint(model: str, component: str) -> Path:

@@ -50,9 +50,12 @@ GUIDANCE_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer
 # widths set to TINY_DIMS so the tiny output projector fits.
 
 
-def _ddim_scheduler() -> DDIMScheduler:
-    # steps_offset=1 as in the released SD checkpoints: StableDiffusionPipeline warns about the
-    # default 0 and rewrites it to 1 whenever it is constructed.
+def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's noise schedule, with DDIM sampling.
+
+    steps_offset=1 as in the released SD checkpoints: StableDiffusionPipeline warns about the
+    default 0 and rewrites it to 1 whenever it is constructed.
+    """
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -60,6 +63,7 @@ def _ddim_scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -90,7 +94,7 @@ def build_tiny_image_generator(path: Path, seed: int) -> None:
         text_encoder=None,
         tokenizer=None,
         unet=unet,
-        scheduler=_ddim_scheduler(),
+        scheduler=ddim_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -125,7 +129,7 @@ def build_tiny_video_generator(path: Path, seed: int) -> None:
         norm_num_groups=2,
     )
     pipeline = TextToVideoSDPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=_ddim_scheduler()
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=ddim_scheduler()
     )
     pipeline.save_pretrained(path)
 
@@ -176,7 +180,7 @@ def build_tiny_audio_generator(path: Path, seed: int) -> None:
         text_encoder=None,
         tokenizer=None,
         unet=unet,
-        scheduler=_ddim_scheduler(),
+        scheduler=ddim_scheduler(),
         vocoder=SpeechT5HifiGan(vocoder_config),
     )
     pipeline.save_pretrained(path)

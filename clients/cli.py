@@ -35,7 +35,19 @@ def _demo(args: argparse.Namespace) -> None:
     from omnistage.pipelines.demo import run_demo
 
     run_demo(args.config, Path(args.out), seed=args.seed)
-    print("The tiny preset has random weights: its text and media are noise, the path through every stage is real.")
+    if args.config == "tiny":
+        print("The tiny preset has random weights: its text and media are noise, the path through every stage is real.")
+
+
+def _train_shapes(args: argparse.Namespace) -> None:
+    import time
+
+    from omnistage.pipelines.train import TrainSettings, train_shapes
+
+    start = time.monotonic()
+    out = train_shapes(args.dir, TrainSettings(seed=args.seed, scale=args.scale), workers=args.workers)
+    print(f"wrote the shapes preset to {out} in {time.monotonic() - start:.0f} s")
+    print(f"serve it: set each stage's `model:` in cluster/presets/shapes.yaml to {out}/<stage>")
 
 
 def _batch_caption(args: argparse.Namespace) -> None:
@@ -196,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=_generate)
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve until Ctrl-C")
-    serve.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
+    serve.add_argument("--config", default="shapes", help="preset name or YAML path (default: shapes)")
     serve.add_argument("--host", help="bind address (default: the config's, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: the config's, 8000)")
     serve.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
@@ -206,12 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
+    train = commands.add_parser("train", help="train a preset on Ray Train")
+    train_commands = train.add_subparsers(dest="train_command", required=True)
+    shapes = train_commands.add_parser(
+        "shapes", help="train the shapes preset (minutes on a laptop CPU)",
+        description="Pretrain the encoder, LLM and generator on the shapes world, then the projectors, "
+        "and write the preset to DIR (replaced if it exists).",
+    )
+    shapes.add_argument("dir", help="output directory")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers, one CPU each (default: 2)")
+    shapes.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (default: 1)")
+    shapes.set_defaults(func=_train_shapes)
+
     samples = commands.add_parser("samples", help="write a sample image, video and audio file to try requests with")
     samples.add_argument("dir", nargs="?", default=".", help="output directory (default: .)")
     samples.set_defaults(func=_samples)
 
     demo = commands.add_parser("demo", help="run sample requests through every stage in this process")
-    demo.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
+    demo.add_argument("--config", default="shapes", help="preset name or YAML path (default: shapes)")
     demo.add_argument("--out", default="out", help="directory for generated media (default: ./out)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
+from omnistage.actors.builtin import ensure_presets
 from omnistage.actors.errors import InvalidInputError
 from omnistage.actors.payloads import (
     AudioClip,
@@ -698,14 +699,6 @@ class JobSummary:
         )
 
 
-def _ensure_builtin_models(stages: list[StageConfig]) -> None:
-    """Build built-in presets here, once, rather than in every actor at the same time."""
-    from omnistage.actors.builtin import BUILTIN_PRESETS, ensure_preset
-
-    for name in {stage.model for stage in stages if stage.model in BUILTIN_PRESETS}:
-        ensure_preset(name)
-
-
 def _run(job: str, source: str, output: str, id_column: str, stages: list[StageConfig], build: Any) -> JobSummary:
     """Write ``build(skip_ids=..., run_id=...)`` to ``output`` after skipping the ids already there."""
     from ray.data.datasource import FilenameProvider
@@ -723,7 +716,7 @@ def _run(job: str, source: str, output: str, id_column: str, stages: list[StageC
             # Nothing left: no pools to start.
             return _summary(job, output, run_id, pa.chunked_array([], pa.string()), skipped, start)
     ds = build(skip_ids=skip, run_id=run_id)  # lazy: checks the options, starts nothing
-    _ensure_builtin_models(stages)
+    ensure_presets(stage.model for stage in stages)
     prefix = f"{job}-{run_id}"
     ds.write_parquet(
         output,

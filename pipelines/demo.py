@@ -1,29 +1,29 @@
 """A one-shot tour of the whole path: media questions in, text out; prompts in, media out.
 
-The sample media are drawn here (a disc, a moving square, a tone) and sent the way an API user
+The sample media are drawn here (a red circle, a moving square, a tone) and sent the way an API user
 sends them, as encoded files in data URLs, so decoding runs too.
 """
 
 from __future__ import annotations
 
 import base64
+import random
 from pathlib import Path
 
 import numpy as np
 
 from omnistage.actors.media import encode_png, encode_video, encode_wav
+from omnistage.pipelines.shapes import ShapeSpec, render
 
 EXTENSIONS = {"image/png": "png", "image/gif": "gif", "video/mp4": "mp4", "audio/wav": "wav"}
 
 
+SAMPLE_SHAPE = ShapeSpec("red", "circle", "left", "big")
+
+
 def sample_image(size: int = 64) -> np.ndarray:
-    """(size, size, 3) uint8: a red disc on a blue background."""
-    yy, xx = np.mgrid[:size, :size]
-    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
-    image = np.zeros((size, size, 3), np.uint8)
-    image[..., 2] = 200
-    image[disc] = (220, 30, 30)
-    return image
+    """(size, size, 3) uint8: a picture of the shapes world, a big red circle on the left."""
+    return render(SAMPLE_SHAPE, size, random.Random(0))
 
 
 def sample_video(n_frames: int = 12, size: int = 48) -> np.ndarray:
@@ -76,20 +76,28 @@ def demo_requests() -> list[tuple[str, list[dict], list[str]]]:
         ("image question", ask("What is in this image?", image), ["text"]),
         ("video question", ask("What happens in this video?", video), ["text"]),
         ("audio question", ask("What do you hear?", audio), ["text"]),
-        ("image generation", ask("Draw a red circle on a blue background."), ["text", "image"]),
+        ("image generation", ask("Draw a blue square."), ["text", "image"]),
         ("video generation", ask("Make a video of a square moving to the right."), ["text", "video"]),
         ("audio generation", ask("Play a 440 Hz tone."), ["text", "audio"]),
     ]
 
 
 def run_demo(config: str, out_dir: Path, seed: int = 0) -> list[Path]:
-    """Run every demo request through a ``LocalPipeline``; print answers, write media files."""
+    """Run every demo request the config can serve through a ``LocalPipeline``; print answers,
+    write media files."""
     from omnistage.pipelines.local import LocalPipeline
+    from omnistage.pipelines.messages import PART_MODALITY
 
     pipeline = LocalPipeline.from_config(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for title, messages, modalities in demo_requests():
+        inputs = [PART_MODALITY[part["type"]] for part in messages[0]["content"] if part["type"] in PART_MODALITY]
+        missing = [f"{m} input" for m in inputs if m not in pipeline.encoders]
+        missing += [f"{m} output" for m in modalities if m != "text" and m not in pipeline.generators]
+        if missing:
+            print(f"[{title}] skipped: config {config!r} has no {', '.join(missing)}")
+            continue
         result = pipeline.chat(messages, max_tokens=24, seed=seed, modalities=modalities)
         print(f"[{title}] {messages[0]['content'][-1]['text']}\n  answer: {result.text!r}")
         for item in result.media:

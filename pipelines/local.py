@@ -62,8 +62,8 @@ class LocalPipeline:
         self._check_compatible()
 
     @classmethod
-    def from_config(cls, name_or_path: str | Path = "tiny") -> LocalPipeline:
-        """Load a shipped preset by name (``"tiny"``) or a YAML config by path."""
+    def from_config(cls, name_or_path: str | Path = "shapes") -> LocalPipeline:
+        """Load a shipped preset by name (``"shapes"``, ``"tiny"``) or a YAML config by path."""
         return cls(load_config(name_or_path))
 
     @classmethod

@@ -518,12 +518,10 @@ def build_app(config: OmnistageConfig) -> serve.Application:
 
 def prepare_models(config: OmnistageConfig) -> None:
     """Build the built-in presets a config uses once, here, rather than in every replica at once."""
-    from omnistage.actors.builtin import BUILTIN_PRESETS, ensure_preset
+    from omnistage.actors.builtin import ensure_presets
     from omnistage.actors.registry import STAGES
 
-    for name in {getattr(config.stages, s).model for s in STAGES if getattr(config.stages, s) is not None}:
-        if name in BUILTIN_PRESETS:
-            ensure_preset(name)
+    ensure_presets(getattr(config.stages, s).model for s in STAGES if getattr(config.stages, s) is not None)
 
 
 def deploy(config: OmnistageConfig, *, blocking: bool = False) -> Any:

@@ -29,7 +29,7 @@ def test_build_is_byte_identical_and_in_hub_layout(tmp_path, tiny_preset):
 def test_resolve_checkpoint(tiny_preset, tmp_path):
     assert resolve_checkpoint("tiny", "llm") == tiny_preset / "llm"
     assert resolve_checkpoint(str(tmp_path), "llm") == tmp_path
-    with pytest.raises(FileNotFoundError, match=r"'/no/such/dir' for llm is neither a built-in preset \(tiny\)"):
+    with pytest.raises(FileNotFoundError, match=r"'/no/such/dir' for llm is neither a built-in preset \(tiny, shapes\)"):
         resolve_checkpoint("/no/such/dir", "llm")
 
 
@@ -41,12 +41,12 @@ def test_cli_models_list_warns_about_random_weights(capsys):
 
 def test_cli_models_build_and_errors(tmp_path, capsys):
     assert main(["models", "build", "huge", str(tmp_path)]) == 1
-    assert "expected a built-in preset (tiny), got 'huge'" in capsys.readouterr().err
+    assert "expected a built-in preset (tiny, shapes), got 'huge'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cli_demo_writes_media_that_open(tmp_path, tiny_preset, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--config", "tiny", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for title in ("image question", "video question", "audio question"):
         assert f"[{title}]" in out
