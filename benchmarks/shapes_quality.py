@@ -8,7 +8,8 @@ Captioning: N pictures of the shapes world, drawn with a seed the training never
 place are reported too). Drawing: N instructions ("Draw a blue square"), each through the whole
 path (LLM, signal tokens, output projector, generator); the picture's colour is right when the
 palette colour nearest its saturated pixels is the one asked for, its shape when a small CNN
-trained here on the shapes world says so. The CNN's own accuracy on held-out renders is printed
+trained here on the shapes world says so, its place when those pixels' centre lies in the third
+of the width asked for. The CNN's own accuracy on held-out renders is printed
 first, so that its verdicts can be weighed. Everything runs in this process, seeded.
 """
 
@@ -101,7 +102,16 @@ def drawing_quality(pipeline: LocalPipeline, classifier: nn.Module, n: int, seed
         "colour": sum(c == s.colour for c, s in zip(colours, asked)) / n,
         "shape": sum(d == s.shape for d, s in zip(drawn_shapes, asked)) / n,
         "both": sum(c == s.colour and d == s.shape for c, d, s in zip(colours, drawn_shapes, asked)) / n,
+        "place": sum(place(image) == s.position for image, s in zip(images, asked)) / n,
     }
+
+
+def place(image: np.ndarray) -> str | None:
+    """left, middle or right: the third of the width holding the saturated pixels' centre."""
+    columns = np.nonzero(shapes.saturated(image))[1]
+    if len(columns) == 0:
+        return None
+    return shapes.POSITIONS[min(2, int(columns.mean() * 3 / image.shape[1]))]
 
 
 def main() -> None:
@@ -125,6 +135,7 @@ def main() -> None:
         "drawing colour": drawings["colour"],
         "drawing shape": drawings["shape"],
         "drawing colour and shape": drawings["both"],
+        "drawing place (not a target)": drawings["place"],
         "shape classifier on renders": classifier_accuracy,
         "seconds": round(time.monotonic() - start, 1),
     }
