@@ -47,7 +47,7 @@ def _train_shapes(args: argparse.Namespace) -> None:
     start = time.monotonic()
     out = train_shapes(args.dir, TrainSettings(seed=args.seed, scale=args.scale), workers=args.workers)
     print(f"wrote the shapes preset to {out} in {time.monotonic() - start:.0f} s")
-    print(f"serve it: set each stage's `model:` in cluster/presets/shapes.yaml to {out}/<stage>")
+    print(f"to serve it, copy cluster/presets/shapes.yaml and set each stage's `model:` to {out}/<stage>")
 
 
 def _batch_caption(args: argparse.Namespace) -> None:
