@@ -17,3 +17,9 @@ class PayloadTooLargeError(InvalidInputError):
     """The media exceed a configured size limit (HTTP 413)."""
 
     status_code = 413
+
+
+class OverloadedError(RuntimeError):
+    """The stage cannot take more work now; the request may be retried (HTTP 503, Retry-After)."""
+
+    status_code = 503

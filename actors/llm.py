@@ -9,10 +9,8 @@ the rest are forced, and the hidden states behind the group go to the output pro
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Generator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
@@ -20,6 +18,7 @@ import torch
 
 from omnistage.actors.base import Stage
 from omnistage.actors.builtin import TINY_DIMS
+from omnistage.actors.engine import Engine
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
 from omnistage.actors.multimodal import image_token, is_multimodal_checkpoint, language_part, load_multimodal
 from omnistage.actors.payloads import (
@@ -28,11 +27,12 @@ from omnistage.actors.payloads import (
     PLACEHOLDERS,
     LLMRequest,
     LLMResult,
-    Modality,
-    SignalGroup,
     signal_token_names,
 )
-from omnistage.cluster.config import LLMConfig
+
+if TYPE_CHECKING:
+    # Configs are only annotations here: the config package imports this one's payloads.
+    from omnistage.cluster.config import LLMConfig
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +45,9 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny(path: Path, seed: int) -> None:
-    """A 2-layer LLaMA (hidden 32) with a byte-level tokenizer, which needs no vocabulary file."""
+def build_tiny(path: Path, seed: int, **sizes: int) -> None:
+    """A 2-layer LLaMA (hidden 32) with a byte-level tokenizer, which needs no vocabulary file.
+    ``sizes`` override LlamaConfig's (a larger model for benchmarks, built the same way)."""
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -57,11 +58,14 @@ def build_tiny(path: Path, seed: int) -> None:
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TINY_DIMS["llm"],
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **{
+            "hidden_size": TINY_DIMS["llm"],
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            **sizes,
+        },
         max_position_embeddings=2048,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
@@ -71,30 +75,15 @@ def build_tiny(path: Path, seed: int) -> None:
     tokenizer.save_pretrained(path)
 
 
-@dataclass
-class _Sequence:
-    """Decoding state of one request in a batch."""
-
-    request: LLMRequest
-    generator: torch.Generator
-    pending: list[Modality]  # forced modalities whose group has not been emitted yet
-    token_ids: list[int] = field(default_factory=list)
-    text_ids: list[int] = field(default_factory=list)
-    forced: deque[int] = field(default_factory=deque)
-    group: list[np.ndarray] = field(default_factory=list)
-    signals: list[SignalGroup] = field(default_factory=list)
-    emitted: str = ""  # text already yielded by LLM.stream
-    text_done: bool = False
-    finish_reason: str = "length"
-    done: bool = False
-
-
 class LLM(Stage):
     """Chats with media to text and signal groups.
 
     Input: ``LLMRequest`` (messages with placeholders, projected media, sampling settings).
     Output: ``LLMResult`` (text without signal tokens, and a ``SignalGroup`` of shape
     (n_signal_tokens, d_llm) per emitted group).
+
+    ``engine`` schedules the decoding (continuous batching); servers submit to it directly, and
+    ``__call__`` runs a list of requests through it to completion.
 
     ``max_tokens`` bounds the text; forced signal groups come after the text and are not counted
     against it (they are counted in ``completion_tokens``).
@@ -149,6 +138,7 @@ class LLM(Stage):
         self.eos_ids.add(self.tokenizer.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_context = getattr(self.model.config, "max_position_embeddings", None)
+        self.engine = Engine(self, config.engine)
 
     def _add_missing_tokens(self) -> None:
         needed = list(self.placeholders.values()) + [
@@ -171,6 +161,11 @@ class LLM(Stage):
     # 1. Check inputs
 
     def check(self, request: LLMRequest) -> None:
+        self.prepare(request)
+
+    def prepare(self, request: LLMRequest) -> tuple[list[int], int]:
+        """Check ``request`` and tokenise its prompt once: the prompt's token ids (one per
+        placeholder) and its length with each placeholder expanded to its medium's tokens."""
         if not request.messages:
             raise InvalidInputError("expected at least one message, got none")
         for i, message in enumerate(request.messages):
@@ -190,18 +185,19 @@ class LLM(Stage):
             raise UnsupportedMediaError(
                 f"expected output modalities among {sorted(self.groups)}, got {unknown}"
             )
-        self._check_media(request)
+        ids = self.prompt_ids(request)
+        return ids, self._check_media(request, ids)
 
     # 2. Embed the prompt with media spliced in
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _prompt_ids(self, request: LLMRequest) -> list[int]:
+    def prompt_ids(self, request: LLMRequest) -> list[int]:
         return self.tokenizer(self.render_prompt(request.messages), add_special_tokens=False)["input_ids"]
 
-    def _check_media(self, request: LLMRequest) -> None:
-        ids = self._prompt_ids(request)
+    def _check_media(self, request: LLMRequest, ids: list[int]) -> int:
+        """The prompt's length with media; raises unless the media match its placeholders."""
         wanted = [self.placeholder_ids[t] for t in ids if t in self.placeholder_ids]
         given = [item.modality for item in request.media]
         if wanted != given:
@@ -221,11 +217,12 @@ class LLM(Stage):
                 f"expected the prompt ({length} tokens with media) plus max_tokens "
                 f"({request.max_tokens}) to fit the model's context of {self.max_context} tokens"
             )
+        return length
 
-    def embed_prompt(self, request: LLMRequest) -> torch.Tensor:
-        """(n_tokens, d_llm) input embeddings of a checked request: the prompt's tokens, each
-        placeholder expanded to its medium's embeddings."""
-        ids = self._prompt_ids(request)
+    def embed_prompt(self, request: LLMRequest, ids: list[int] | None = None) -> torch.Tensor:
+        """(n_tokens, d_llm) input embeddings of a checked request: the prompt's tokens (``ids``,
+        from ``prepare``), each placeholder expanded to its medium's embeddings."""
+        ids = self.prompt_ids(request) if ids is None else ids
         lengths = iter(item.embeds.shape[0] for item in request.media)
         expanded = [t for t in ids for _ in range(next(lengths) if t in self.placeholder_ids else 1)]
         input_ids = torch.tensor(expanded, device=self.device)
@@ -237,187 +234,16 @@ class LLM(Stage):
             embeds = embeds.masked_scatter(is_media[:, None], media)
         return embeds
 
-    # 3. Decode
+    # 3. Decode, continuously batched (actors/engine.py)
 
     def __call__(self, requests: list[LLMRequest]) -> list[LLMResult]:
-        steps = self.stream(requests)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-
-    @torch.inference_mode()
-    def stream(self, requests: list[LLMRequest]) -> Generator[list[str], None, list[LLMResult]]:
-        """Decode ``requests`` as one batch. Yields, after every step, each request's new text
-        (``""`` when it has none); returns the results once every request is done.
-
-        Text that could be the start of a stop string is held back until it is clear.
-        """
-        for request in requests:
-            self.check(request)
-        prompts = [self.embed_prompt(request) for request in requests]
-
-        # Left-pad so every sequence's next token sits in the last column.
-        batch, width = len(prompts), max(p.shape[0] for p in prompts)
-        embeds = prompts[0].new_zeros(batch, width, self.hidden_size)
-        mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        for i, prompt in enumerate(prompts):
-            embeds[i, width - prompt.shape[0] :] = prompt
-            mask[i, width - prompt.shape[0] :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        seqs = [self._new_sequence(request) for request in requests]
-
-        if self.is_encoder_decoder:
-            yield from self._decode_seq2seq(seqs, embeds, mask)
-            return self._results(seqs, prompts)
-        out = self.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, output_hidden_states=True
-        )
-        while True:
-            logits, hidden = out.logits[:, -1], out.hidden_states[-1][:, -1]
-            tokens = [self._step(seq, logits[i], hidden[i]) if not seq.done else self.pad_id for i, seq in enumerate(seqs)]
-            yield [self._new_text(seq) for seq in seqs]
-            if all(seq.done for seq in seqs):
-                break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(
-                inputs_embeds=self.embed_tokens(torch.tensor(tokens, device=self.device)[:, None]),
-                attention_mask=mask,
-                position_ids=positions,
-                cache=out.cache,
-                use_cache=True,
-                output_hidden_states=True,
-            )
-        return self._results(seqs, prompts)
-
-    def _decode_seq2seq(self, seqs: list[_Sequence], embeds: torch.Tensor, mask: torch.Tensor) -> Generator[list[str], None, None]:
-        """The encoder reads the prompt once; the decoder starts from ``decoder_start_token_id``.
-        Signal states come from the decoder's last layer."""
-        encoder_outputs = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
-        start = self.model.config.decoder_start_token_id
-        tokens = torch.full((len(seqs), 1), start, dtype=torch.long, device=self.device)
-        cache = None
-        while True:
-            out = self.model(
-                encoder_outputs=encoder_outputs,
-                attention_mask=mask,
-                decoder_input_ids=tokens,
-                cache=cache,
-                use_cache=True,
-                output_hidden_states=True,
-            )
-            cache = out.cache
-            logits, hidden = out.logits[:, -1], out.decoder_hidden_states[-1][:, -1]
-            step = [self._step(seq, logits[i], hidden[i]) if not seq.done else self.pad_id for i, seq in enumerate(seqs)]
-            yield [self._new_text(seq) for seq in seqs]
-            if all(seq.done for seq in seqs):
-                return
-            tokens = torch.tensor(step, device=self.device)[:, None]
-
-    def _results(self, seqs: list[_Sequence], prompts: list[torch.Tensor]) -> list[LLMResult]:
-        return [
-            LLMResult(
-                text=seq.emitted,
-                finish_reason=seq.finish_reason,
-                prompt_tokens=prompt.shape[0],
-                token_ids=seq.token_ids,
-                signals=seq.signals,
-            )
-            for seq, prompt in zip(seqs, prompts)
-        ]
-
-    def _new_text(self, seq: _Sequence) -> str:
-        """The part of ``seq``'s text not yet yielded, holding back a possible stop-string prefix."""
-        text = self._text(seq)
-        if not seq.text_done and seq.request.stop:
-            text = text[: max(len(seq.emitted), len(text) - max(len(s) for s in seq.request.stop) + 1)]
-        if not text.startswith(seq.emitted):
-            return ""
-        delta = text[len(seq.emitted) :]
-        seq.emitted = text
-        return delta
-
-    def _new_sequence(self, request: LLMRequest) -> _Sequence:
-        generator = torch.Generator(device=self.device)
-        if request.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(request.seed)
-        return _Sequence(request=request, generator=generator, pending=list(dict.fromkeys(request.force_modalities)))
-
-    def _step(self, seq: _Sequence, logits: torch.Tensor, hidden: torch.Tensor) -> int:
-        """Choose the next token of ``seq`` from the logits and hidden state at its last position."""
-        if seq.forced:
-            token = seq.forced.popleft()
-        elif not seq.text_done:
-            token = self._sample(logits, seq)
-            if token in self.eos_ids:
-                seq.text_done, seq.finish_reason = True, "stop"
-                token = self.groups[seq.pending[0]][0] if seq.pending else None
-        else:
-            token = self.groups[seq.pending[0]][0] if seq.pending else None
-        if token is None:
-            seq.done = True
-            return self.pad_id
-        seq.token_ids.append(token)
-        modality = self.signal_modality.get(token)
-        if modality is None:
-            seq.text_ids.append(token)
-            self._check_text_end(seq)
-        else:
-            self._record_signal(seq, token, modality, hidden)
-        seq.done = seq.text_done and not seq.forced and not seq.pending
-        return token
-
-    def _sample(self, logits: torch.Tensor, seq: _Sequence) -> int:
-        logits = logits.float().index_fill(0, self.banned, float("-inf"))
-        request = seq.request
-        if request.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / request.temperature, dim=-1)
-        if request.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = sorted_probs.cumsum(0) - sorted_probs >= request.top_p
-            probs = probs.index_fill(0, order[drop], 0.0)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
-
-    def _record_signal(self, seq: _Sequence, token: int, modality: Modality, hidden: torch.Tensor) -> None:
-        group = self.groups[modality]
-        if token == group[0]:
-            seq.forced = deque(group[1:])
-            seq.group = []
-            if modality in seq.pending:
-                seq.pending.remove(modality)
-        embedding = self.embed_tokens(torch.tensor(token, device=self.device))
-        seq.group.append((hidden + embedding).float().cpu().numpy())
-        if len(seq.group) == len(group):
-            seq.signals.append(SignalGroup(modality=modality, hidden=np.stack(seq.group)))
-
-    def _check_text_end(self, seq: _Sequence) -> None:
-        if seq.request.stop and _find_stop(self.tokenizer.decode(seq.text_ids, skip_special_tokens=True), seq.request.stop) is not None:
-            seq.text_done, seq.finish_reason = True, "stop"
-        elif len(seq.text_ids) >= seq.request.max_tokens:
-            seq.text_done, seq.finish_reason = True, "length"
-
-    def _text(self, seq: _Sequence) -> str:
-        text = self.tokenizer.decode(seq.text_ids, skip_special_tokens=True)
-        cut = _find_stop(text, seq.request.stop)
-        return text if cut is None else text[:cut]
+        return self.engine.generate(requests)
 
 
 def _is_encoder_decoder(checkpoint: Path) -> bool:
     from transformers import AutoConfig
 
     return bool(getattr(AutoConfig.from_pretrained(checkpoint), "is_encoder_decoder", False))
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    """Index of the earliest stop string in ``text``, or None."""
-    hits = [text.find(stop) for stop in stops if stop and stop in text]
-    return min(hits) if hits else None
 
 
 def _describe(modalities: list[str]) -> str:

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from omnistage.actors.payloads import NEXTGPT_SIGNAL_TOKENS, Modality
+from omnistage.actors.payloads import NEXTGPT_SIGNAL_TOKENS, DecodeLimits, Modality
 
 
 class ConfigError(ValueError):
@@ -87,7 +87,6 @@ class StageConfig(PoolConfig):
         "auto", description="auto: float16 on CUDA, float32 on CPU (CPUs lack fast half-precision kernels)."
     )
     device: str = Field("auto", description="auto picks CUDA when the replica has a GPU, else CPU; or e.g. 'cpu', 'cuda:0'.")
-    batching: Batching = Field(default_factory=Batching)
     stuck_after_s: float | None = Field(
         None,
         gt=0,
@@ -96,7 +95,17 @@ class StageConfig(PoolConfig):
     )
 
 
-class ImageEncoderConfig(StageConfig):
+class BatchedStageConfig(StageConfig):
+    """A stage that takes batches of items (every stage but the LLM, which schedules per step)."""
+
+    batching: Batching = Field(default_factory=Batching)
+
+    def rows_per_call(self) -> int:
+        """Items one call takes: the batch size."""
+        return self.batching.max_batch_size
+
+
+class ImageEncoderConfig(BatchedStageConfig):
     feature_layer: int = Field(-2, description="Hidden-state layer to use; LLaVA takes the second to last.")
     drop_cls: bool = Field(True, description="Drop the CLS token and keep patch tokens only, as LLaVA does.")
 
@@ -105,27 +114,87 @@ class VideoEncoderConfig(ImageEncoderConfig):
     num_frames: int = Field(5, ge=1, description="Frames sampled uniformly per video; the survey's models use 5.")
 
 
-class AudioEncoderConfig(StageConfig):
+class AudioEncoderConfig(BatchedStageConfig):
     feature_layer: int = Field(-1, description="Hidden-state layer of the audio encoder to use.")
 
 
-class InputProjectorConfig(StageConfig):
+class InputProjectorConfig(BatchedStageConfig):
     pass
 
 
+class EngineConfig(_Strict):
+    """Bounds of the LLM's continuous-batching engine (actors/engine.py)."""
+
+    max_running_seqs: int = Field(
+        32,
+        ge=1,
+        description="Sequences decoded together in one step. More raises throughput until a step (every running "
+        "stream's time per token) grows too long.",
+    )
+    max_kv_tokens: int = Field(
+        131_072,
+        ge=1,
+        description="Bound on the running batch's padded KV cache, in token slots (rows x columns). A request is "
+        "admitted only while the cache, grown by every row's remaining max_tokens, stays within it, so admission "
+        "waits instead of running out of memory; size it to the memory left beside the weights.",
+    )
+    max_prefill_tokens: int = Field(
+        512,
+        ge=1,
+        description="Prompt tokens prefilled per step; a longer prompt is prefilled in chunks of this size, so it "
+        "delays the running sequences' next token by one chunk's work at most.",
+    )
+    max_waiting: int = Field(
+        256,
+        ge=0,
+        description="Requests queued for admission per replica; beyond it new ones get 503 with Retry-After, so a "
+        "client backs off instead of waiting past its deadline.",
+    )
+
+
 class LLMConfig(StageConfig):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    queue: QueueLimits = Field(
+        default_factory=lambda: QueueLimits(max_ongoing_requests=64, max_queued_requests=128),
+        description="A replica takes more requests than it decodes at once (engine.max_running_seqs), so the engine "
+        "admits the next waiting one the step a sequence finishes.",
+    )
     signal_tokens: dict[Modality, int] = Field(
         default_factory=lambda: dict(NEXTGPT_SIGNAL_TOKENS),
         description="Signal tokens per output modality; NExT-GPT's counts by default.",
     )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_batching(cls, data: object) -> object:
+        if isinstance(data, dict) and "batching" in data:
+            raise ValueError(
+                f"the LLM schedules every decode step itself: set engine.max_running_seqs instead of batching "
+                f"(got batching {data['batching']!r})"
+            )
+        return data
 
-class OutputProjectorConfig(StageConfig):
+    @model_validator(mode="after")
+    def _queue_fills_the_batch(self) -> LLMConfig:
+        if self.queue.max_ongoing_requests < self.engine.max_running_seqs:
+            raise ValueError(
+                f"queue.max_ongoing_requests ({self.queue.max_ongoing_requests}) must be at least "
+                f"engine.max_running_seqs ({self.engine.max_running_seqs}), or the engine can never fill its batch"
+            )
+        return self
+
+    def rows_per_call(self) -> int:
+        """Rows a batch job hands the engine at once: twice what it decodes together, so that a
+        finished row's place is taken at the next step."""
+        return 2 * self.engine.max_running_seqs
+
+
+class OutputProjectorConfig(BatchedStageConfig):
     pass
 
 
-class GeneratorConfig(StageConfig):
+class GeneratorConfig(BatchedStageConfig):
     num_inference_steps: int = Field(25, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(
         1.0, ge=0, description="Classifier-free guidance; above 1 needs a text encoder in the checkpoint for the empty prompt."
@@ -191,8 +260,18 @@ class InputLimits(_Strict):
         default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP"], description="Pillow format names accepted."
     )
     max_audio_seconds: float = Field(600, gt=0, description="Longer audio is refused before its samples are read.")
-    max_video_frames: int = Field(3600, ge=1, description="Decoding stops with 413 past this many frames.")
+    max_video_frames: int = Field(3600, ge=1, description="Reading a video stops with 413 past this many frames.")
     max_video_frame_pixels: int = Field(4_194_304, ge=1, description="width x height of a frame (2048x2048).")
+
+    def decode_limits(self) -> DecodeLimits:
+        """The limits that travel with each media file to the encoder pool that decodes it."""
+        return DecodeLimits(
+            max_image_pixels=self.max_image_pixels,
+            image_formats=tuple(self.image_formats),
+            max_audio_seconds=self.max_audio_seconds,
+            max_video_frames=self.max_video_frames,
+            max_video_frame_pixels=self.max_video_frame_pixels,
+        )
 
 
 class ServerConfig(_Strict):

@@ -39,9 +39,11 @@ import structlog
 
 from omnistage.actors.builtin import ensure_presets
 from omnistage.actors.errors import InvalidInputError
+from omnistage.actors.media import decode, sample_frame_indices
 from omnistage.actors.payloads import (
     AudioClip,
     Conditioning,
+    EncodedMedia,
     Embeddings,
     Features,
     GenerationRequest,
@@ -177,13 +179,14 @@ def _decode_row(
         limits=limits,
     )
     medium = chat.media[0][1]
+    if isinstance(medium, EncodedMedia):
+        # Decoded in this task, as an encoder pool would: of a video only the frames it samples.
+        medium = decode(medium, video_frames=num_frames)
+    elif modality == "video":
+        medium = medium[sample_frame_indices(len(medium), num_frames)]
     if isinstance(medium, AudioClip):
         return chat, medium.samples, medium.sampling_rate
-    if modality == "video":
-        from omnistage.actors.video_encoder import sample_frame_indices
-
-        # Only the frames the encoder samples travel on; it samples them again as the identity.
-        medium = medium[sample_frame_indices(len(medium), num_frames)]
+    # A video's sampled frames travel on; the encoder samples them again as the identity.
     return chat, medium, None
 
 
@@ -510,7 +513,7 @@ def _pool(stage: StageConfig) -> dict[str, Any]:
     return {
         # Ray Data needs at least one actor; serving's min_replicas 0 (scale to zero) becomes 1.
         "compute": ActorPoolStrategy(min_size=max(stage.scaling.min_replicas, 1), max_size=stage.scaling.max_replicas),
-        "batch_size": stage.batching.max_batch_size,
+        "batch_size": stage.rows_per_call(),
         "num_cpus": stage.resources.num_cpus,
         "num_gpus": stage.resources.num_gpus,
         "resources": stage.resources.custom or None,
@@ -521,7 +524,7 @@ def _pool(stage: StageConfig) -> dict[str, Any]:
 def _block_rows(stages: list[StageConfig]) -> int:
     # Blocks of a few batches: small enough that every pool has work at once (a block is the unit
     # that moves between pools), large enough that per-block overhead stays small.
-    return 2 * max(stage.batching.max_batch_size for stage in stages)
+    return 2 * max(stage.rows_per_call() for stage in stages)
 
 
 def _rows_to_do(ds: ray.data.Dataset, id_column: str, skip_ids: pa.Array | None) -> ray.data.Dataset:

@@ -25,8 +25,14 @@ def _write(tmp_path, text):
 
 
 def test_bad_value_names_field_path_and_value(tmp_path):
-    path = _write(tmp_path, "name: x\nstages:\n  llm:\n    batching:\n      max_batch_size: 0\n")
-    with pytest.raises(ConfigError, match=r"stages\.llm\.batching\.max_batch_size.*got 0"):
+    path = _write(tmp_path, "name: x\nstages:\n  llm:\n    engine:\n      max_running_seqs: 0\n")
+    with pytest.raises(ConfigError, match=r"stages\.llm\.engine\.max_running_seqs.*got 0"):
+        load_config(path)
+
+
+def test_the_llm_takes_engine_bounds_not_batching(tmp_path):
+    path = _write(tmp_path, "name: x\nstages:\n  llm:\n    batching: {max_batch_size: 8}\n")
+    with pytest.raises(ConfigError, match=r"stages\.llm.*engine\.max_running_seqs instead of batching"):
         load_config(path)
 
 

@@ -104,7 +104,7 @@ def test_llava_split_matches_transformers_generate_token_for_token(llava_dir):
         assert _staged_ids(pipeline, image, 12) == expected_ids
         result = pipeline.chat(_chat(image), max_tokens=12)
         assert result.text == expected_text
-        assert result.usage["prompt_tokens"] == 225 + len(pipeline.llm._prompt_ids(
+        assert result.usage["prompt_tokens"] == 225 + len(pipeline.llm.prompt_ids(
             LLMRequest(messages=[{"role": "user", "content": f"<image>\n{QUESTION}"}]))) - 1
     # The image reaches the answer: a different image gives a different greedy answer.
     assert _staged_ids(pipeline, _image(0), 12) != _staged_ids(pipeline, _image(1), 12)
@@ -315,7 +315,7 @@ def test_llm_families(tmp_path, family, build, cls):
     assert type(llm.model).__name__ == cls
     # Text only: the stage's greedy decode equals the model's own generate.
     request = LLMRequest(messages=[{"role": "user", "content": "Hi there"}], max_tokens=6)
-    ids = llm._prompt_ids(request)
+    ids = llm.prompt_ids(request)
     with torch.no_grad():
         expected = llm.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
     if tokenizer.eos_token_id in expected:
@@ -324,7 +324,7 @@ def test_llm_families(tmp_path, family, build, cls):
     # With an image spliced in at its placeholder.
     media = [Embeddings("image", RNG.standard_normal((5, 32)).astype(np.float32))]
     result = llm([LLMRequest(messages=[{"role": "user", "content": "<image> Hi"}], media=media, max_tokens=3)])[0]
-    assert result.prompt_tokens == len(llm._prompt_ids(LLMRequest(messages=[{"role": "user", "content": "<image> Hi"}]))) + 4
+    assert result.prompt_tokens == len(llm.prompt_ids(LLMRequest(messages=[{"role": "user", "content": "<image> Hi"}]))) + 4
     assert 1 <= len(result.token_ids) <= 3
 
 
@@ -689,7 +689,7 @@ def test_llm_encoder_decoder_flan_t5(tmp_path):
     llm = LLM(LLMConfig(model=str(tmp_path / "flan-t5"), signal_tokens={"image": 4}))
     assert type(llm.model).__name__ == "T5ForConditionalGeneration" and llm.is_encoder_decoder
     request = LLMRequest(messages=[{"role": "user", "content": "Hi there"}], max_tokens=6)
-    ids = llm._prompt_ids(request)
+    ids = llm.prompt_ids(request)
     with torch.no_grad():
         expected = llm.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, 1:].tolist()
     if tokenizer.eos_token_id in expected:

@@ -74,7 +74,8 @@ def test_image_encoder_rejects_wrong_mode(image_encoder):
 
 
 def test_video_encoder_samples_five_frames_in_order(tiny_preset, image_encoder):
-    from omnistage.actors.video_encoder import VideoEncoder, sample_frame_indices
+    from omnistage.actors.media import sample_frame_indices
+    from omnistage.actors.video_encoder import VideoEncoder
 
     assert sample_frame_indices(9, 5).tolist() == [0, 2, 4, 6, 8]
     assert sample_frame_indices(2, 5).tolist() == [0, 0, 0, 1, 1]  # short clips repeat frames
@@ -309,23 +310,30 @@ def test_stop_string_cuts_the_text(llm):
     assert stopped.text == llm.tokenizer.decode(full.token_ids[:3], skip_special_tokens=True)
 
 
+def _run(engine, requests):
+    """Submit ``requests`` to the engine together; each one's text delta per step (``""`` for a
+    step that gave it none), and its result."""
+    for i, request in enumerate(requests):
+        engine.add(str(i), request)
+    deltas, results = [[] for _ in requests], [None] * len(requests)
+    while engine.has_work():
+        step = {out.request_id: out for out in engine.step()}
+        for i in range(len(requests)):
+            if results[i] is None:
+                out = step.get(str(i))
+                deltas[i].append(out.delta if out else "")
+                results[i] = out.result if out else None
+    return deltas, results
+
+
 def test_stream_yields_the_text_piece_by_piece(llm):
     requests = [
         LLMRequest(messages=_user("one"), max_tokens=12),
         LLMRequest(messages=_user("two, longer"), max_tokens=5, force_modalities=["image"]),
     ]
-    steps = llm.stream(requests)
-    pieces = [[], []]
-    while True:
-        try:
-            deltas = next(steps)
-        except StopIteration as done:
-            results = done.value
-            break
-        assert len(deltas) == 2
-        for i, delta in enumerate(deltas):
-            pieces[i].append(delta)
-    assert ["".join(p) for p in pieces] == [r.text for r in results]
+    deltas, results = _run(llm.engine, requests)
+    assert max(sum(1 for piece in d if piece) for d in deltas) > 1  # text arrived over several steps
+    assert ["".join(d) for d in deltas] == [r.text for r in results]
     assert [r.text for r in results] == [r.text for r in llm(requests)]
 
 
@@ -333,16 +341,10 @@ def test_stream_holds_back_a_possible_stop_string(llm):
     z = llm.tokenizer.convert_tokens_to_ids("Z")
     handle = _steer(llm, z, at_step=4)
     try:
-        steps = llm.stream([LLMRequest(messages=_user("go"), max_tokens=10, stop=["Zq"])])
-        streamed = []
-        while True:
-            try:
-                streamed.append(next(steps)[0])
-            except StopIteration as done:
-                result = done.value[0]
-                break
+        (streamed,), (result,) = _run(llm.engine, [LLMRequest(messages=_user("go"), max_tokens=10, stop=["Zq"])])
     finally:
         handle.remove()
     # "Z" could start the stop string "Zq", so it is not sent until the next token shows it is not.
+    assert result.token_ids[3] == z
     assert "Z" not in "".join(streamed[:4])
     assert "Z" in "".join(streamed[4:]) and "".join(streamed) == result.text
