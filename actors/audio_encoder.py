@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from omnistage.actors.base import Stage
-from omnistage.actors.media import to_audio_clip, to_mono_16k
-from omnistage.actors.payloads import AudioClip, Features
-from omnistage.cluster.config import AudioEncoderConfig
+from omnistage.actors.media import decode, to_audio_clip, to_mono_16k
+from omnistage.actors.payloads import AudioClip, EncodedMedia, Features
+
+if TYPE_CHECKING:
+    # Configs are only annotations here: the config package imports this one's payloads.
+    from omnistage.cluster.config import AudioEncoderConfig
 
 
 def build_tiny(path: Path, seed: int) -> None:
@@ -78,12 +82,15 @@ class AudioEncoder(Stage):
         # batch would change their outputs. Spectrogram models take a fixed window, batched.
         self.per_clip = self.input_name == "input_values"
 
-    def check(self, clip: AudioClip) -> None:
-        to_audio_clip(clip)
+    def check(self, clip: EncodedMedia | AudioClip) -> None:
+        self.prepare(clip)
+
+    def prepare(self, clip: EncodedMedia | AudioClip) -> AudioClip:
+        return decode(clip) if isinstance(clip, EncodedMedia) else to_audio_clip(clip)
 
     @torch.inference_mode()
-    def __call__(self, clips: list[AudioClip]) -> list[Features]:
-        waves = [to_mono_16k(to_audio_clip(clip), self.sampling_rate) for clip in clips]
+    def __call__(self, clips: list[EncodedMedia | AudioClip]) -> list[Features]:
+        waves = [to_mono_16k(self.prepare(clip), self.sampling_rate) for clip in clips]
         batches = [[w] for w in waves] if self.per_clip else [waves]
         features = [f for batch in batches for f in self._encode(batch)]
         return [Features(modality="audio", features=np.ascontiguousarray(f)) for f in features]

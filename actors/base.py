@@ -42,8 +42,8 @@ class Stage:
     """A batched model stage.
 
     Subclasses load their model in ``__init__`` and implement ``__call__(items) -> outputs``, one
-    output per input, in order, and ``check(item)``, which raises ``InvalidInputError`` for an
-    item the stage cannot take. Servers check each item before batching it, so one bad request
+    output per input, in order, and ``check(item)`` or ``prepare(item)``, which raise
+    ``InvalidInputError`` for an item the stage cannot take. Servers check each item before batching it, so one bad request
     never fails the others in its batch. ``component`` names the part of a built-in preset they load.
     """
 
@@ -62,3 +62,9 @@ class Stage:
 
     def check(self, item: Any) -> None:
         raise NotImplementedError
+
+    def prepare(self, item: Any) -> Any:
+        """``item`` checked, in the form the stage's call takes: encoders decode media files here
+        (so their pool, not the HTTP ingress, pays for it). Raises ``InvalidInputError``."""
+        self.check(item)
+        return item

@@ -144,6 +144,8 @@ class CachedEncoder:
         return "omnistage:features:" + digest.hexdigest()
 
     def __call__(self, items: list[Any]) -> list[Features]:
+        # Keys hash the decoded content: the same picture sent as PNG or as an array is one entry.
+        items = [self.stage.prepare(item) for item in items]
         keys = [self.key(item) for item in items]
         results: list[Features | None] = []
         for key in keys:

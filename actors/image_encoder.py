@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from omnistage.actors.base import Stage
-from omnistage.actors.media import to_image_array
+from omnistage.actors.media import decode, to_image_array
 from omnistage.actors.multimodal import is_multimodal_checkpoint, load_multimodal, vision_part
-from omnistage.actors.payloads import Features
-from omnistage.cluster.config import ImageEncoderConfig
+from omnistage.actors.payloads import EncodedMedia, Features
+
+if TYPE_CHECKING:
+    # Configs are only annotations here: the config package imports this one's payloads.
+    from omnistage.cluster.config import ImageEncoderConfig
 
 
 def build_tiny(path: Path, seed: int) -> None:
@@ -82,11 +86,14 @@ class ImageEncoder(Stage):
             layers = [h[:, 1:] for h in layers]
         return layers[0] if len(layers) == 1 else torch.cat(layers, dim=-1)
 
-    def check(self, image: np.ndarray) -> None:
-        to_image_array(image)
+    def check(self, image: EncodedMedia | np.ndarray) -> None:
+        self.prepare(image)
 
-    def __call__(self, images: list[np.ndarray]) -> list[Features]:
-        arrays = [to_image_array(image) for image in images]
+    def prepare(self, image: EncodedMedia | np.ndarray) -> np.ndarray:
+        return decode(image) if isinstance(image, EncodedMedia) else to_image_array(image)
+
+    def __call__(self, images: list[EncodedMedia | np.ndarray]) -> list[Features]:
+        arrays = [self.prepare(image) for image in images]
         features = self.encode_frames(arrays).float().cpu().numpy()
         return [Features(modality="image", features=f) for f in features]
 

@@ -30,7 +30,7 @@ import soundfile as sf
 from PIL import Image
 
 from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
-from omnistage.actors.payloads import AudioClip
+from omnistage.actors.payloads import AudioClip, DecodeLimits, EncodedMedia
 
 MIME_TYPES = {
     "png": "image/png",
@@ -46,7 +46,7 @@ MIME_TYPES = {
     "webm": "video/webm",
 }
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+IMAGE_FORMATS = DecodeLimits.image_formats
 
 # Pillow opens a JPEG that carries extra pictures (common in phone photos) as "MPO"; its first
 # frame is a plain JPEG, so it is accepted wherever JPEG is.
@@ -227,21 +227,27 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
+def _open_image(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+    """The image's header (Pillow opens lazily), checked against the format list and pixel limit."""
+    image = Image.open(io.BytesIO(data))
+    accepted = tuple(name.upper() for name in formats)
+    if _FORMAT_ALIASES.get(image.format, image.format) not in accepted:
+        raise UnsupportedMediaError(f"expected an image in one of the formats {accepted}, got {image.format}")
+    if image.width * image.height > max_pixels:
+        raise PayloadTooLargeError(
+            f"expected an image of at most {max_pixels} pixels, "
+            f"got {image.width}x{image.height} = {image.width * image.height} pixels"
+        )
+    return image
+
+
 def decode_image(
     data: bytes, *, max_pixels: int = 16_777_216, formats: tuple[str, ...] = IMAGE_FORMATS
 ) -> np.ndarray:
     """Decode an image file to ``(H, W, 3)`` uint8 RGB (an animated image's first frame)."""
     with _decoder_errors("image", data):
-        image = Image.open(io.BytesIO(data))  # lazy: reads the header only
-        accepted = tuple(name.upper() for name in formats)
-        if _FORMAT_ALIASES.get(image.format, image.format) not in accepted:
-            raise UnsupportedMediaError(f"expected an image in one of the formats {accepted}, got {image.format}")
-        if image.width * image.height > max_pixels:
-            raise PayloadTooLargeError(
-                f"expected an image of at most {max_pixels} pixels, "
-                f"got {image.width}x{image.height} = {image.width * image.height} pixels"
-            )
-        return _pil_to_rgb(image)
+        _count_decode("image")
+        return _pil_to_rgb(_open_image(data, max_pixels, formats))
 
 
 def to_image_array(obj: bytes | bytearray | Image.Image | np.ndarray) -> np.ndarray:
@@ -271,15 +277,20 @@ def _checked_clip(samples: np.ndarray, sampling_rate: object) -> AudioClip:
     return AudioClip(samples=np.ascontiguousarray(samples, dtype=np.float32), sampling_rate=int(sampling_rate))
 
 
+def _check_audio_length(audio: sf.SoundFile | sf._SoundFileInfo, max_seconds: float) -> None:
+    seconds = audio.frames / audio.samplerate
+    if seconds > max_seconds:
+        raise PayloadTooLargeError(f"expected audio of at most {max_seconds:g} s, got {seconds:.1f} s")
+
+
 def decode_audio(data: bytes, *, max_seconds: float = 600.0) -> AudioClip:
     """Decode WAV, FLAC, MP3 or OGG (what libsndfile reads) to float32 samples.
 
     Mono gives shape ``(n,)``, more channels ``(n, channels)``.
     """
     with _decoder_errors("audio", data), sf.SoundFile(io.BytesIO(data)) as audio:
-        seconds = audio.frames / audio.samplerate
-        if seconds > max_seconds:
-            raise PayloadTooLargeError(f"expected audio of at most {max_seconds:g} s, got {seconds:.1f} s")
+        _check_audio_length(audio, max_seconds)
+        _count_decode("audio")
         samples = audio.read(dtype="float32", always_2d=False)
         sampling_rate = audio.samplerate
     return _checked_clip(samples, sampling_rate)
@@ -326,6 +337,19 @@ def _check_frame_size(width: int, height: int, max_pixels: int) -> None:
         )
 
 
+def _video_stream(container: av.container.InputContainer, max_frames: int, max_pixels_per_frame: int) -> av.video.stream.VideoStream:
+    """The first video stream, checked against the limits its header states (the frame count is
+    0 where the container keeps none; the count while reading is what holds)."""
+    if not container.streams.video:
+        kinds = ", ".join(stream.type for stream in container.streams) or "none"
+        raise InvalidInputError(f"expected a file with a video stream, got streams: {kinds}")
+    stream = container.streams.video[0]
+    _check_frame_size(stream.codec_context.width, stream.codec_context.height, max_pixels_per_frame)
+    if stream.frames > max_frames:
+        raise PayloadTooLargeError(f"expected a video of at most {max_frames} frames, got {stream.frames} frames")
+    return stream
+
+
 def decode_video(
     data: bytes, *, max_frames: int = 3600, max_pixels_per_frame: int = 16_777_216
 ) -> np.ndarray:
@@ -335,17 +359,8 @@ def decode_video(
     """
     frames: list[np.ndarray] = []
     with _decoder_errors("video", data), av.open(io.BytesIO(data), mode="r") as container:
-        if not container.streams.video:
-            kinds = ", ".join(stream.type for stream in container.streams) or "none"
-            raise InvalidInputError(f"expected a file with a video stream, got streams: {kinds}")
-        stream = container.streams.video[0]
-        _check_frame_size(stream.codec_context.width, stream.codec_context.height, max_pixels_per_frame)
-        # The header's frame count (0 where the container has none) rejects early; the count
-        # while decoding is what holds.
-        if stream.frames > max_frames:
-            raise PayloadTooLargeError(
-                f"expected a video of at most {max_frames} frames, got {stream.frames} frames"
-            )
+        stream = _video_stream(container, max_frames, max_pixels_per_frame)
+        _count_decode("video")
         for frame in container.decode(stream):
             if len(frames) == max_frames:
                 raise PayloadTooLargeError(f"expected a video of at most {max_frames} frames, got more")
@@ -355,6 +370,102 @@ def decode_video(
     if not frames:
         raise InvalidInputError(f"expected a video with at least one frame, got 0 frames in {len(data)} bytes")
     return np.stack(frames)
+
+
+def sample_frame_indices(n_frames: int, n_samples: int) -> np.ndarray:
+    """``n_samples`` indices spread evenly from the first to the last frame (repeats if too few)."""
+    return np.linspace(0, n_frames - 1, n_samples).round().astype(int)
+
+
+def decode_video_frames(
+    data: bytes, n_samples: int, *, max_frames: int = 3600, max_pixels_per_frame: int = 16_777_216
+) -> np.ndarray:
+    """Decode only the ``n_samples`` frames spread evenly over the video -> ``(n_samples, H, W, 3)``
+    uint8 RGB: the same frames as ``decode_video(data)[sample_frame_indices(T, n_samples)]``.
+
+    The frames are counted from the demuxed packets, without decoding; then the decoder seeks to
+    the keyframe before each sampled frame and decodes up to it, so memory holds one frame at a time
+    whatever the video's length, and a long video costs a few keyframe intervals of decoding.
+    """
+    with _decoder_errors("video", data), av.open(io.BytesIO(data), mode="r") as container:
+        stream = _video_stream(container, max_frames, max_pixels_per_frame)
+        times = []
+        for packet in container.demux(stream):
+            if packet.size:
+                if len(times) == max_frames:
+                    raise PayloadTooLargeError(f"expected a video of at most {max_frames} frames, got more")
+                times.append(packet.pts)
+        if not times:
+            raise InvalidInputError(f"expected a video with at least one frame, got 0 frames in {len(data)} bytes")
+        _count_decode("video")
+        if None in times:
+            # No timestamps to seek by (some raw streams): read through once, keeping the samples.
+            wanted = set(sample_frame_indices(len(times), n_samples).tolist())
+            container.seek(0)
+            kept = [f for i, f in enumerate(container.decode(stream)) if i in wanted]
+            frames = [kept[min(len(kept) - 1, sorted(wanted).index(i))] for i in sample_frame_indices(len(times), n_samples)]
+        else:
+            order = sorted(times)
+            frames = [_frame_at(container, stream, order[i]) for i in sample_frame_indices(len(order), n_samples)]
+        first = frames[0]
+        for frame in frames:
+            _check_frame_size(frame.width, frame.height, max_pixels_per_frame)
+        return np.stack([f.to_ndarray(format="rgb24", height=first.height, width=first.width) for f in frames])
+
+
+def _frame_at(container: av.container.InputContainer, stream: av.video.stream.VideoStream, pts: int) -> av.VideoFrame:
+    """The frame shown at ``pts``: seek to the keyframe before it, decode forward to it."""
+    container.seek(pts, stream=stream, backward=True, any_frame=False)
+    last = None
+    for frame in container.decode(stream):
+        if frame.pts is not None and frame.pts > pts and last is not None:
+            return last
+        last = frame
+        if frame.pts == pts:
+            return frame
+    if last is None:
+        raise InvalidInputError(f"expected a frame at timestamp {pts}, got none")
+    return last
+
+
+def probe(item: EncodedMedia) -> None:
+    """What can be checked of ``item`` without decoding a pixel or a sample: that it opens as its
+    modality, its format, and the sizes its header declares. Raises the errors decoding would."""
+    data, limits = item.data, item.limits
+    if item.modality == "image":
+        with _decoder_errors("image", data):
+            _open_image(data, limits.max_image_pixels, limits.image_formats)
+    elif item.modality == "audio":
+        with _decoder_errors("audio", data):
+            _check_audio_length(sf.info(io.BytesIO(data)), limits.max_audio_seconds)
+    else:
+        with _decoder_errors("video", data), av.open(io.BytesIO(data), mode="r") as container:
+            _video_stream(container, limits.max_video_frames, limits.max_video_frame_pixels)
+
+
+def decode(item: EncodedMedia, video_frames: int | None = None) -> np.ndarray | AudioClip:
+    """Decode ``item`` within its limits; of a video only ``video_frames`` sampled frames (all if None)."""
+    data, limits = item.data, item.limits
+    if item.modality == "image":
+        return decode_image(data, max_pixels=limits.max_image_pixels, formats=limits.image_formats)
+    if item.modality == "audio":
+        return decode_audio(data, max_seconds=limits.max_audio_seconds)
+    video = {"max_frames": limits.max_video_frames, "max_pixels_per_frame": limits.max_video_frame_pixels}
+    if video_frames is None:
+        return decode_video(data, **video)
+    return decode_video_frames(data, video_frames, **video)
+
+
+_decoded: dict[str, int] = {}
+
+
+def _count_decode(modality: str) -> None:
+    _decoded[modality] = _decoded.get(modality, 0) + 1
+
+
+def decoded_counts() -> dict[str, int]:
+    """Media files this process has decoded, per modality (the ingress shows it decodes none)."""
+    return dict(_decoded)
 
 
 def to_video_array(obj: bytes | bytearray | list | tuple | np.ndarray) -> np.ndarray:

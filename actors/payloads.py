@@ -36,6 +36,28 @@ class AudioClip:
     sampling_rate: int
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding one request's media may cost (the server's ``limits``), checked from headers
+    before pixels or samples are decoded."""
+
+    max_image_pixels: int = 16_777_216
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+    max_audio_seconds: float = 600.0
+    max_video_frames: int = 3600
+    max_video_frame_pixels: int = 4_194_304
+
+
+@dataclass
+class EncodedMedia:
+    """A media file as the request sent it. The HTTP ingress reads only its header; the modality's
+    encoder pool decodes it (of a video, only the frames it samples), within ``limits``."""
+
+    modality: Modality
+    data: bytes = field(repr=False)  # request bytes never reach a log line
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+
+
 @dataclass
 class Features:
     """One media item's encoder output (F_X in the survey's notation).

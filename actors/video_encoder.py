@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from omnistage.actors.image_encoder import ImageEncoder
-from omnistage.actors.media import to_video_array
-from omnistage.actors.payloads import Features
-from omnistage.cluster.config import VideoEncoderConfig
+from omnistage.actors.media import decode, sample_frame_indices, to_video_array
+from omnistage.actors.payloads import EncodedMedia, Features
 
-
-def sample_frame_indices(n_frames: int, n_samples: int) -> np.ndarray:
-    """``n_samples`` indices spread evenly from the first to the last frame (repeats if too few)."""
-    return np.linspace(0, n_frames - 1, n_samples).round().astype(int)
+if TYPE_CHECKING:
+    # Configs are only annotations here: the config package imports this one's payloads.
+    from omnistage.cluster.config import VideoEncoderConfig
 
 
 class VideoEncoder(ImageEncoder):
     """Videos to feature sequences through the image tower.
 
-    Input: videos as (n_frames, height, width, 3) uint8 arrays. Output: ``Features`` of shape
+    Input: videos as files (``EncodedMedia``, of which only the sampled frames are decoded) or
+    (n_frames, height, width, 3) uint8 arrays. Output: ``Features`` of shape
     (num_frames * n_patches, d_vision), frames in time order.
     """
 
@@ -28,14 +29,16 @@ class VideoEncoder(ImageEncoder):
 
     config: VideoEncoderConfig
 
-    def check(self, video: np.ndarray) -> None:
-        to_video_array(video)
+    def prepare(self, video: EncodedMedia | np.ndarray) -> np.ndarray:
+        if isinstance(video, EncodedMedia):
+            return decode(video, video_frames=self.config.num_frames)
+        return to_video_array(video)
 
-    def __call__(self, videos: list[np.ndarray]) -> list[Features]:
+    def __call__(self, videos: list[EncodedMedia | np.ndarray]) -> list[Features]:
         k = self.config.num_frames
         frames = []
         for video in videos:
-            video = to_video_array(video)
+            video = self.prepare(video)
             frames.extend(video[sample_frame_indices(len(video), k)])
         # One forward pass for every frame of every video in the batch.
         features = self.encode_frames(frames).float().cpu().numpy()

@@ -1,14 +1,14 @@
 """Serve adapters: each stage class becomes a deployment; the stage itself never learns of Serve.
 
-A replica checks each request on arrival (so one bad request never fails the batch it would have
-joined), then hands batches to the stage on one worker thread, which keeps the replica's event
-loop free to collect the next batch while the model runs.
+Batched stages check each request on arrival and hand batches to the model on one worker thread;
+the LLM pool drives its continuous-batching engine from one loop on that thread instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from ray import serve
 
+from omnistage.actors.errors import OverloadedError
 from omnistage.actors.payloads import Conditioning, GeneratedMedia, GenerationRequest, LLMRequest, LLMResult
 from omnistage.pipelines.logs import configure_logging
 
@@ -33,15 +34,6 @@ class LLMReply:
     prompt_tokens: int
     completion_tokens: int
     signal_refs: list[tuple[str, Any]]
-
-
-def _advance(steps: Any) -> tuple[bool, Any]:
-    """One step of a generator, run on the stage's thread: (False, yielded) or (True, returned).
-    StopIteration itself cannot cross into an asyncio future."""
-    try:
-        return False, next(steps)
-    except StopIteration as done:
-        return True, done.value
 
 
 class _Metrics:
@@ -80,8 +72,8 @@ class _Metrics:
             self._cache_seen[name] = total
 
 
-class StageServer:
-    """Deployment body for any stage: ``await handle.remote(item, request_id=...)``."""
+class _Replica:
+    """What every pool's replica has: its stage, one model worker thread, metrics, health, stats."""
 
     def __init__(self, stage_name: str, stage_config: dict[str, Any], cache_config: dict[str, Any] | None = None):
         from omnistage.actors.registry import create_stage
@@ -89,47 +81,11 @@ class StageServer:
         configure_logging()
         self.name = stage_name
         self.stage = create_stage(stage_name, stage_config, cache_config)
-        batching = self.stage.config.batching
-        self._batched.set_max_batch_size(batching.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=stage_name)
         # When the worker thread began the call it is on (None: idle), for check_health.
         self._call_started: float | None = None
         self._metrics = _Metrics(stage_name)
-        self._waiting = 0
         self._counts = {"batches": 0, "items": 0, "largest_batch": 0}
-
-    async def __call__(self, item: Any, request_id: str = "") -> Any:
-        return await self._submit(item, request_id)
-
-    async def _submit(self, item: Any, request_id: str) -> Any:
-        try:
-            self.stage.check(item)
-        except ValueError:
-            self._metrics.errors.inc()
-            log.info("item_refused", stage=self.name, request_id=request_id)
-            raise
-        self._waiting += 1
-        self._metrics.queue.set(self._waiting)
-        try:
-            return await self._batched(item, request_id)
-        finally:
-            self._waiting -= 1
-            self._metrics.queue.set(self._waiting)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, items: list[Any], request_ids: list[str]) -> list[Any]:
-        start = time.perf_counter()
-        try:
-            results = await self._on_worker(self.stage, items)
-        except Exception:
-            self._metrics.errors.inc(len(items))
-            log.exception("batch_failed", stage=self.name, request_ids=request_ids)
-            raise
-        seconds = time.perf_counter() - start
-        self._observe_batch(len(items), seconds)
-        log.info("batch_done", stage=self.name, request_ids=request_ids, batch_size=len(items), seconds=round(seconds, 4))
-        return results
 
     async def _on_worker(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the stage's worker thread, which records when it started the call."""
@@ -142,15 +98,9 @@ class StageServer:
         finally:
             self._call_started = None
 
-    def _observe_batch(self, size: int, seconds: float) -> None:
-        self._metrics.requests.inc(size)
-        self._metrics.latency.observe(seconds)
-        self._metrics.batch_size.observe(size)
+    def _count_batch(self, size: int) -> None:
         self._counts["batches"] += 1
-        self._counts["items"] += size
         self._counts["largest_batch"] = max(self._counts["largest_batch"], size)
-        if hasattr(self.stage, "cache_stats"):
-            self._metrics.record_cache(self.stage.cache_stats())
 
     def stats(self) -> dict[str, Any]:
         """This replica's batch counts and the GPUs Ray gave it; for operators and tests."""
@@ -158,11 +108,14 @@ class StageServer:
 
         from ray import serve
 
+        from omnistage.actors.media import decoded_counts
+
         cache = self.stage.cache_stats() if hasattr(self.stage, "cache_stats") else None
         replica = serve.get_replica_context().replica_id.unique_id
         context = ray.get_runtime_context()
         return {
             **self._counts,
+            "decoded_media": decoded_counts(),
             "gpu_ids": ray.get_gpu_ids(),
             "device": str(self.stage.device),
             "cache": cache,
@@ -194,44 +147,181 @@ class StageServer:
             torch.cuda.synchronize(self.stage.device)
 
 
-class LLMServer(StageServer):
-    """The LLM pool. Projected media arrive as extra arguments, so the ingress can pass the
-    projector's responses straight through and Serve resolves them in this replica."""
+class StageServer(_Replica):
+    """Deployment body for a batched stage: ``await handle.remote(item, request_id=...)``.
+
+    Each item is checked on arrival, so one bad request never fails the batch it would have
+    joined; batches go to the stage on the worker thread, which keeps the replica's event loop
+    free to collect the next batch while the model runs."""
 
     def __init__(self, stage_name: str, stage_config: dict[str, Any], cache_config: dict[str, Any] | None = None):
         super().__init__(stage_name, stage_config, cache_config)
         batching = self.stage.config.batching
-        self._stream_batched.set_max_batch_size(batching.max_batch_size)
-        self._stream_batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._batched.set_max_batch_size(batching.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._waiting = 0
+
+    async def __call__(self, item: Any, request_id: str = "") -> Any:
+        return await self._submit(item, request_id)
+
+    async def _submit(self, item: Any, request_id: str) -> Any:
+        try:
+            # Off the event loop: an encoder decodes the request's media file here.
+            item = await asyncio.to_thread(self.stage.prepare, item)
+        except ValueError:
+            self._metrics.errors.inc()
+            log.info("item_refused", stage=self.name, request_id=request_id)
+            raise
+        self._waiting += 1
+        self._metrics.queue.set(self._waiting)
+        try:
+            return await self._batched(item, request_id)
+        finally:
+            self._waiting -= 1
+            self._metrics.queue.set(self._waiting)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, items: list[Any], request_ids: list[str]) -> list[Any]:
+        start = time.perf_counter()
+        try:
+            results = await self._on_worker(self.stage, items)
+        except Exception:
+            self._metrics.errors.inc(len(items))
+            log.exception("batch_failed", stage=self.name, request_ids=request_ids)
+            raise
+        seconds = time.perf_counter() - start
+        self._metrics.requests.inc(len(items))
+        self._metrics.latency.observe(seconds)
+        self._metrics.batch_size.observe(len(items))
+        self._count_batch(len(items))
+        self._counts["items"] += len(items)
+        if hasattr(self.stage, "cache_stats"):
+            self._metrics.record_cache(self.stage.cache_stats())
+        log.info("batch_done", stage=self.name, request_ids=request_ids, batch_size=len(items), seconds=round(seconds, 4))
+        return results
+
+
+class _EngineMetrics:
+    """The LLM engine's series, per replica."""
+
+    def __init__(self, stage: str, replica: str):
+        from ray.util import metrics
+
+        keys = ("stage", "replica")
+        self.running = metrics.Gauge("omnistage_llm_running_seqs", "Sequences in the running batch", tag_keys=keys)
+        self.waiting = metrics.Gauge("omnistage_llm_waiting_seqs", "Requests waiting for admission", tag_keys=keys)
+        self.kv_tokens = metrics.Gauge("omnistage_llm_kv_cache_tokens", "Token slots of the padded KV cache in use", tag_keys=keys)
+        self.tokens = metrics.Counter("omnistage_llm_generated_tokens", "Tokens generated (rate: tokens per second)", tag_keys=keys)
+        seconds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+        self.ttft = metrics.Histogram("omnistage_llm_time_to_first_token_s", "Seconds from arrival to the first token", boundaries=seconds, tag_keys=keys)
+        self.tpot = metrics.Histogram("omnistage_llm_time_per_output_token_s", "Seconds per token after the first", boundaries=seconds, tag_keys=keys)
+        for metric in (self.running, self.waiting, self.kv_tokens, self.tokens, self.ttft, self.tpot):
+            metric.set_default_tags({"stage": stage, "replica": replica})
+        self._tokens_seen = 0
+
+    def record(self, engine: Any, outputs: list[Any]) -> None:
+        self.running.set(engine.num_running)
+        self.waiting.set(engine.num_waiting)
+        self.kv_tokens.set(engine.kv_tokens)
+        if engine.generated_tokens > self._tokens_seen:
+            self.tokens.inc(engine.generated_tokens - self._tokens_seen)
+            self._tokens_seen = engine.generated_tokens
+        for out in outputs:
+            if out.result is not None:
+                self.ttft.observe(out.ttft_s)
+                if out.tpot_s is not None:
+                    self.tpot.observe(out.tpot_s)
+
+
+class LLMServer(_Replica):
+    """The LLM pool: one loop drives the stage's engine (continuous batching) while requests are
+    in flight; ``__call__`` and ``stream`` both submit to it, so neither waits for the other.
+
+    Projected media arrive as extra arguments, so the ingress can pass the projector's responses
+    straight through and Serve resolves them in this replica. The engine is only touched from the
+    worker thread, one call at a time: submissions and aborts queue there between steps.
+    """
+
+    def __init__(self, stage_name: str, stage_config: dict[str, Any], cache_config: dict[str, Any] | None = None):
+        from ray import serve
+
+        super().__init__(stage_name, stage_config, cache_config)
+        self.engine = self.stage.engine
+        self._outputs: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.Task | None = None
+        self._ids = itertools.count()
+        self._counts["aborted"] = 0
+        self._engine_metrics = _EngineMetrics(stage_name, serve.get_replica_context().replica_id.unique_id)
 
     async def __call__(self, request: LLMRequest, *media: Any, request_id: str = "") -> LLMReply:
-        result = await self._submit(dataclasses.replace(request, media=list(media)), request_id)
-        return self._reply(result)
+        async for item in self._generate(request, media, request_id):
+            reply = item  # text deltas, then the reply
+        return reply
 
     async def stream(self, request: LLMRequest, *media: Any, request_id: str = ""):
         """Yields text deltas as they are decoded, then one ``LLMReply``."""
-        request = dataclasses.replace(request, media=list(media))
-        try:
-            self.stage.check(request)
-        except ValueError:
-            self._metrics.errors.inc()
-            raise
-        async for item in self._stream_batched(request, request_id):
-            yield self._reply(item) if isinstance(item, LLMResult) else item
+        async for item in self._generate(request, media, request_id):
+            yield item
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _stream_batched(self, requests: list[LLMRequest], request_ids: list[str]):
-        steps = self.stage.stream(requests)
-        start = time.perf_counter()
-        while True:
-            finished, value = await self._on_worker(_advance, steps)
-            if finished:
-                results = value
-                break
-            yield value
-        self._observe_batch(len(requests), time.perf_counter() - start)
-        log.info("stream_done", stage=self.name, request_ids=request_ids, batch_size=len(requests))
-        yield results
+    async def _generate(self, request: LLMRequest, media: tuple, request_id: str):
+        key = f"{request_id}#{next(self._ids)}"  # a client may reuse its request id
+        try:
+            await self._on_worker(self.engine.add, key, dataclasses.replace(request, media=list(media)))
+        except (ValueError, OverloadedError):
+            self._metrics.errors.inc()
+            log.info("item_refused", stage=self.name, request_id=request_id)
+            raise
+        queue: asyncio.Queue = asyncio.Queue()
+        self._outputs[key] = queue
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.get_running_loop().create_task(self._run())
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                if out.delta:
+                    yield out.delta
+                if out.result is not None:
+                    finished = True
+                    self._metrics.requests.inc()
+                    self._counts["items"] += 1
+                    yield self._reply(out.result)
+                    return
+        finally:
+            del self._outputs[key]
+            if not finished:
+                # The caller went away (a disconnect, the deadline): free its sequence at the next step.
+                self._counts["aborted"] += 1
+                self._executor.submit(self.engine.abort, key)
+
+    async def _run(self) -> None:
+        """Step the engine while it has work, handing each request its outputs."""
+        while self.engine.has_work():
+            start = time.perf_counter()
+            try:
+                outputs = await self._on_worker(self.engine.step)
+            except Exception as exc:
+                # Nothing is known about the cache after a failed step: every request fails now
+                # rather than hanging, and the engine starts clean.
+                log.exception("engine_step_failed", stage=self.name, requests=len(self._outputs))
+                self._metrics.errors.inc(len(self._outputs))
+                await self._on_worker(self.engine.abort_all)
+                for queue in self._outputs.values():
+                    queue.put_nowait(exc)
+                return
+            for out in outputs:
+                queue = self._outputs.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            self._count_batch(self.engine.num_running)
+            self._metrics.latency.observe(time.perf_counter() - start)
+            self._engine_metrics.record(self.engine, outputs)
+            self._metrics.queue.set(self.engine.num_waiting)
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "running": self.engine.num_running, "waiting": self.engine.num_waiting}
 
     def _reply(self, result: LLMResult) -> LLMReply:
         import ray

@@ -145,7 +145,7 @@ class LocalPipeline:
         forms accepted. ``modalities`` (e.g. ``["text", "image"]``) makes the answer include those
         media: their signal tokens are forced if the model does not emit them.
         """
-        # 1. Check inputs and decode media
+        # 1. Check inputs (media files are decoded by their encoders)
         wanted = [m for m in (modalities or []) if m != "text"]
         unknown = [m for m in wanted if m not in self.generators]
         if unknown:
@@ -154,7 +154,7 @@ class LocalPipeline:
             )
         chat = parse_messages(messages, accepted=list(self.encoders), limits=self.config.server.limits)
 
-        # 2. Encode each medium, one batched call per modality
+        # 2. Decode and encode each medium, one batched call per modality
         features: list = [None] * len(chat.media)
         for modality, encoder in self.encoders.items():
             indices = [i for i, (m, _) in enumerate(chat.media) if m == modality]

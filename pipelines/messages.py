@@ -1,9 +1,13 @@
-"""OpenAI-style chat messages to the LLM's form: text with placeholders, plus decoded media.
+"""OpenAI-style chat messages to the LLM's form: text with placeholders, plus the media.
 
 Content parts follow OpenAI's chat format (``text``, ``image_url``, ``input_audio``) with
 ``video_url`` added the same way. In Python, a part's value may also be the medium itself: bytes,
 a PIL image or a numpy array (``(H, W, 3)`` uint8 images, ``(T, H, W, 3)`` uint8 videos, an
 ``AudioClip`` or ``(samples, sampling_rate)`` for audio).
+
+Media files are not decoded here: their headers are checked (format, declared size, pixel, frame
+and duration limits) and the bytes go on as ``EncodedMedia`` to the modality's encoder, which
+decodes them. So the HTTP ingress, which runs this, holds a request's bytes, never its pixels.
 """
 
 from __future__ import annotations
@@ -17,16 +21,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
-from omnistage.actors.media import (
-    decode_audio,
-    decode_image,
-    decode_video,
-    parse_data_url,
-    to_audio_clip,
-    to_image_array,
-    to_video_array,
-)
-from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, Modality
+from omnistage.actors.media import parse_data_url, probe, to_audio_clip, to_image_array, to_video_array
+from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, EncodedMedia, Modality
 from omnistage.cluster.config import InputLimits
 
 # Content part type -> the modality it carries.
@@ -36,11 +32,12 @@ AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
 
 @dataclass
 class ParsedChat:
-    """``messages`` hold text only (placeholders where media stood); ``media`` lists the decoded
-    media in placeholder order: image (H, W, 3) uint8, video (T, H, W, 3) uint8, audio AudioClip."""
+    """``messages`` hold text only (placeholders where media stood); ``media`` lists the media in
+    placeholder order: files as ``EncodedMedia`` (header checked), objects from Python callers as
+    image (H, W, 3) uint8, video (T, H, W, 3) uint8, audio AudioClip."""
 
     messages: list[dict[str, str]]
-    media: list[tuple[Modality, np.ndarray | AudioClip]]
+    media: list[tuple[Modality, EncodedMedia | np.ndarray | AudioClip]]
 
 
 def parse_messages(
@@ -49,9 +46,9 @@ def parse_messages(
     remote: RemoteMedia | None = None,
     limits: InputLimits | None = None,
 ) -> ParsedChat:
-    """Check and decode a chat. ``accepted`` names the input modalities this deployment serves;
-    ``remote`` says which hosts media URLs may be fetched from (none by default); ``limits``
-    bound what the media may cost to decode."""
+    """Check a chat. ``accepted`` names the input modalities this deployment serves; ``remote``
+    says which hosts media URLs may be fetched from (none by default); ``limits`` bound what the
+    media may cost to decode (checked here from headers, and again by the encoder that decodes)."""
     limits = limits or InputLimits()
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError(f"expected a non-empty list of messages, got {_kind(messages)}")
@@ -92,7 +89,7 @@ def parse_messages(
                     )
                 if role != "user":
                     raise InvalidInputError(f"expected media only in user messages, got {kind} in a {role!r} message")
-                media.append((modality, _decode(modality, part.get(kind), where, remote, limits)))
+                media.append((modality, _medium(modality, part.get(kind), where, remote, limits)))
                 texts.append(PLACEHOLDERS[modality])
             else:
                 raise InvalidInputError(
@@ -103,11 +100,11 @@ def parse_messages(
     return ParsedChat(messages=out_messages, media=media)
 
 
-def _decode(
+def _medium(
     modality: Modality, value: Any, where: str, remote: RemoteMedia | None, limits: InputLimits
-) -> np.ndarray | AudioClip:
+) -> EncodedMedia | np.ndarray | AudioClip:
     if modality == "audio":
-        return _decode_audio(value, where, limits)
+        return _audio(value, where, limits)
     if isinstance(value, dict):
         value = value.get("url")
     if isinstance(value, str):
@@ -116,16 +113,18 @@ def _decode(
         if not mime.startswith(allowed):
             raise UnsupportedMediaError(f"expected {where} to be a {' or '.join(allowed)} data URL, got {mime!r}")
     if isinstance(value, (bytes, bytearray)):
-        # Files from a request: decoded within the limits. Arrays and PIL images come from Python callers.
-        if modality == "image":
-            return decode_image(bytes(value), max_pixels=limits.max_image_pixels, formats=tuple(limits.image_formats))
-        return decode_video(
-            bytes(value), max_frames=limits.max_video_frames, max_pixels_per_frame=limits.max_video_frame_pixels
-        )
+        return _file(modality, value, limits)
+    # Arrays and PIL images come from Python callers, already decoded.
     return to_image_array(value) if modality == "image" else to_video_array(value)
 
 
-def _decode_audio(value: Any, where: str, limits: InputLimits) -> AudioClip:
+def _file(modality: Modality, data: bytes | bytearray, limits: InputLimits) -> EncodedMedia:
+    item = EncodedMedia(modality=modality, data=bytes(data), limits=limits.decode_limits())
+    probe(item)
+    return item
+
+
+def _audio(value: Any, where: str, limits: InputLimits) -> EncodedMedia | AudioClip:
     if isinstance(value, dict):
         fmt = value.get("format")
         if fmt not in AUDIO_FORMATS:
@@ -137,7 +136,7 @@ def _decode_audio(value: Any, where: str, limits: InputLimits) -> AudioClip:
             except (binascii.Error, ValueError):
                 raise InvalidInputError(f"expected {where} audio data as base64, got {len(value)} characters that are not") from None
     if isinstance(value, (bytes, bytearray)):
-        return decode_audio(bytes(value), max_seconds=limits.max_audio_seconds)
+        return _file("audio", value, limits)
     if isinstance(value, tuple) and len(value) == 2:
         return to_audio_clip(value[0], sampling_rate=value[1])
     return to_audio_clip(value)

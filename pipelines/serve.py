@@ -1,5 +1,5 @@
-"""The online Serve application: a deployment per stage pool, and an HTTP ingress that decodes,
-validates and routes.
+"""The online Serve application: a deployment per stage pool, and an HTTP ingress that
+validates and routes (media are decoded in the encoder pools).
 
 The ingress hands one stage's ``DeploymentResponse`` straight to the next stage's handle, so
 features travel replica to replica through Ray's object store and never through the ingress.
@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+from omnistage.actors.errors import InvalidInputError, OverloadedError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.payloads import LLMRequest
 from omnistage.cluster.config import OmnistageConfig, PoolConfig
 from omnistage.pipelines.deployments import GeneratorServer, LLMReply, LLMServer, StageServer
@@ -72,6 +72,13 @@ def _array_bytes(value: Any) -> int:
     return 0
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM), in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _unpack_msgpack(body: bytes) -> Any:
     """One msgpack object, never unpickled: extension types stay opaque and fail validation later.
     The buffer limit is the body itself, so a declared length can never exceed what was sent."""
@@ -99,7 +106,7 @@ def _status_of(exc: BaseException) -> tuple[int, str]:
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in cause.errors(include_input=False)
         )
         return 400, f"invalid request: {problems}"
-    if isinstance(cause, BackPressureError):
+    if isinstance(cause, (BackPressureError, OverloadedError)):
         return 503, "the server is at capacity; retry after the Retry-After delay"
     if isinstance(
         cause,
@@ -240,7 +247,8 @@ class Ingress:
                 req = ChatCompletionRequest.model_validate(body)
                 self._check_model(req.model)
                 wanted = self._output_modalities(req.modalities)
-                # 2. Decode media (CPU work off the event loop)
+                # 2. Check the messages and the media headers (off the event loop); the encoder
+                #    pools decode the media
                 chat = await asyncio.to_thread(
                     parse_messages, req.messages, list(self.encoders), self.remote_media, self.config.server.limits
                 )
@@ -293,9 +301,12 @@ class Ingress:
     async def audio_generations(self, request: Request) -> Response:
         return await self._media_generation(request, "audio")
 
-    def stats(self) -> dict[str, int]:
-        """Called through the deployment handle (not HTTP): what this replica has received."""
-        return {"array_bytes_received": self.array_bytes_received}
+    def stats(self) -> dict[str, Any]:
+        """Called through the deployment handle (not HTTP): what this replica has received, the
+        media files it decoded (none: encoder pools decode them) and its peak memory."""
+        from omnistage.actors.media import decoded_counts
+
+        return {"array_bytes_received": self.array_bytes_received, "decoded_media": decoded_counts(), "peak_rss_bytes": _peak_rss()}
 
     # Steps
 
@@ -387,6 +398,9 @@ class Ingress:
                 # Headers are sent: the error travels as an event, in OpenAI's error shape.
                 status, message = self._log_error(exc, rid)
                 yield f"data: {json.dumps(error_body(message, status))}\n\n"
+            finally:
+                # A client that went away stops the stream here: the LLM frees its sequence.
+                steps.cancel()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

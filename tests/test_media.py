@@ -2,11 +2,13 @@
 
 import base64
 import io
+import json
 import struct
 import subprocess
 import sys
 import warnings
 import zlib
+from pathlib import Path
 
 import av
 import numpy as np
@@ -511,3 +513,30 @@ def test_import_does_not_load_heavy_libraries():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif"])
+@pytest.mark.parametrize("n_frames", [3, 40])
+def test_sampled_video_decoding_gives_the_frames_full_decoding_samples(fmt, n_frames):
+    from omnistage.actors.media import decode_video, decode_video_frames, sample_frame_indices
+
+    rng = np.random.default_rng(n_frames)
+    # Moving content, so that every frame differs and a wrong frame cannot pass.
+    frames = np.stack([np.roll(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), 3 * t, axis=1) for t in range(n_frames)])
+    data = encode_video(frames, fps=8, fmt=fmt)
+    full = decode_video(data)
+    sampled = decode_video_frames(data, 5)
+    np.testing.assert_array_equal(sampled, full[sample_frame_indices(len(full), 5)])
+    with pytest.raises(PayloadTooLargeError, match=f"at most {n_frames - 1} frames"):
+        decode_video_frames(data, 5, max_frames=n_frames - 1)
+
+
+def test_a_long_video_is_checked_and_sampled_in_little_memory():
+    """A 2-minute 360p clip (480 frames, 330 MB decoded): the ingress's header check and the
+    encoder's sampled decoding each raise the process's peak memory by a few MB at most."""
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "ingress_memory.py"),
+                             "--check", "--seconds", "120", "--fps", "4"],
+                            capture_output=True, text=True, check=True)
+    grown = json.loads(result.stdout.strip().splitlines()[-1])
+    assert grown["frames"] == 480
+    assert grown["probe_mb"] < 16 and grown["sampled_mb"] < 64, grown

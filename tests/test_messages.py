@@ -1,4 +1,5 @@
-"""OpenAI-style messages to placeholders and decoded media, including remote URLs behind an allowlist."""
+"""OpenAI-style messages to placeholders and media files (header-checked, decoded by the
+encoders), including remote URLs behind an allowlist."""
 
 import base64
 import http.server
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
-from omnistage.actors.media import encode_png
+from omnistage.actors.media import decode, decoded_counts, encode_png
+from omnistage.actors.payloads import EncodedMedia
 from omnistage.pipelines.demo import sample_image
 from omnistage.pipelines.messages import RemoteMedia, parse_messages
 
@@ -33,7 +35,30 @@ def test_parts_become_placeholders_in_order():
         {"role": "user", "content": "compare\n<image>\n<audio>\n<image>"},
     ]
     assert [m for m, _ in chat.media] == ["image", "audio", "image"]
-    np.testing.assert_array_equal(chat.media[0][1], sample_image())
+    # The file stays a file (its encoder decodes it); what a Python caller passed as an array stays one.
+    assert isinstance(chat.media[0][1], EncodedMedia) and chat.media[0][1].data == PNG
+    np.testing.assert_array_equal(decode(chat.media[0][1]), sample_image())
+    np.testing.assert_array_equal(chat.media[2][1], sample_image())
+
+
+def test_media_files_are_checked_but_not_decoded():
+    from omnistage.actors.media import encode_video, encode_wav
+    from omnistage.pipelines.demo import sample_audio, sample_video
+
+    before = decoded_counts()
+    chat = parse_messages(
+        [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}},
+            {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(encode_video(sample_video(12), fps=8)).decode()}},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_wav(*sample_audio())).decode(), "format": "wav"}},
+        ]}],
+        accepted=["image", "video", "audio"],
+    )
+    assert [type(item) for _, item in chat.media] == [EncodedMedia] * 3
+    assert decoded_counts() == before
+    assert "data" not in repr(chat.media[0][1])  # request bytes stay out of reprs, so out of logs
+    with pytest.raises(InvalidInputError, match="could not be decoded"):
+        parse_messages(_image_url("data:image/png;base64," + base64.b64encode(b"\x89PNG junk").decode()), accepted=["image"])
 
 
 def test_refusals_name_what_was_expected():
@@ -79,7 +104,7 @@ def test_remote_urls_only_from_allowed_hosts(media_server):
         parse_messages(_image_url(f"{media_server}/cat.png"), accepted=["image"])
     allowed = RemoteMedia(allowed_hosts=("127.0.0.1",))
     chat = parse_messages(_image_url(f"{media_server}/cat.png"), accepted=["image"], remote=allowed)
-    np.testing.assert_array_equal(chat.media[0][1], sample_image())
+    np.testing.assert_array_equal(decode(chat.media[0][1]), sample_image())
     # A redirect is not followed: it could lead off the allowed hosts.
     with pytest.raises(InvalidInputError, match="answer 200, got 302"):
         parse_messages(_image_url(f"{media_server}/elsewhere"), accepted=["image"], remote=allowed)
