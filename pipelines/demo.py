@@ -42,14 +42,19 @@ def sample_audio(seconds: float = 1.0, rate: int = 22050, hz: float = 440.0) -> 
     return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), rate
 
 
-def write_samples(out_dir: Path) -> list[Path]:
-    """Write the sample media as ordinary files (sample.png, sample.mp4, sample.wav)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
+def sample_files() -> dict[str, bytes]:
+    """The sample media as ordinary files: file name -> encoded bytes."""
+    return {
         "sample.png": encode_png(sample_image()),
         "sample.mp4": encode_video(sample_video(), fps=8),
         "sample.wav": encode_wav(*sample_audio()),
     }
+
+
+def write_samples(out_dir: Path) -> list[Path]:
+    """Write the sample media as ordinary files (sample.png, sample.mp4, sample.wav)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = sample_files()
     for name, data in files.items():
         (out_dir / name).write_bytes(data)
     return [out_dir / name for name in files]

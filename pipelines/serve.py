@@ -33,6 +33,8 @@ from omnistage.cluster.config import OmnistageConfig, PoolConfig
 from omnistage.pipelines.deployments import GeneratorServer, LLMReply, LLMServer, StageServer
 from omnistage.pipelines.logs import configure_logging
 from omnistage.pipelines.messages import RemoteMedia, parse_messages
+from omnistage.pipelines.playground import describe_world
+from omnistage.pipelines.playground import router as playground_router
 from omnistage.pipelines.schemas import ChatCompletionRequest, MediaGenerationRequest, error_body
 
 log = structlog.get_logger(__name__)
@@ -44,6 +46,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _RETRY_AFTER_S = "1"
 
 api = FastAPI(title="omnistage", docs_url=None, redoc_url=None)
+# The browser playground at / and the sample media its examples attach.
+api.include_router(playground_router)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -231,6 +235,8 @@ class Ingress:
             "owned_by": "omnistage",
             "input_modalities": ["text", *stages.input_modalities()],
             "output_modalities": ["text", *stages.output_modalities()],
+            # What the model knows, for the playground and other people choosing what to ask.
+            "world": describe_world(self.config),
         }
         return JSONResponse({"object": "list", "data": [entry]})
 
@@ -561,7 +567,9 @@ def run_server(config: OmnistageConfig, host: str | None = None, port: int | Non
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": config.server.request_timeout_s})
         deploy(config)
-        print(f"omnistage: serving {config.name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        # Browsers refuse to open the wildcard address; the server is reachable on loopback too.
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        print(f"omnistage: serving {config.name!r}: playground at {url}/, API at {url}/v1 (Ctrl-C to stop)", flush=True)
         stop.wait()
     except KeyboardInterrupt:
         pass
