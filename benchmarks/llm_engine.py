@@ -15,7 +15,7 @@ request's scheduled arrival: TTFT (to its first token), TPOT (per token after th
 latency (to its last token, as a stream would see it). At a rate near zero (one request at a time)
 the engine's latency is compared with a lone ``generate``.
 
-    .venv/bin/python benchmarks/llm_engine.py [--model tiny|large|both] [--requests 48]
+    .venv/bin/python benchmarks/llm_engine.py [--model tiny|large|both] [--requests N]
         [--rates 4 16 64] [--threads 1] [--json out.json]
 
 ``large`` is a LLaMA built from a config (8 layers, width 512), where matrix work outweighs Python.
@@ -215,7 +215,7 @@ def check_same_tokens(llm, jobs: list[Job]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["tiny", "large", "both"], default="both")
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--requests", type=int, help="requests per run (default: 64 tiny, 24 large)")
     parser.add_argument("--rates", type=float, nargs="+", help="requests per second (default: per model)")
     parser.add_argument("--long-share", type=float, default=0.3)
     parser.add_argument("--long-tokens", type=int, default=200)
@@ -232,11 +232,12 @@ def main() -> None:
         for kind in (["tiny", "large"] if args.model == "both" else [args.model]):
             llm = _llm(kind, workdir)
             check_same_tokens(llm, _workload(4, 0, args.long_share, 24, args.seed))
-            rates = args.rates or ([4, 16, 64, 256] if kind == "tiny" else [1, 4, 16])
+            rates = args.rates or ([4, 16, 64, 256] if kind == "tiny" else [0.25, 1, 4])
+            n = args.requests or (64 if kind == "tiny" else 24)
             rows = {}
             for rate in rates:
                 for system in ("engine", "static", "sequential"):
-                    jobs = _workload(args.requests, rate, args.long_share, args.long_tokens, args.seed)
+                    jobs = _workload(n, rate, args.long_share, args.long_tokens, args.seed)
                     if system == "engine":
                         run_engine(llm, jobs)
                     elif system == "static":
@@ -245,7 +246,7 @@ def main() -> None:
                         run_sequential(llm, jobs)
                     rows[f"{rate:g}/{system}"] = summarize(jobs)
                     print(kind, f"rate={rate:g}", system, json.dumps({k: round(v, 4) for k, v in rows[f"{rate:g}/{system}"].items()}), flush=True)
-            lone = lone_latency(llm, _workload(12, 0, args.long_share, args.long_tokens, args.seed + 1))
+            lone = lone_latency(llm, _workload(12 if kind == "tiny" else 6, 0, args.long_share, args.long_tokens, args.seed + 1))
             print(kind, "lone", json.dumps(lone), flush=True)
             top = f"{rates[-1]:g}"
             ratios = {

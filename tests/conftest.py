@@ -119,7 +119,8 @@ def redis_server(tmp_path_factory):
         server.stop()
 
 
-SERVE_PORT = 8931
+# Picked per session, so two suites on one machine never talk to each other's server.
+SERVE_PORT = _free_port()
 
 
 @pytest.fixture(scope="session")
