@@ -128,10 +128,11 @@ def _pack(arrays: list[np.ndarray | None]) -> tuple[pa.Array, pa.Array]:
     return data, shapes
 
 
-def _unpack(table: pa.Table, name: str, dtype: type, rows: list[int]) -> list[np.ndarray]:
-    """The arrays of column ``name`` at ``rows``, as writable arrays (torch refuses read-only ones)."""
+def _unpack(table: pa.Table, name: str, dtype: type, rows: list[int]) -> list[np.ndarray | None]:
+    """The arrays of column ``name`` at ``rows`` (None where null), as writable arrays (torch
+    refuses read-only ones)."""
     data, shapes = table.column(name).to_pylist(), table.column(f"{name}_shape").to_pylist()
-    return [np.frombuffer(data[i], dtype).reshape(shapes[i]).copy() for i in rows]
+    return [None if data[i] is None else np.frombuffer(data[i], dtype).reshape(shapes[i]).copy() for i in rows]
 
 
 def _with_columns(table: pa.Table, columns: dict[str, pa.Array], drop: tuple[str, ...] = ()) -> pa.Table:
@@ -449,7 +450,8 @@ class LLMUDF(StageUDF):
 
 
 class OutputProjectorUDF(StageUDF):
-    """Signal groups -> generator conditioning (``conditioning``: (seq_len, d_cond) float32)."""
+    """Signal groups -> generator conditioning (``conditioning``: (seq_len, d_cond) float32, and
+    ``generated``: (n_generated, d_generated) float32 for generators that take a second one)."""
 
     step = "project"
     consumes = ("signal", "signal_shape")
@@ -463,14 +465,16 @@ class OutputProjectorUDF(StageUDF):
 
     def columns(self, table: pa.Table, outputs: dict[int, Conditioning], errors: list[str | None]) -> dict[str, pa.Array]:
         data, shapes = _pack([outputs[i].embeds if i in outputs else None for i in range(table.num_rows)])
-        return {"conditioning": data, "conditioning_shape": shapes}
+        # A second conditioning where the generator takes one (AudioLDM 2's generated_prompt_embeds).
+        generated, generated_shapes = _pack([outputs[i].generated_embeds if i in outputs else None for i in range(table.num_rows)])
+        return {"conditioning": data, "conditioning_shape": shapes, "generated": generated, "generated_shape": generated_shapes}
 
 
 class GeneratorUDF(StageUDF):
     """Conditioning -> encoded media (``media``: PNG, MP4 or GIF, WAV bytes) and ``mime_type``."""
 
     step = "generate"
-    consumes = ("conditioning", "conditioning_shape")
+    consumes = ("conditioning", "conditioning_shape", "generated", "generated_shape")
 
     def __init__(self, config: StageConfig, modality: Modality):
         super().__init__(f"{modality}_generator", config)
@@ -479,9 +483,10 @@ class GeneratorUDF(StageUDF):
     def inputs(self, table: pa.Table, rows: list[int]) -> list[GenerationRequest]:
         seeds = table.column("seed").to_pylist()
         embeds = _unpack(table, "conditioning", np.float32, rows)
+        generated = _unpack(table, "generated", np.float32, rows)
         return [
-            GenerationRequest(conditioning=Conditioning(modality=self.modality, embeds=e), seed=seeds[i])
-            for i, e in zip(rows, embeds)
+            GenerationRequest(conditioning=Conditioning(modality=self.modality, embeds=e, generated_embeds=g), seed=seeds[i])
+            for i, e, g in zip(rows, embeds, generated)
         ]
 
     def columns(self, table: pa.Table, outputs: dict[int, Any], errors: list[str | None]) -> dict[str, pa.Array]:

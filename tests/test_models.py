@@ -553,6 +553,26 @@ def test_audioldm2_through_local_pipeline(tmp_path, audioldm2_dir):
     assert rate == 16000 and samples.shape == (int(A2_SECONDS * 16000),) and np.isfinite(samples).all()
 
 
+def test_audioldm2_generation_as_a_batch_job(tmp_path, audioldm2_dir):
+    """The batch job's adapters carry both conditionings from the output projector to AudioLDM 2."""
+    import pyarrow as pa
+
+    from omnistage.cluster.config import AudioGeneratorConfig, LLMConfig, OutputProjectorConfig
+    from omnistage.pipelines import batch
+
+    table = batch.prepare_generate(pa.table({"id": ["a", "b"], "prompt": ["Play a drum.", "A bell."]}), id_column="id", prompt_column="prompt", seed=0)
+    table = batch.LLMUDF(LLMConfig(), modality=None, force="audio", max_tokens=4, temperature=0.0, answer_column="text")(table)
+    projector = OutputProjectorConfig(model=str(_output_projector(tmp_path / "projector", {"audio": A2_HEAD})))
+    table = batch.OutputProjectorUDF(projector, "audio")(table)
+    generator = AudioGeneratorConfig(model=str(audioldm2_dir), num_inference_steps=2, audio_length_s=A2_SECONDS)
+    table = batch.GeneratorUDF(generator, "audio")(table)
+    out = batch.finish(table, id_column="id", schema=batch.GENERATE_SCHEMA, constants={"modality": "audio", "model": "a2", "run_id": "t"})
+    for row in out.to_pylist():
+        assert row["error"] is None, row["error"]
+        samples, rate = sf.read(io.BytesIO(row["media"]), dtype="float32")
+        assert row["mime_type"] == "audio/wav" and rate == 16000 and samples.shape == (int(A2_SECONDS * 16000),)
+
+
 @pytest.mark.parametrize(
     "generator, head, message",
     [
