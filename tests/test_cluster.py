@@ -184,7 +184,7 @@ def test_scaling_changes_update_in_place_and_model_changes_redeploy(gpu_config):
     """Serve restarts every replica when an app's code version (import path and args) changes;
     deployment options alone are applied in place."""
     base = export_serve_config(gpu_config)
-    rescaled = export_serve_config(_with(gpu_config, "llm", scaling={"max_replicas": 3}, queue={"max_ongoing_requests": 8}))
+    rescaled = export_serve_config(_with(gpu_config, "llm", scaling={"max_replicas": 3}, queue={"max_ongoing_requests": 32}))
     assert rescaled["applications"][0]["deployments"] != base["applications"][0]["deployments"]
     assert _code_version(rescaled) == _code_version(base)
     data = gpu_config.model_dump()
