@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import structlog
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
@@ -35,8 +34,6 @@ from omnistage.actors.payloads import LLMRequest, LLMResult, Modality, SignalGro
 if TYPE_CHECKING:
     from omnistage.actors.llm import LLM
     from omnistage.cluster.config import EngineConfig
-
-log = structlog.get_logger(__name__)
 
 # Tokens of context kept before the undecoded ones when the detokenisation window moves on.
 _DETOKENIZE_CONTEXT = 4
