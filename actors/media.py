@@ -398,15 +398,16 @@ def decode_video_frames(
         if not times:
             raise InvalidInputError(f"expected a video with at least one frame, got 0 frames in {len(data)} bytes")
         _count_decode("video")
+        indices = sample_frame_indices(len(times), n_samples).tolist()
         if None in times:
             # No timestamps to seek by (some raw streams): read through once, keeping the samples.
-            wanted = set(sample_frame_indices(len(times), n_samples).tolist())
             container.seek(0)
-            kept = [f for i, f in enumerate(container.decode(stream)) if i in wanted]
-            frames = [kept[min(len(kept) - 1, sorted(wanted).index(i))] for i in sample_frame_indices(len(times), n_samples)]
+            wanted = set(indices)
+            kept = {i: frame for i, frame in enumerate(container.decode(stream)) if i in wanted}
+            frames = [kept[i] for i in indices]
         else:
             order = sorted(times)
-            frames = [_frame_at(container, stream, order[i]) for i in sample_frame_indices(len(order), n_samples)]
+            frames = [_frame_at(container, stream, order[i]) for i in indices]
         first = frames[0]
         for frame in frames:
             _check_frame_size(frame.width, frame.height, max_pixels_per_frame)
