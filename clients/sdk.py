@@ -85,6 +85,9 @@ class Model:
     owned_by: str | None = None
     input_modalities: list[str] = field(default_factory=list)
     output_modalities: list[str] = field(default_factory=list)
+    # What the model knows, for built-in presets (``description``, the shapes preset's
+    # ``vocabulary``); None for a checkpoint of one's own.
+    world: dict[str, Any] | None = None
 
 
 @dataclass

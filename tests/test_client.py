@@ -295,6 +295,7 @@ def test_health_and_models(sdk):
     assert health.ok and health.unavailable == []
     (model,) = sdk.models()
     assert model.id == "omnistage-tiny" and model.output_modalities == ["text", "image", "video", "audio"]
+    assert model.world["preset"] == "tiny"  # what the served preset knows, from /v1/models
 
 
 @pytest.mark.slow
