@@ -190,8 +190,10 @@ def test_a_batch_the_stage_refuses_runs_row_by_row(tiny_preset):
     rng = np.random.default_rng(0)
     conditioning = [rng.standard_normal((77, 32)).astype(np.float32), rng.standard_normal((9, 32)).astype(np.float32)]
     data, shapes = batch._pack(conditioning)
+    generated, generated_shapes = batch._pack([None, None])  # SD takes one conditioning
     table = pa.table(
-        {"id": ["a", "b"], "error": pa.nulls(2, pa.string()), "seed": [1, 2], "conditioning": data, "conditioning_shape": shapes}
+        {"id": ["a", "b"], "error": pa.nulls(2, pa.string()), "seed": [1, 2], "conditioning": data, "conditioning_shape": shapes,
+         "generated": generated, "generated_shape": generated_shapes}
     )
     out = batch.GeneratorUDF(CONFIG.stages.image_generator, "image")(table)
     assert out.column("error").null_count == 2
