@@ -43,8 +43,9 @@ class Stage:
 
     Subclasses load their model in ``__init__`` and implement ``__call__(items) -> outputs``, one
     output per input, in order, and ``check(item)`` or ``prepare(item)``, which raise
-    ``InvalidInputError`` for an item the stage cannot take. Servers check each item before batching it, so one bad request
-    never fails the others in its batch. ``component`` names the part of a built-in preset they load.
+    ``InvalidInputError`` for an item the stage cannot take. Servers prepare each item before
+    batching it, so one bad request never fails the others in its batch. ``component`` names the
+    part of a built-in preset they load.
     """
 
     component: ClassVar[str]

@@ -144,14 +144,7 @@ class Engine:
         self.group_sizes = {m: len(ids) for m, ids in llm.groups.items()}
         self.special_ids = frozenset(llm.tokenizer.all_special_ids)
         self.generated_tokens = 0
-        # The LM head's input at the kept position is the last layer's (normed) hidden state:
-        # captured here, so no forward returns the hidden states of every layer.
-        self._head_input: torch.Tensor | None = None
-        self.model.get_output_embeddings().register_forward_pre_hook(self._capture_head_input)
         self._check_cache_layout()
-
-    def _capture_head_input(self, module, args) -> None:
-        self._head_input = args[0]
 
     def _check_cache_layout(self) -> None:
         from transformers import DynamicCache
@@ -315,9 +308,17 @@ class Engine:
         return len(seqs) * (width + grow) <= self.config.max_kv_tokens
 
     def _forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """Logits and LM-head input at each row's last position, and the updated cache."""
-        out = self.model(**inputs, use_cache=True, **({} if self.llm.is_encoder_decoder else {"logits_to_keep": 1}))
-        return out.logits[:, -1], self._head_input[:, -1], out.cache
+        """Logits and LM-head input at each row's last position, and the updated cache.
+
+        The LM head's input at the kept position is the last layer's (normed) hidden state, caught
+        by a hook for this call only, so no forward returns the hidden states of every layer."""
+        caught = []
+        hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda module, args: caught.append(args[0]))
+        try:
+            out = self.model(**inputs, use_cache=True, **({} if self.llm.is_encoder_decoder else {"logits_to_keep": 1}))
+        finally:
+            hook.remove()
+        return out.logits[:, -1], caught[-1][:, -1], out.cache
 
     def _prefill(self, seqs: list[_Sequence], lengths: list[int]) -> list[_Batch]:
         """Prefill the next ``lengths[i]`` prompt tokens of each sequence (left-padded together);
@@ -582,10 +583,10 @@ class Engine:
         for la, lb in zip(_self_attention_layers(a.cache), _self_attention_layers(b.cache)):
             _set_kv(
                 la,
-                torch.cat([_left_pad(la.keys, width, -2), _left_pad(lb.keys, width, -2)]),
-                torch.cat([_left_pad(la.values, width, -2), _left_pad(lb.values, width, -2)]),
+                torch.cat([_pad_to(la.keys, width, -2, left=True), _pad_to(lb.keys, width, -2, left=True)]),
+                torch.cat([_pad_to(la.values, width, -2, left=True), _pad_to(lb.values, width, -2, left=True)]),
             )
-        a.mask = torch.cat([_left_pad(a.mask, width, -1), _left_pad(b.mask, width, -1)])
+        a.mask = torch.cat([_pad_to(a.mask, width, -1, left=True), _pad_to(b.mask, width, -1, left=True)])
         a.seqs = a.seqs + b.seqs
         a.positions = torch.cat([a.positions, b.positions])
         a.next_input = torch.cat([a.next_input, b.next_input])
@@ -593,8 +594,8 @@ class Engine:
             from transformers import DynamicCache, EncoderDecoderCache
 
             source = max(a.encoder_states.shape[1], b.encoder_states.shape[1])
-            a.encoder_states = torch.cat([_right_pad(a.encoder_states, source, 1), _right_pad(b.encoder_states, source, 1)])
-            a.encoder_mask = torch.cat([_right_pad(a.encoder_mask, source, 1), _right_pad(b.encoder_mask, source, 1)])
+            a.encoder_states = torch.cat([_pad_to(a.encoder_states, source, 1, left=False), _pad_to(b.encoder_states, source, 1, left=False)])
+            a.encoder_mask = torch.cat([_pad_to(a.encoder_mask, source, 1, left=False), _pad_to(b.encoder_mask, source, 1, left=False)])
             # Cross-attention keys are recomputed from the merged encoder states at the next step.
             a.cache = EncoderDecoderCache(a.cache.self_attention_cache, DynamicCache())
         return a
@@ -658,17 +659,10 @@ def _layers(cache) -> list:
     return _self_attention_layers(cache) + ([layer for layer in cross.layers if layer.is_initialized] if cross else [])
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+def _pad_to(t: torch.Tensor, width: int, dim: int, *, left: bool) -> torch.Tensor:
+    """``t`` zero-padded along ``dim`` to ``width``, on the left or the right."""
     missing = width - t.shape[dim]
     if missing == 0:
         return t
-    pad = [0, 0] * (-dim - 1) + [missing, 0]
-    return F.pad(t, pad)
-
-
-def _right_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    pad = [0, 0] * (t.dim() - dim - 1) + [0, missing]
-    return F.pad(t, pad)
+    after = t.dim() - 1 - dim % t.dim()  # F.pad lists the last dimension first
+    return F.pad(t, [0, 0] * after + ([missing, 0] if left else [0, missing]))

@@ -277,8 +277,8 @@ def _checked_clip(samples: np.ndarray, sampling_rate: object) -> AudioClip:
     return AudioClip(samples=np.ascontiguousarray(samples, dtype=np.float32), sampling_rate=int(sampling_rate))
 
 
-def _check_audio_length(audio: sf.SoundFile | sf._SoundFileInfo, max_seconds: float) -> None:
-    seconds = audio.frames / audio.samplerate
+def _check_audio_length(frames: int, samplerate: int, max_seconds: float) -> None:
+    seconds = frames / samplerate
     if seconds > max_seconds:
         raise PayloadTooLargeError(f"expected audio of at most {max_seconds:g} s, got {seconds:.1f} s")
 
@@ -289,7 +289,7 @@ def decode_audio(data: bytes, *, max_seconds: float = 600.0) -> AudioClip:
     Mono gives shape ``(n,)``, more channels ``(n, channels)``.
     """
     with _decoder_errors("audio", data), sf.SoundFile(io.BytesIO(data)) as audio:
-        _check_audio_length(audio, max_seconds)
+        _check_audio_length(audio.frames, audio.samplerate, max_seconds)
         _count_decode("audio")
         samples = audio.read(dtype="float32", always_2d=False)
         sampling_rate = audio.samplerate
@@ -438,7 +438,8 @@ def probe(item: EncodedMedia) -> None:
             _open_image(data, limits.max_image_pixels, limits.image_formats)
     elif item.modality == "audio":
         with _decoder_errors("audio", data):
-            _check_audio_length(sf.info(io.BytesIO(data)), limits.max_audio_seconds)
+            info = sf.info(io.BytesIO(data))
+            _check_audio_length(info.frames, info.samplerate, limits.max_audio_seconds)
     else:
         with _decoder_errors("video", data), av.open(io.BytesIO(data), mode="r") as container:
             _video_stream(container, limits.max_video_frames, limits.max_video_frame_pixels)

@@ -76,13 +76,6 @@ def _array_bytes(value: Any) -> int:
     return 0
 
 
-def _peak_rss() -> int:
-    """This process's peak resident memory (VmHWM), in bytes."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _unpack_msgpack(body: bytes) -> Any:
     """One msgpack object, never unpickled: extension types stay opaque and fail validation later.
     The buffer limit is the body itself, so a declared length can never exceed what was sent."""
@@ -308,11 +301,11 @@ class Ingress:
         return await self._media_generation(request, "audio")
 
     def stats(self) -> dict[str, Any]:
-        """Called through the deployment handle (not HTTP): what this replica has received, the
-        media files it decoded (none: encoder pools decode them) and its peak memory."""
+        """Called through the deployment handle (not HTTP): what this replica has received, and the
+        media files it decoded (none: encoder pools decode them)."""
         from omnistage.actors.media import decoded_counts
 
-        return {"array_bytes_received": self.array_bytes_received, "decoded_media": decoded_counts(), "peak_rss_bytes": _peak_rss()}
+        return {"array_bytes_received": self.array_bytes_received, "decoded_media": decoded_counts()}
 
     # Steps
 
