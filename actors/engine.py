@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 _DETOKENIZE_CONTEXT = 4
 
 
+def signal_states(hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+    """The states behind signal tokens (GILL, NExT-GPT): the last layer's hidden state at the
+    position that predicted each token plus that token's own input embedding."""
+    return hidden + token_embeds
+
+
 @dataclass
 class StepOutput:
     """What one step did for one request: its new text (``""`` when none is ready) and, once the
@@ -169,6 +175,7 @@ class Engine:
     def _enqueue(self, request_id: str, request: LLMRequest) -> None:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        request = self.llm.with_defaults(request)
         prompt_ids, prompt_len = self.llm.prepare(request)
         worst = prompt_len + request.max_tokens + sum(self.group_sizes[m] for m in set(request.force_modalities))
         if worst > self.config.max_kv_tokens:
@@ -408,7 +415,7 @@ class Engine:
             # Hidden state at the predicting position plus the signal token's own embedding (GILL,
             # NExT-GPT); one host copy for all rows that emitted a signal token this step.
             rows = torch.tensor(signal_rows, device=self.device)
-            states = (hidden[rows] + self.llm.embed_tokens(chosen[rows])).float().cpu().numpy()
+            states = signal_states(hidden[rows], self.llm.embed_tokens(chosen[rows])).float().cpu().numpy()
             for state, i in zip(states, signal_rows):
                 self._record_signal(seqs[i], tokens[i], state)
         return chosen

@@ -9,6 +9,7 @@ the rest are forced, and the hidden states behind the group go to the output pro
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -163,9 +164,21 @@ class LLM(Stage):
     def check(self, request: LLMRequest) -> None:
         self.prepare(request)
 
+    def with_defaults(self, request: LLMRequest) -> LLMRequest:
+        """``request`` with its unset sampling fields taken from ``llm.defaults``: the one place a
+        request's defaults come from, whichever entry point it came through."""
+        unset = {
+            name: getattr(self.config.defaults, name)
+            for name in ("max_tokens", "temperature", "top_p")
+            if getattr(request, name) is None
+        }
+        return dataclasses.replace(request, **unset) if unset else request
+
     def prepare(self, request: LLMRequest) -> tuple[list[int], int]:
-        """Check ``request`` and tokenise its prompt once: the prompt's token ids (one per
-        placeholder) and its length with each placeholder expanded to its medium's tokens."""
+        """Check ``request`` (unset fields as ``with_defaults`` fills them) and tokenise its prompt
+        once: the prompt's token ids (one per placeholder) and its length with each placeholder
+        expanded to its medium's tokens."""
+        request = self.with_defaults(request)
         if not request.messages:
             raise InvalidInputError("expected at least one message, got none")
         for i, message in enumerate(request.messages):
@@ -223,16 +236,26 @@ class LLM(Stage):
         """(n_tokens, d_llm) input embeddings of a checked request: the prompt's tokens (``ids``,
         from ``prepare``), each placeholder expanded to its medium's embeddings."""
         ids = self.prompt_ids(request) if ids is None else ids
-        lengths = iter(item.embeds.shape[0] for item in request.media)
-        expanded = [t for t in ids for _ in range(next(lengths) if t in self.placeholder_ids else 1)]
-        input_ids = torch.tensor(expanded, device=self.device)
+        input_ids = torch.tensor(self.expand(ids, [item.embeds.shape[0] for item in request.media]), device=self.device)
+        if not request.media:
+            return self.embed_tokens(input_ids)
+        # concatenate() copies: arrays read from Ray's object store are read-only.
+        return self.splice(input_ids, torch.from_numpy(np.concatenate([item.embeds for item in request.media])))
+
+    def expand(self, ids: list[int], lengths: list[int]) -> list[int]:
+        """``ids`` with the k-th placeholder repeated ``lengths[k]`` times: one position per token
+        of its medium."""
+        remaining = iter(lengths)
+        return [t for t in ids for _ in range(next(remaining) if t in self.placeholder_ids else 1)]
+
+    def splice(self, input_ids: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of expanded ``input_ids`` (..., n) with the placeholder positions
+        filled, in order, by the rows of ``media`` (n_media_tokens, d_llm), or (batch,
+        n_media_tokens, d_llm) for a batch. Differentiable in ``media``, so training splices as
+        serving does."""
         embeds = self.embed_tokens(input_ids)
-        if request.media:
-            # concatenate() copies: arrays read from Ray's object store are read-only.
-            media = torch.from_numpy(np.concatenate([item.embeds for item in request.media])).to(self.device, embeds.dtype)
-            is_media = torch.isin(input_ids, torch.tensor(list(self.placeholder_ids), device=self.device))
-            embeds = embeds.masked_scatter(is_media[:, None], media)
-        return embeds
+        is_media = torch.isin(input_ids, torch.tensor(list(self.placeholder_ids), device=input_ids.device))
+        return embeds.masked_scatter(is_media[..., None], media.to(embeds.device, embeds.dtype))
 
     # 3. Decode, continuously batched (actors/engine.py)
 

@@ -93,9 +93,10 @@ class LLMRequest:
 
     messages: list[dict[str, str]]
     media: list[Embeddings] = field(default_factory=list)
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
+    # None: the LLM's configured default (``llm.defaults``), filled in by the LLM stage.
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     # Output modalities whose signal-token group is appended if the model does not emit it.

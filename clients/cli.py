@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
         job.add_argument("--modality", choices=("image", "video", "audio"), default="image", help="default: image")
         job.add_argument("--id-column", default="id", help="unique row id, the resume key (default: id)")
-        job.add_argument("--max-tokens", type=int, default=32, help="text tokens per answer (default: 32)")
+        job.add_argument("--max-tokens", type=int, help="text tokens per answer (default: the model's, llm.defaults)")
         job.add_argument("--seed", type=int, default=0, help="combined with each row's id into the row's seed")
         job.set_defaults(func=func)
         if name == "caption":

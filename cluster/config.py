@@ -152,8 +152,28 @@ class EngineConfig(_Strict):
     )
 
 
+class SamplingDefaults(_Strict):
+    """What a request that leaves a field unset gets, whichever way it arrives (HTTP, SDK,
+    ``LocalPipeline``, batch jobs): the model's own generation defaults, as a checkpoint's
+    ``generation_config.json`` gives them to vLLM or transformers."""
+
+    max_tokens: int = Field(256, ge=1, description="max_tokens of a chat or caption that sets none.")
+    temperature: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="Greedy, as transformers' generate for a checkpoint without sampling settings; OpenAI's API "
+        "defaults to 1.0, so set 1.0 for that behaviour.",
+    )
+    top_p: float = Field(1.0, gt=0, le=1)
+    generation_max_tokens: int = Field(
+        32, ge=1, description="Text budget before the forced signal tokens on media generation routes and jobs."
+    )
+
+
 class LLMConfig(StageConfig):
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     queue: QueueLimits = Field(
         default_factory=lambda: QueueLimits(max_ongoing_requests=64, max_queued_requests=128),
         description="A replica takes more requests than it decodes at once (engine.max_running_seqs), so the engine "
@@ -281,7 +301,6 @@ class ServerConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     request_timeout_s: float = Field(120, gt=0, description="A request still running after this gets 408.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 before parsing.")
-    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that sets none.")
     limits: InputLimits = Field(default_factory=InputLimits)
     api_key_hashes_file: str | None = Field(
         None,
@@ -291,9 +310,6 @@ class ServerConfig(_Strict):
     remote_media_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts whose http(s) media URLs the server fetches; empty refuses remote URLs (only data URLs).",
-    )
-    generation_max_tokens: int = Field(
-        32, ge=1, description="Text budget before the forced signal tokens on the media generation routes."
     )
     ingress: PoolConfig = Field(default_factory=PoolConfig, description="Scaling, resources and queues of the HTTP ingress.")
 

@@ -62,6 +62,7 @@ from omnistage.pipelines.batch_io import (
     row_seed,
     written_ids,
 )
+from omnistage.pipelines.graph import Graph, generation, ports, understanding
 from omnistage.pipelines.messages import PART_MODALITY, ParsedChat, parse_messages
 
 if TYPE_CHECKING:
@@ -405,8 +406,8 @@ class LLMUDF(StageUDF):
         *,
         modality: Modality | None,
         force: Modality | None,
-        max_tokens: int,
-        temperature: float,
+        max_tokens: int | None,
+        temperature: float | None,
         answer_column: str,
     ):
         super().__init__("llm", config)
@@ -511,6 +512,30 @@ def _stage_config(config: OmnistageConfig, name: str, job: str) -> StageConfig:
     return stage
 
 
+def _loaded_ports(name: str, stage_config: dict[str, Any]) -> dict[str, Any]:
+    from omnistage.actors.registry import create_stage
+
+    return ports(name, create_stage(name, stage_config))
+
+
+def check_fit(config: OmnistageConfig, names: list[str]) -> None:
+    """Load each of stages ``names`` once, in a task placed as its pool's actors will be, and check
+    that each fits the next before any row runs: a mismatch fails the job at once, naming both
+    shapes, rather than failing every row. Costs one model load per stage."""
+    import ray
+
+    stages = {name: getattr(config.stages, name) for name in names}
+    ensure_presets(stage.model for stage in stages.values())
+    loaded = ray.remote(_loaded_ports)
+    refs = {
+        name: loaded.options(
+            num_cpus=stage.resources.num_cpus, num_gpus=stage.resources.num_gpus, resources=stage.resources.custom or None
+        ).remote(name, stage.model_dump(mode="json"))
+        for name, stage in stages.items()
+    }
+    Graph.of(config).check({name: ray.get(ref) for name, ref in refs.items()})
+
+
 def _pool(stage: StageConfig) -> dict[str, Any]:
     """``map_batches`` arguments that make ``stage`` an actor pool sized and placed by its config."""
     from ray.data import ActorPoolStrategy
@@ -559,8 +584,8 @@ def caption(
     media_column: str | None = None,
     prompt_column: str | None = None,
     prompt: str | None = None,
-    max_tokens: int = 32,
-    temperature: float = 0.0,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
     seed: int = 0,
     media_root: str | None = None,
     skip_ids: pa.Array | None = None,
@@ -578,11 +603,10 @@ def caption(
     cfg = _config(config)
     if modality not in DEFAULT_PROMPTS:
         raise ValueError(f"expected a modality in {list(DEFAULT_PROMPTS)}, got {modality!r}")
-    encoder = _stage_config(cfg, f"{modality}_encoder", "caption")
-    projector = _stage_config(cfg, "input_projector", "caption")
-    llm = cfg.stages.llm
+    encoder, projector, llm = (_stage_config(cfg, name, "caption") for name in understanding(modality))
     media_column = media_column or modality
     ds = _source(source, {"id": id_column, "media": media_column, "prompt": prompt_column})
+    check_fit(cfg, understanding(modality))
     if media_root is None and isinstance(source, str):
         media_root = media_root_of(source)
 
@@ -630,7 +654,7 @@ def generate(
     modality: Modality = "image",
     id_column: str = "id",
     prompt_column: str = "prompt",
-    max_tokens: int = 32,
+    max_tokens: int | None = None,
     temperature: float = 0.0,
     seed: int = 0,
     skip_ids: pa.Array | None = None,
@@ -645,10 +669,9 @@ def generate(
     cfg = _config(config)
     if modality not in DEFAULT_PROMPTS:
         raise ValueError(f"expected a modality in {list(DEFAULT_PROMPTS)}, got {modality!r}")
-    llm = cfg.stages.llm
-    projector = _stage_config(cfg, "output_projector", "generate")
-    generator = _stage_config(cfg, f"{modality}_generator", "generate")
+    llm, projector, generator = (_stage_config(cfg, name, "generate") for name in generation(modality))
     ds = _source(source, {"id": id_column, "prompt": prompt_column})
+    check_fit(cfg, generation(modality))
 
     ds = _rows_to_do(ds, id_column, skip_ids)
     ds = ds.repartition(target_num_rows_per_block=_block_rows([llm, projector, generator]))
@@ -663,7 +686,8 @@ def generate(
         fn_constructor_kwargs={
             "modality": None,
             "force": modality,
-            "max_tokens": max_tokens,
+            "max_tokens": max_tokens or llm.defaults.generation_max_tokens,
+            # Greedy by default, as on the generation routes: the text shapes the signal states.
             "temperature": temperature,
             "answer_column": "text",
         },
@@ -707,7 +731,7 @@ class JobSummary:
         )
 
 
-def _run(job: str, source: str, output: str, id_column: str, stages: list[StageConfig], build: Any) -> JobSummary:
+def _run(job: str, source: str, output: str, id_column: str, build: Any) -> JobSummary:
     """Write ``build(skip_ids=..., run_id=...)`` to ``output`` after skipping the ids already there."""
     from ray.data.datasource import FilenameProvider
 
@@ -723,8 +747,7 @@ def _run(job: str, source: str, output: str, id_column: str, stages: list[StageC
         if skipped == len(ids):
             # Nothing left: no pools to start.
             return _summary(job, output, run_id, pa.chunked_array([], pa.string()), skipped, start)
-    ds = build(skip_ids=skip, run_id=run_id)  # lazy: checks the options, starts nothing
-    ensure_presets(stage.model for stage in stages)
+    ds = build(skip_ids=skip, run_id=run_id)  # lazy: checks the options and the stages' fit, starts no pool
     prefix = f"{job}-{run_id}"
     ds.write_parquet(
         output,
@@ -782,15 +805,8 @@ def run_caption(source: str, output: str, **options: Any) -> JobSummary:
     Ray cluster of ``RAY_ADDRESS`` (set under ``ray job submit``) or starts a local one.
     """
     cfg = _config(options.pop("config", "tiny"))
-    modality = options.get("modality", "image")
-    stages = [getattr(cfg.stages, f"{modality}_encoder", None), cfg.stages.input_projector, cfg.stages.llm]
     return _run(
-        "caption",
-        source,
-        output,
-        options.get("id_column", "id"),
-        [stage for stage in stages if stage is not None],
-        lambda **kw: caption(source, config=cfg, **options, **kw),
+        "caption", source, output, options.get("id_column", "id"), lambda **kw: caption(source, config=cfg, **options, **kw)
     )
 
 
@@ -798,13 +814,6 @@ def run_generate(source: str, output: str, **options: Any) -> JobSummary:
     """Generate media for ``source``'s prompts into the Parquet folder ``output``, skipping ids
     already there. Takes :func:`generate`'s options; returns what the run did."""
     cfg = _config(options.pop("config", "tiny"))
-    modality = options.get("modality", "image")
-    stages = [cfg.stages.llm, cfg.stages.output_projector, getattr(cfg.stages, f"{modality}_generator", None)]
     return _run(
-        "generate",
-        source,
-        output,
-        options.get("id_column", "id"),
-        [stage for stage in stages if stage is not None],
-        lambda **kw: generate(source, config=cfg, **options, **kw),
+        "generate", source, output, options.get("id_column", "id"), lambda **kw: generate(source, config=cfg, **options, **kw)
     )

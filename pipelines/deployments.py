@@ -17,7 +17,7 @@ import structlog
 from ray import serve
 
 from omnistage.actors.errors import OverloadedError
-from omnistage.actors.payloads import Conditioning, GeneratedMedia, GenerationRequest, LLMRequest, LLMResult
+from omnistage.actors.payloads import Conditioning, GeneratedMedia, GenerationRequest, LLMRequest
 from omnistage.pipelines.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -25,15 +25,14 @@ log = structlog.get_logger(__name__)
 
 @dataclasses.dataclass
 class LLMReply:
-    """What the LLM pool sends the ingress: the answer, with each signal group left in the object
-    store (``signal_refs``: (modality, ObjectRef of a SignalGroup)) for the output projector to read,
-    so hidden states never pass through the ingress."""
+    """The LLM pool's answer. Its stream yields, after this, one ``SignalGroup`` per entry of
+    ``signals`` (their modalities, in order), which the ingress passes on unread."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    signal_refs: list[tuple[str, Any]]
+    signals: list[str]
 
 
 class _Metrics:
@@ -101,6 +100,12 @@ class _Replica:
     def _count_batch(self, size: int) -> None:
         self._counts["batches"] += 1
         self._counts["largest_batch"] = max(self._counts["largest_batch"], size)
+
+    def ports(self) -> dict[str, Any]:
+        """What this pool's stage produces and accepts, for the graph's check at deploy."""
+        from omnistage.pipelines.graph import ports
+
+        return ports(self.name, self.stage)
 
     def stats(self) -> dict[str, Any]:
         """This replica's batch counts and the GPUs Ray gave it; for operators and tests."""
@@ -237,9 +242,9 @@ class LLMServer(_Replica):
     """The LLM pool: one loop drives the stage's engine (continuous batching) while requests are
     in flight; ``__call__`` and ``stream`` both submit to it, so neither waits for the other.
 
-    Projected media arrive as extra arguments, so the ingress can pass the projector's responses
-    straight through and Serve resolves them in this replica. The engine is only touched from the
-    worker thread, one call at a time: submissions and aborts queue there between steps.
+    Projected media arrive as extra arguments (object refs the ingress passes on, resolved in this
+    replica). The engine is only touched from the worker thread, one call at a time: submissions
+    and aborts queue there between steps.
     """
 
     def __init__(self, stage_name: str, stage_config: dict[str, Any], cache_config: dict[str, Any] | None = None):
@@ -253,13 +258,10 @@ class LLMServer(_Replica):
         self._counts["aborted"] = 0
         self._engine_metrics = _EngineMetrics(stage_name, serve.get_replica_context().replica_id.unique_id)
 
-    async def __call__(self, request: LLMRequest, *media: Any, request_id: str = "") -> LLMReply:
-        async for item in self._generate(request, media, request_id):
-            reply = item  # text deltas, then the reply
-        return reply
-
     async def stream(self, request: LLMRequest, *media: Any, request_id: str = ""):
-        """Yields text deltas as they are decoded, then one ``LLMReply``."""
+        """Yields text deltas as they are decoded, then one ``LLMReply``, then each signal group it
+        names. The caller of a stream owns what it yields, so a signal group outlives this replica
+        from the moment it is yielded: the ingress keeps its ref, unread, for the output projector."""
         async for item in self._generate(request, media, request_id):
             yield item
 
@@ -284,10 +286,19 @@ class LLMServer(_Replica):
                 if out.delta:
                     yield out.delta
                 if out.result is not None:
-                    finished = True
+                    finished = True  # the engine is done with the sequence
                     self._metrics.requests.inc()
+                    result = out.result
+                    yield LLMReply(
+                        text=result.text,
+                        finish_reason=result.finish_reason,
+                        prompt_tokens=result.prompt_tokens,
+                        completion_tokens=result.completion_tokens,
+                        signals=[group.modality for group in result.signals],
+                    )
+                    for group in result.signals:
+                        yield group
                     self._counts["items"] += 1
-                    yield self._reply(out.result)
                     return
         finally:
             del self._outputs[key]
@@ -322,17 +333,6 @@ class LLMServer(_Replica):
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "running": self.engine.num_running, "waiting": self.engine.num_waiting}
-
-    def _reply(self, result: LLMResult) -> LLMReply:
-        import ray
-
-        return LLMReply(
-            text=result.text,
-            finish_reason=result.finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            signal_refs=[(group.modality, ray.put(group)) for group in result.signals],
-        )
 
 
 class GeneratorServer(StageServer):

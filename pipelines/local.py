@@ -14,6 +14,7 @@ from omnistage.actors.errors import UnsupportedMediaError
 from omnistage.actors.payloads import Embeddings, GeneratedMedia, GenerationRequest, LLMRequest
 from omnistage.actors.registry import create_stage
 from omnistage.cluster.config import OmnistageConfig, load_config
+from omnistage.pipelines.graph import Graph, ports
 from omnistage.pipelines.messages import parse_messages
 
 @dataclass
@@ -26,18 +27,6 @@ class ChatResult:
     usage: dict[str, int] = field(default_factory=dict)
 
 
-def _shape(shape: tuple[int | None, int]) -> str:
-    length, width = shape
-    return f"({length if length is not None else 'any'}, {width})"
-
-
-def _check_fits(producer: str, produced: tuple[int, int], consumer: str, expected: tuple[int | None, int]) -> None:
-    """Raise ``ValueError`` naming both shapes unless ``produced`` fits ``expected`` (None: any length)."""
-    length, width = expected
-    if produced[1] != width or (length is not None and produced[0] != length):
-        raise ValueError(f"{producer} of shape {produced}, but {consumer} {_shape(expected)}")
-
-
 class LocalPipeline:
     """Encoders -> input projector -> LLM -> output projector -> generators, in this process.
 
@@ -48,18 +37,16 @@ class LocalPipeline:
     """
 
     def __init__(self, config: OmnistageConfig):
-        stages = config.stages
         self.config = config
-        self.encoders = {
-            m: create_stage(f"{m}_encoder", getattr(stages, f"{m}_encoder"), config.cache) for m in stages.input_modalities()
-        }
-        self.input_projector = create_stage("input_projector", stages.input_projector) if stages.input_projector else None
-        self.llm = create_stage("llm", stages.llm)
-        self.output_projector = create_stage("output_projector", stages.output_projector) if stages.output_projector else None
-        self.generators = {
-            m: create_stage(f"{m}_generator", getattr(stages, f"{m}_generator")) for m in stages.output_modalities()
-        }
-        self._check_compatible()
+        graph = Graph.of(config)
+        stages = {name: create_stage(name, getattr(config.stages, name), config.cache) for name in graph.stages}
+        # Each stage's output must fit the next stage's input: fail at load, naming both sides.
+        graph.check({name: ports(name, stage) for name, stage in stages.items()})
+        self.encoders = {m: stages[f"{m}_encoder"] for m in graph.encoders}
+        self.input_projector = stages.get("input_projector")
+        self.llm = stages["llm"]
+        self.output_projector = stages.get("output_projector")
+        self.generators = {m: stages[f"{m}_generator"] for m in graph.generators}
 
     @classmethod
     def from_config(cls, name_or_path: str | Path = "shapes") -> LocalPipeline:
@@ -73,68 +60,13 @@ class LocalPipeline:
 
         return cls(pretrained_config(path, name))
 
-    def _check_compatible(self) -> None:
-        """Each stage's output must fit the next stage's input; fail at load, naming both sides."""
-        for modality, encoder in self.encoders.items():
-            if modality not in self.input_projector.modalities:
-                raise ValueError(f"the input projector has heads for {self.input_projector.modalities}, not {modality!r}")
-            head = self.input_projector.head_spec(modality)
-            if head["in_dim"] != encoder.feature_dim:
-                raise ValueError(
-                    f"the {modality} encoder gives features of width {encoder.feature_dim}, "
-                    f"but the input projector's {modality} head expects {head['in_dim']}"
-                )
-            if head["out_dim"] != self.llm.hidden_size:
-                raise ValueError(
-                    f"the input projector's {modality} head outputs width {head['out_dim']}, "
-                    f"but the LLM's embeddings have width {self.llm.hidden_size}"
-                )
-        for modality, generator in self.generators.items():
-            if modality not in self.output_projector.modalities:
-                raise ValueError(f"the output projector has heads for {self.output_projector.modalities}, not {modality!r}")
-            head = self.output_projector.head_spec(modality)
-            if head["in_dim"] != self.llm.hidden_size:
-                raise ValueError(
-                    f"the output projector's {modality} head reads width {head['in_dim']}, "
-                    f"but the LLM's hidden states have width {self.llm.hidden_size}"
-                )
-            _check_fits(
-                f"the output projector's {modality} head produces conditioning",
-                self.output_projector.conditioning_shape(modality),
-                f"the {modality} generator expects",
-                generator.conditioning_shape,
-            )
-            # A second conditioning (AudioLDM 2's generated_prompt_embeds) must be made exactly
-            # where the generator takes one.
-            produced = self.output_projector.generated_shape(modality)
-            expected = generator.generated_shape
-            pipeline = type(generator.pipeline).__name__
-            if produced is None and expected is not None:
-                raise ValueError(
-                    f"the output projector's {modality} head produces no generated conditioning, but the {modality} "
-                    f"generator ({pipeline}) expects generated conditioning of shape {_shape(expected)}; give the head "
-                    f"a 'generated' head spec"
-                )
-            if produced is not None and expected is None:
-                raise ValueError(
-                    f"the output projector's {modality} head produces generated conditioning of shape {produced}, "
-                    f"but the {modality} generator ({pipeline}) takes none"
-                )
-            if produced is not None:
-                _check_fits(
-                    f"the output projector's {modality} head produces generated conditioning",
-                    produced,
-                    f"the {modality} generator expects",
-                    expected,
-                )
-
     def chat(
         self,
         messages: list[dict[str, Any]],
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         stop: list[str] | None = None,
         modalities: list[str] | None = None,
@@ -143,7 +75,8 @@ class LocalPipeline:
 
         ``messages`` are OpenAI chat messages; see ``omnistage.pipelines.messages`` for the media
         forms accepted. ``modalities`` (e.g. ``["text", "image"]``) makes the answer include those
-        media: their signal tokens are forced if the model does not emit them.
+        media: their signal tokens are forced if the model does not emit them. Sampling fields
+        left unset take the LLM config's ``defaults``, as over HTTP.
         """
         # 1. Check inputs (media files are decoded by their encoders)
         wanted = [m for m in (modalities or []) if m != "text"]

@@ -1,9 +1,9 @@
 """The online Serve application: a deployment per stage pool, and an HTTP ingress that
 validates and routes (media are decoded in the encoder pools).
 
-The ingress hands one stage's ``DeploymentResponse`` straight to the next stage's handle, so
-features travel replica to replica through Ray's object store and never through the ingress.
-Each pool has its own autoscaling, resources and queue limits from the config.
+The ingress hands each stage's output to the next stage's handle as an object ref, so features
+travel replica to replica through Ray's object store and never through the ingress. Each pool has
+its own autoscaling, resources and queue limits from the config.
 """
 
 import asyncio
@@ -31,6 +31,7 @@ from omnistage.actors.errors import InvalidInputError, OverloadedError, PayloadT
 from omnistage.actors.payloads import LLMRequest
 from omnistage.cluster.config import OmnistageConfig, PoolConfig
 from omnistage.pipelines.deployments import GeneratorServer, LLMReply, LLMServer, StageServer
+from omnistage.pipelines.graph import Graph
 from omnistage.pipelines.logs import configure_logging
 from omnistage.pipelines.messages import RemoteMedia, parse_messages
 from omnistage.pipelines.playground import describe_world
@@ -54,6 +55,22 @@ api.include_router(playground_router)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Unknown routes and methods answer in OpenAI's error shape too.
     return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code)
+
+
+async def _ready(response: Any) -> Any:
+    """The ref of a stage's output once it exists, without fetching it here.
+
+    Serve checks a pool's ``max_queued_requests`` when the call is made but counts the call as
+    queued only once its arguments exist, so a call made with a pending upstream response skips the
+    bound: a burst would queue without limit behind a slow pool. Calling the next pool only with
+    outputs that exist keeps every pool's queue bound real.
+    """
+    try:
+        return await (await response._to_object_ref())._ready()
+    except asyncio.CancelledError:
+        # A deadline or a client that went away: the upstream stage stops too.
+        response.cancel()
+        raise
 
 
 def _request_id(request: Request) -> str:
@@ -251,14 +268,11 @@ class Ingress:
                 chat = await asyncio.to_thread(
                     parse_messages, req.messages, list(self.encoders), self.remote_media, self.config.server.limits
                 )
-                # 3. Route: encoder -> input projector responses go straight into the LLM call
-                embeds = [
-                    self.input_projector.remote(self.encoders[m].remote(item, request_id=rid), request_id=rid)
-                    for m, item in chat.media
-                ]
+                # 3. Route: encoder -> input projector -> the LLM call, each output as a ref
+                embeds = await asyncio.gather(*(self._embed(m, item, rid) for m, item in chat.media))
                 llm_request = LLMRequest(
                     messages=chat.messages,
-                    max_tokens=req.max_completion_tokens or req.max_tokens or self.config.server.default_max_tokens,
+                    max_tokens=req.max_completion_tokens or req.max_tokens,
                     temperature=req.temperature,
                     top_p=req.top_p,
                     seed=req.seed,
@@ -267,9 +281,9 @@ class Ingress:
                 )
                 if req.stream:
                     return await self._stream_chat(llm_request, embeds, req, rid)
-                reply = self._received(await self.llm.remote(llm_request, *embeds, request_id=rid))
+                reply, signal_refs = await self._answer(llm_request, embeds, rid)
                 # 4. Signal groups -> output projector -> generators
-                media = await self._generate(reply.signal_refs, req.seed, rid)
+                media = await self._generate(signal_refs, req.seed, rid)
         except Exception as exc:
             return self._error(exc, rid)
         message = {"role": "assistant", "content": reply.text}
@@ -357,19 +371,48 @@ class Ingress:
             raise UnsupportedMediaError(f"expected modalities among {['text', *self.generators]}, got {unknown}")
         return wanted
 
+    async def _embed(self, modality: str, item: Any, rid: str) -> Any:
+        """One medium -> its encoder -> the input projector; the projected features' ref."""
+        features = await _ready(self.encoders[modality].remote(item, request_id=rid))
+        return await _ready(self.input_projector.remote(features, request_id=rid))
+
     async def _generate(self, signal_refs: list[tuple[str, Any]], seed: int | None, rid: str) -> list:
         """Each signal group (still in the object store) -> output projector -> its generator."""
-        responses = [
-            self.generators[modality].remote(
-                self.output_projector.remote(ref, request_id=rid), seed=None if seed is None else seed + index, request_id=rid
-            )
-            for index, (modality, ref) in enumerate(signal_refs)
-            if modality in self.generators
-        ]
-        return [self._received(media) for media in await asyncio.gather(*responses)]
+
+        async def one(index: int, modality: str, ref: Any) -> Any:
+            conditioning = await _ready(self.output_projector.remote(ref, request_id=rid))
+            seeded = None if seed is None else seed + index
+            return self._received(await self.generators[modality].remote(conditioning, seed=seeded, request_id=rid))
+
+        return await asyncio.gather(
+            *(one(index, modality, ref) for index, (modality, ref) in enumerate(signal_refs) if modality in self.generators)
+        )
+
+    async def _llm_steps(self, llm_request: LLMRequest, embeds: list, rid: str):
+        """The LLM's stream: yields each text delta, then ``(reply, signal_refs)``.
+
+        The LLM yields its signal groups after its reply, and the caller of a stream owns what it
+        yields: once yielded, a group outlives the LLM replica. Only their refs are taken here,
+        never their hidden states, for the output projector to read.
+        """
+        response = self.llm.options(stream=True).stream.remote(llm_request, *embeds, request_id=rid)
+        try:
+            refs = await response._to_object_ref_gen()
+            while not isinstance(item := self._received(await (await refs.__anext__())), LLMReply):
+                yield item
+            yield item, [(modality, await refs.__anext__()) for modality in item.signals]
+        finally:
+            # Done, or the caller went away (a disconnect, the deadline): the LLM frees its sequence.
+            response.cancel()
+
+    async def _answer(self, llm_request: LLMRequest, embeds: list, rid: str) -> tuple[LLMReply, list]:
+        """The LLM's whole answer: ``(reply, signal_refs)``."""
+        async for item in self._llm_steps(llm_request, embeds, rid):
+            pass  # text deltas, then the answer
+        return item
 
     async def _stream_chat(self, llm_request: LLMRequest, embeds: list, req: ChatCompletionRequest, rid: str) -> Response:
-        steps = self.llm.options(stream=True).stream.remote(llm_request, *embeds, request_id=rid)
+        steps = self._llm_steps(llm_request, embeds, rid)
         # The first step surfaces bad input as a status code, before any byte is sent.
         first = await steps.__anext__()
         base = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model_id}
@@ -382,12 +425,12 @@ class Ingress:
             yield event({"role": "assistant", "content": ""})
             item = first
             try:
-                while not isinstance(item, LLMReply):
+                while isinstance(item, str):
                     if item:
                         yield event({"content": item})
                     item = await steps.__anext__()
-                reply = self._received(item)
-                media = await self._generate(reply.signal_refs, req.seed, rid)
+                reply, signal_refs = item
+                media = await self._generate(signal_refs, req.seed, rid)
                 if media:
                     yield event({"media": _media_json(media, binary=False)})
                 yield event({}, reply.finish_reason)
@@ -399,7 +442,7 @@ class Ingress:
                 yield f"data: {json.dumps(error_body(message, status))}\n\n"
             finally:
                 # A client that went away stops the stream here: the LLM frees its sequence.
-                steps.cancel()
+                await steps.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -422,21 +465,22 @@ class Ingress:
         self._check_generation_size(modality, req)
         llm_request = LLMRequest(
             messages=[{"role": "user", "content": req.prompt}],
-            max_tokens=self.config.server.generation_max_tokens,
+            max_tokens=self.config.stages.llm.defaults.generation_max_tokens,
+            # The text before the forced signal tokens shapes their hidden states: greedy, so a
+            # prompt draws the same way every time (the seed varies the generator only).
             temperature=0.0,
             force_modalities=[modality],
         )
-        replies = await asyncio.gather(*(self.llm.remote(llm_request, request_id=rid) for _ in range(req.n)))
+        answers = await asyncio.gather(*(self._answer(llm_request, [], rid) for _ in range(req.n)))
         media = await asyncio.gather(
             *(
                 self._generate(
-                    [ref for ref in self._received(reply).signal_refs if ref[0] == modality][:1],
-                    None if req.seed is None else req.seed + i,
-                    rid,
+                    [ref for ref in signal_refs if ref[0] == modality][:1], None if req.seed is None else req.seed + i, rid
                 )
-                for i, reply in enumerate(replies)
+                for i, (_, signal_refs) in enumerate(answers)
             )
         )
+        replies = [reply for reply, _ in answers]
         data = [
             {
                 "b64_json": items[0].data if binary else base64.b64encode(items[0].data).decode(),
@@ -513,14 +557,10 @@ def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
 
 
 def build_app(config: OmnistageConfig) -> serve.Application:
-    """The Serve application: one deployment per configured stage, bound into the ingress."""
-    from omnistage.actors.registry import STAGES
-
+    """The Serve application: one deployment per stage of the config's graph, bound into the ingress."""
     pools = {}
-    for name in STAGES:
+    for name in Graph.of(config).stages:
         stage_config = getattr(config.stages, name)
-        if stage_config is None:
-            continue
         server = serve.deployment(_SERVER_CLASSES.get(name, StageServer))
         pools[name] = server.options(**deployment_options(stage_config, name)).bind(
             name, stage_config.model_dump(mode="json"), config.cache.model_dump(mode="json")
@@ -532,15 +572,25 @@ def build_app(config: OmnistageConfig) -> serve.Application:
 def prepare_models(config: OmnistageConfig) -> None:
     """Build the built-in presets a config uses once, here, rather than in every replica at once."""
     from omnistage.actors.builtin import ensure_presets
-    from omnistage.actors.registry import STAGES
 
-    ensure_presets(getattr(config.stages, s).model for s in STAGES if getattr(config.stages, s) is not None)
+    ensure_presets(getattr(config.stages, name).model for name in Graph.of(config).stages)
 
 
-def deploy(config: OmnistageConfig, *, blocking: bool = False) -> Any:
-    """Deploy on the Ray cluster this process is connected to (Serve must be started)."""
+def deploy(config: OmnistageConfig, *, name: str = APP_NAME, route_prefix: str = "/") -> Any:
+    """Deploy as app ``name`` on the Ray cluster this process is connected to (Serve must be
+    started), and check that each pool's stage fits the next: an app whose stages do not fit is
+    deleted again and ``ValueError`` names both shapes."""
     prepare_models(config)
-    return serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=blocking)
+    ingress = serve.run(build_app(config), name=name, route_prefix=route_prefix)
+    graph = Graph.of(config)
+    try:
+        graph.check(
+            {stage: serve.get_deployment_handle(stage, name).ports.remote().result(timeout_s=120) for stage in graph.stages}
+        )
+    except ValueError:
+        serve.delete(name)
+        raise
+    return ingress
 
 
 def run_server(config: OmnistageConfig, host: str | None = None, port: int | None = None, address: str | None = None) -> None:

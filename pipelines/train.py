@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from omnistage.actors.engine import signal_states
 from omnistage.actors.payloads import NEXTGPT_SIGNAL_TOKENS, PLACEHOLDERS, signal_token_names
 from omnistage.pipelines import shapes
 
@@ -536,10 +537,10 @@ class _Captioner(nn.Module):
         super().__init__()
         self.head = head
         self.llm = llm.model  # frozen: no gradient, so the data-parallel wrapper leaves it alone
-        self.embed_tokens = llm.embed_tokens
+        self.splice = llm.splice  # the LLM stage's own splice, so training fills what serving fills
 
-    def forward(self, features: torch.Tensor, ids: torch.Tensor, is_image: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        embeds = self.embed_tokens(ids).masked_scatter(is_image[..., None], self.head(features))
+    def forward(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        embeds = self.splice(ids, self.head(features))
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
@@ -554,7 +555,6 @@ def train_input_projector(worker: Worker, settings: TrainSettings, models: dict[
     features = torch.from_numpy(np.stack([f.features for f in encoder(list(images))]))
     n_tokens = features.shape[1]
     tokenizer = llm.tokenizer
-    image_id = tokenizer.convert_tokens_to_ids(PLACEHOLDERS["image"])
     gen = _torch_rng(rng)
 
     def batch(step: int) -> tuple:
@@ -562,14 +562,13 @@ def train_input_projector(worker: Worker, settings: TrainSettings, models: dict[
         rows, labels = [], []
         for i in idx.tolist():
             prompt = _prompt_ids(tokenizer, _user_turn(PLACEHOLDERS["image"], rng.choice(shapes.QUESTIONS)))
-            at = prompt.index(image_id)
-            prompt = prompt[:at] + [image_id] * n_tokens + prompt[at + 1 :]
+            prompt = llm.expand(prompt, [n_tokens])
             answer = _answer_ids(tokenizer, shapes.caption(specs[i]))
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
         ids = _pad(rows, tokenizer.pad_token_id)
         mask = _pad([[1] * len(r) for r in rows], 0)
-        return features[idx], ids, ids == image_id, mask, _pad(labels, -100)
+        return features[idx], ids, mask, _pad(labels, -100)
 
     return _train(worker, "input_projector", settings, _Captioner(models["input_heads"]["image"], llm), batch)
 
@@ -588,8 +587,8 @@ class _SignalProjector(nn.Module):
         inputs = torch.cat([prefix, self.embeddings.expand(prefix.shape[0], -1, -1)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, output_hidden_states=True).hidden_states[-1]
-        # As the LLM stage records a group: the state that predicted each token plus its embedding.
-        states = hidden[:, -SIGNAL_TOKENS - 1 : -1] + self.embeddings
+        # Each signal token's state is read where it was predicted, as the LLM stage reads it.
+        states = signal_states(hidden[:, -SIGNAL_TOKENS - 1 : -1], self.embeddings)
         return F.mse_loss(self.head(states), target)
 
 

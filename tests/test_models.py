@@ -384,34 +384,71 @@ def test_audio_encoder_families(tmp_path, family, build, cls, shapes):
 # Output projector and generator must agree, checked at load
 
 
+IMAGE_MISMATCH = (
+    {"type": "transformer", "d_model": 32, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 1,
+     "ffn_dim": 64, "num_queries": 77, "out_dim": 48},
+    r"produces conditioning of shape \(77, 48\), but the image generator expects \(any, 32\)",
+)
+
+
 @pytest.mark.parametrize(
     "modality, head, message",
     [
-        ("image", {"type": "transformer", "d_model": 32, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 1,
-                   "ffn_dim": 64, "num_queries": 77, "out_dim": 48},
-         r"produces conditioning of shape \(77, 48\), but the image generator expects \(any, 32\)"),
+        ("image", *IMAGE_MISMATCH),
         ("audio", {"type": "mlp", "num_signal_tokens": 8, "hidden_dim": 64, "num_queries": 2, "out_dim": 32},
          r"produces conditioning of shape \(2, 32\), but the audio generator expects \(1, 32\)"),
     ],
 )
 def test_output_projector_generator_mismatch_fails_at_load(tmp_path, tiny_preset, modality, head, message):
+    from omnistage.pipelines.local import LocalPipeline
+
+    with pytest.raises(ValueError, match=message):
+        LocalPipeline(_mismatched(tmp_path, tiny_preset, modality, head))
+
+
+def _mismatched(tmp_path, tiny_preset, modality, head):
+    """A config whose output projector head does not fit its ``modality`` generator."""
     from omnistage.actors.heads import save_heads
     from omnistage.actors.output_projector import OutputProjector
     from omnistage.cluster.config import OmnistageConfig
-    from omnistage.pipelines.local import LocalPipeline
 
     spec = {"heads": {modality: {**head, "in_dim": 32}}}
     save_heads(OutputProjector.build_heads(spec), spec, tmp_path / "projector")
-    config = OmnistageConfig.model_validate({
+    small = {"resources": {"num_cpus": 0.1}, "scaling": {"min_replicas": 1, "max_replicas": 1}}
+    return OmnistageConfig.model_validate({
         "name": "mismatch",
         "stages": {
-            "llm": {"model": "tiny"},
-            "output_projector": {"model": str(tmp_path / "projector")},
-            f"{modality}_generator": {"model": str(tiny_preset / f"{modality}_generator")},
+            "llm": {"model": "tiny", **small},
+            "output_projector": {"model": str(tmp_path / "projector"), **small},
+            f"{modality}_generator": {"model": str(tiny_preset / f"{modality}_generator"), **small},
         },
+        "server": {"ingress": small},
     })
+
+
+def test_a_batch_job_whose_stages_do_not_fit_fails_before_any_row(tmp_path, tiny_preset, ray_session):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from omnistage.pipelines import batch
+
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a cat", "a dog"]}), tmp_path / "in.parquet")
+    head, message = IMAGE_MISMATCH
     with pytest.raises(ValueError, match=message):
-        LocalPipeline(config)
+        batch.run_generate(str(tmp_path / "in.parquet"), str(tmp_path / "out"), config=_mismatched(tmp_path, tiny_preset, "image", head))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_serve_refuses_to_deploy_stages_that_do_not_fit(tmp_path, tiny_preset, serve_url):
+    from ray import serve
+
+    from omnistage.pipelines.serve import deploy
+
+    head, message = IMAGE_MISMATCH
+    with pytest.raises(ValueError, match=message):
+        deploy(_mismatched(tmp_path, tiny_preset, "image", head), name="mismatch", route_prefix="/mismatch")
+    assert "mismatch" not in serve.status().applications
 
 
 # AudioLDM 2: prompt_embeds and generated_prompt_embeds, both from one output projector head
