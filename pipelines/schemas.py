@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from omnistage.actors.errors import status_of
+
 
 class _Request(BaseModel):
     # OpenAI clients send fields this server does not use (user, logprobs, ...); they are ignored
@@ -64,14 +66,4 @@ class MediaGenerationRequest(_Request):
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape."""
-    kind = {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        404: "not_found_error",
-        408: "timeout_error",
-        413: "invalid_request_error",
-        415: "invalid_request_error",
-        429: "rate_limit_error",
-        503: "overloaded_error",
-    }.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"error": {"message": message, "type": status_of(status).type, "param": param, "code": status}}

@@ -102,9 +102,9 @@ def _status_of(exc: BaseException) -> tuple[int, str]:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in cause.errors(include_input=False)
         )
-        return 400, f"invalid request: {problems}"
+        return InvalidInputError.status_code, f"invalid request: {problems}"
     if isinstance(cause, (BackPressureError, OverloadedError)):
-        return 503, "the server is at capacity; retry after the Retry-After delay"
+        return OverloadedError.status_code, "the server is at capacity; retry after the Retry-After delay"
     if isinstance(
         cause,
         (

@@ -254,6 +254,36 @@ def test_other_statuses_are_typed_and_not_retried(stub, status, cls):
     assert len(stub.requests) == 1 and stub.requests[0]["headers"]["Authorization"] == "Bearer sk-test"
 
 
+def test_server_and_client_agree_on_every_status(stub):
+    from omnistage.actors import errors as server
+    from omnistage.clients.errors import APITimeoutError, error_class
+    from omnistage.pipelines.schemas import error_body
+    from omnistage.pipelines.serve import _status_of
+
+    client_class = {
+        400: BadRequestError, 401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError, 408: APITimeoutError,
+        413: PayloadTooLargeError, 415: UnsupportedMediaTypeError, 422: BadRequestError, 429: RateLimitError, 503: OverloadedError,
+    }
+    assert set(client_class) == set(server.STATUSES)
+    stub.replies = [(status, {}, error_body(f"failed with {status}", status)) for status in server.STATUSES]
+    with Client(stub.url, max_retries=0) as client:
+        for status, meaning in server.STATUSES.items():
+            with pytest.raises(APIError) as caught:
+                client.models()
+            assert type(caught.value) is client_class[status], status
+            assert (caught.value.status_code, caught.value.type) == (status, meaning.type)
+    # What the stages raise answers with a status of the table, typed by the client as its counterpart.
+    counterparts = [
+        (server.InvalidInputError, BadRequestError),
+        (server.UnsupportedMediaError, UnsupportedMediaTypeError),
+        (server.PayloadTooLargeError, PayloadTooLargeError),
+        (server.OverloadedError, OverloadedError),
+    ]
+    for raised, typed in counterparts:
+        status, _ = _status_of(raised("x"))
+        assert status == raised.status_code and status in server.STATUSES and error_class(status) is typed
+
+
 def test_requests_are_msgpack_with_raw_bytes_or_json(stub):
     import msgpack
 
