@@ -128,24 +128,32 @@ def _closed_port() -> int:
 
 def test_import_loads_no_server_libraries():
     """In a fresh interpreter: importing the client, building requests with media and decoding
-    responses loads none of the server stack (a client-only install has none of it)."""
+    responses loads none of the server stack (a client-only install has none of it), and the
+    media codecs load only once a medium is encoded."""
     code = (
-        "import sys, numpy as np\n"
+        "import json, sys, numpy as np\n"
+        "def loaded(*names): return sorted(m for m in sys.modules if m.split('.')[0] in names)\n"
+        "codecs = ('av', 'soundfile', 'PIL')\n"
         "import omnistage.clients, omnistage.clients.cli\n"
+        "after_import = loaded(*codecs)\n"
         "from omnistage.clients import Client, AsyncClient\n"
         "from omnistage.clients.media import content_part, decode_media\n"
-        "from omnistage.actors.media import encode_wav\n"
         "Client('http://127.0.0.1:1').close()\n"
+        "AsyncClient('http://127.0.0.1:1')\n"
+        "content_part('image', 'data:image/png;base64,AA==', binary=False)\n"
+        "after_client = loaded(*codecs)\n"
+        "from omnistage.actors.media import encode_wav\n"
         "content_part('image', np.zeros((4, 4, 3), np.uint8), binary=False)\n"
         "content_part('video', np.zeros((2, 4, 4, 3), np.uint8), binary=True)\n"
         "content_part('audio', (np.zeros(160, np.float32), 16000), binary=False)\n"
         "decode_media('audio', encode_wav(np.zeros(160, np.float32), 16000), 'audio/wav')\n"
         "heavy = ('torch', 'ray', 'transformers', 'diffusers', 'scipy', 'pydantic', 'yaml', 'structlog', 'fastapi')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
+        "print(json.dumps({'after_import': after_import, 'after_client': after_client, 'server': loaded(*heavy),\n"
+        "                  'with_media': sorted({m.split('.')[0] for m in loaded(*codecs)})}))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert json.loads(result.stdout) == {"after_import": [], "after_client": [], "server": [], "with_media": ["PIL", "av", "soundfile"]}
 
 
 def test_client_only_dependencies_are_the_base_install():
