@@ -216,12 +216,12 @@ def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     )
 
 
-def build_image_generator(path: Path, seed: int) -> None:
-    """Stable Diffusion layout: (B, seq_len, 32) conditioning -> (B, 64, 64, 3) images."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+def _unet_2d(seed: int, **conditioning: Any) -> Any:
+    """The 2D UNet of Stable Diffusion and AudioLDM, which differ in the conditioning it reads."""
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
@@ -229,17 +229,31 @@ def build_image_generator(path: Path, seed: int) -> None:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        **conditioning,
     )
+
+
+def _vae_2d(seed: int, channels: int) -> Any:
+    """The VAE of Stable Diffusion (3 channels: RGB) and AudioLDM (1: a mel spectrogram)."""
+    from diffusers import AutoencoderKL
+
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=["DownEncoderBlock2D"] * 2,
         up_block_types=["UpDecoderBlock2D"] * 2,
         latent_channels=4,
     )
+
+
+def build_image_generator(path: Path, seed: int) -> None:
+    """Stable Diffusion layout: (B, seq_len, 32) conditioning -> (B, 64, 64, 3) images."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = _unet_2d(seed, cross_attention_dim=32)
+    vae = _vae_2d(seed, channels=3)
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=None,
@@ -292,32 +306,18 @@ def build_audio_generator(path: Path, seed: int) -> None:
 
     The vocoder upsamples each mel frame 8 x 8 = 64 times, so one second is 250 mel frames.
     """
-    from diffusers import AudioLDMPipeline, AutoencoderKL, UNet2DConditionModel
+    from diffusers import AudioLDMPipeline
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    # The pooled CLAP embedding comes in as a class label, concatenated to the time embedding.
+    unet = _unet_2d(
+        seed,
         cross_attention_dim=(32, 64),
         class_embed_type="simple_projection",
         projection_class_embeddings_input_dim=32,
         class_embeddings_concat=True,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=1,
-        out_channels=1,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-    )
+    vae = _vae_2d(seed, channels=1)
     torch.manual_seed(seed)
     vocoder_config = SpeechT5HifiGanConfig(
         model_in_dim=8,
