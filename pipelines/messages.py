@@ -26,10 +26,8 @@ from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, Uns
 from omnistage.actors.media import parse_data_url, probe, to_audio_clip, to_image_array, to_video_array
 from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, EncodedMedia, Modality
 from omnistage.cluster.config import InputLimits
-from omnistage.pipelines.schemas import InputAudio, MediaURL, Message, TextPart, describe_validation_error
+from omnistage.pipelines.schemas import PART_MODALITY, InputAudio, MediaURL, Message, TextPart, describe_validation_error
 
-# Content part type -> the modality it carries.
-PART_MODALITY: dict[str, Modality] = {"image_url": "image", "input_audio": "audio", "video_url": "video"}
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
 _MESSAGES = TypeAdapter(list[Message])
 
@@ -62,7 +60,9 @@ def parse_messages(
         checked = _MESSAGES.validate_python(messages)
     except ValidationError as exc:
         raise InvalidInputError(f"invalid messages: {describe_validation_error(exc, root=('messages',))}") from None
-    n_media = sum(1 for message in checked if isinstance(message.content, list) for part in message.content if part.type in PART_MODALITY)
+    n_media = sum(
+        1 for message in checked if isinstance(message.content, list) for part in message.content if part.type in PART_MODALITY
+    )
     if n_media > limits.max_media_items:
         raise InvalidInputError(f"expected at most {limits.max_media_items} media items per request, got {n_media}")
     out_messages, media = [], []

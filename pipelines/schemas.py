@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from pydantic_core import PydanticCustomError
 
 from omnistage.actors.errors import status_of
+from omnistage.actors.payloads import Modality
 
 
 class _Request(BaseModel):
@@ -70,9 +71,9 @@ class AudioPart(_Request):
     input_audio: _medium(InputAudio)
 
 
-MediaPart = ImagePart | VideoPart | AudioPart
-ContentPart = Annotated[TextPart | MediaPart, Field(discriminator="type")]
-MEDIA_PART_TYPES = tuple(part.model_fields["type"].annotation.__args__[0] for part in MediaPart.__args__)
+ContentPart = Annotated[TextPart | ImagePart | VideoPart | AudioPart, Field(discriminator="type")]
+# Media part type -> the modality it carries.
+PART_MODALITY: dict[str, Modality] = {"image_url": "image", "input_audio": "audio", "video_url": "video"}
 
 
 def _content_form(value: Any) -> str | None:
@@ -80,6 +81,7 @@ def _content_form(value: Any) -> str | None:
 
 
 def _content(part: Any) -> Any:
+    """A message's content: a string, or a list of ``part``."""
     return Annotated[
         Union[Annotated[str, Tag("string")], Annotated[list[part], Tag("parts")]],
         Discriminator(
@@ -103,7 +105,7 @@ class _TextMessage(_Request):
     def _no_media(cls, data: Any) -> Any:
         parts = data.get("content") if isinstance(data, dict) else None
         kinds = [part.get("type") for part in parts if isinstance(part, dict)] if isinstance(parts, list) else []
-        media = [kind for kind in kinds if kind in MEDIA_PART_TYPES]
+        media = [kind for kind in kinds if kind in PART_MODALITY]
         if media:
             raise PydanticCustomError(
                 "media_outside_user",
