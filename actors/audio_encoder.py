@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,38 +15,6 @@ from omnistage.actors.payloads import AudioClip, EncodedMedia, Features
 if TYPE_CHECKING:
     # Configs are only annotations here: the config package imports this one's payloads.
     from omnistage.cluster.config import AudioEncoderConfig
-
-
-def build_tiny(path: Path, seed: int) -> None:
-    """A Whisper encoder over 1 s windows: 100 mel frames (80 bins) -> (B, 50, 16) features."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
-
-    torch.manual_seed(seed)
-    config = WhisperConfig(
-        d_model=16,
-        encoder_layers=2,
-        encoder_attention_heads=4,
-        encoder_ffn_dim=37,
-        decoder_layers=1,
-        decoder_attention_heads=4,
-        decoder_ffn_dim=37,
-        num_mel_bins=80,
-        # Whisper's encoder halves the mel frames: 100 frames (1 s at hop 160) -> 50 positions.
-        max_source_positions=50,
-        max_target_positions=32,
-        # The decoder is never run; a small vocabulary keeps the checkpoint small.
-        vocab_size=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=3,
-        suppress_tokens=None,
-        begin_suppress_tokens=None,
-    )
-    WhisperModel(config).save_pretrained(path)
-    WhisperFeatureExtractor(
-        feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400
-    ).save_pretrained(path)
 
 
 class AudioEncoder(Stage):

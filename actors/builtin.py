@@ -2,13 +2,13 @@
 
 A preset is a directory with one checkpoint per component, each in the ordinary transformers or
 diffusers layout, so stages load it with ``from_pretrained`` exactly as they load downloaded
-checkpoints. ``tiny`` has random, seeded weights, built on first use: building it twice gives
-identical files. ``shapes`` is trained (``omnistage.pipelines.train``) and ships with the package.
+checkpoints. ``tiny`` has random, seeded weights (``omnistage.actors.tiny``), built on first use:
+building it twice gives identical files. ``shapes`` is trained (``omnistage.pipelines.train``) and
+ships with the package.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import tempfile
@@ -30,29 +30,6 @@ BUILTIN_PRESETS: dict[str, str] = {
 # Presets whose weights ship inside the package (trained, not built), in omnistage.cluster/presets/.
 SHIPPED_PRESETS = ("shapes",)
 
-# Component name -> "module:function" that writes that component's checkpoint directory.
-# Each builder takes (path, seed). The order fixes the seeds, so keep new entries at the end.
-TINY_BUILDERS: dict[str, str] = {
-    "image_encoder": "omnistage.actors.image_encoder:build_tiny",
-    "audio_encoder": "omnistage.actors.audio_encoder:build_tiny",
-    "input_projector": "omnistage.actors.input_projector:build_tiny",
-    "llm": "omnistage.actors.llm:build_tiny",
-    "output_projector": "omnistage.actors.output_projector:build_tiny",
-    "image_generator": "omnistage.actors.generator:build_tiny_image_generator",
-    "video_generator": "omnistage.actors.generator:build_tiny_video_generator",
-    "audio_generator": "omnistage.actors.generator:build_tiny_audio_generator",
-}
-
-# Widths shared by the tiny components, so projectors fit the models on both of their sides.
-TINY_DIMS = {
-    "image_encoder": 32,  # CLIP vision hidden size
-    "audio_encoder": 16,  # Whisper d_model
-    "llm": 32,  # LLaMA hidden size
-    "image_cond": (77, 32),  # SD UNet cross-attention: CLIP text length x width
-    "video_cond": (77, 32),
-    "audio_cond": (1, 32),  # AudioLDM: one pooled CLAP text embedding
-}
-
 
 def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write every component of the built-in preset ``name`` under ``out_dir`` (a shipped preset
@@ -63,10 +40,11 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     if name in SHIPPED_PRESETS:
         shutil.copytree(ensure_preset(name), out, dirs_exist_ok=True)
         return out
+    # The builders import torch, transformers and diffusers: only when a preset is built.
+    from omnistage.actors.tiny import TINY_BUILDERS
+
     out.mkdir(parents=True, exist_ok=True)
-    for index, (component, target) in enumerate(TINY_BUILDERS.items()):
-        module_name, func_name = target.split(":")
-        builder = getattr(importlib.import_module(module_name), func_name)
+    for index, (component, builder) in enumerate(TINY_BUILDERS.items()):
         builder(out / component, seed + index)
         log.info("preset_component_built", preset=name, component=component)
     return out

@@ -2,31 +2,19 @@
 
 Each stage drives a diffusers pipeline with ``prompt_embeds`` from the output projector (and, for
 AudioLDM 2, ``generated_prompt_embeds``), so a checkpoint needs no text encoder. The pipeline class
-comes from the checkpoint's ``model_index.json``: the tiny presets built here load the same way as
+comes from the checkpoint's ``model_index.json``: the tiny presets (``omnistage.actors.tiny``) load the same way as
 Stable Diffusion, Zeroscope, AudioLDM or AudioLDM 2 checkpoints.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import (
-    AudioLDM2Pipeline,
-    AudioLDMPipeline,
-    AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    TextToVideoSDPipeline,
-    UNet2DConditionModel,
-    UNet3DConditionModel,
-)
+from diffusers import AudioLDM2Pipeline, AudioLDMPipeline, DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
-from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
 from omnistage.actors.base import Stage
 from omnistage.actors.errors import InvalidInputError
@@ -44,149 +32,6 @@ if TYPE_CHECKING:
 # Components that classifier-free guidance runs to embed the empty negative prompt, in the pipelines
 # served here (the second text encoder, projection and language model are AudioLDM 2's).
 GUIDANCE_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "projection_model", "language_model")
-
-# --- tiny checkpoints ---------------------------------------------------------------------------
-# Sizes follow diffusers' own tests (get_dummy_components), with cross-attention and class-label
-# widths set to TINY_DIMS so the tiny output projector fits.
-
-
-def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    """Stable Diffusion's noise schedule, with DDIM sampling.
-
-    steps_offset=1 as in the released SD checkpoints: StableDiffusionPipeline warns about the
-    default 0 and rewrites it to 1 whenever it is constructed.
-    """
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-
-
-def build_tiny_image_generator(path: Path, seed: int) -> None:
-    """Stable Diffusion layout: (B, seq_len, 32) conditioning -> (B, 64, 64, 3) images."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=ddim_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(path)
-
-
-def build_tiny_video_generator(path: Path, seed: int) -> None:
-    """Zeroscope (TextToVideoSD) layout: (B, seq_len, 32) conditioning -> (B, T, 32, 32, 3) frames."""
-    torch.manual_seed(seed)
-    unet = UNet3DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=2,
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=32,
-        norm_num_groups=2,
-    )
-    pipeline = TextToVideoSDPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=ddim_scheduler()
-    )
-    pipeline.save_pretrained(path)
-
-
-def build_tiny_audio_generator(path: Path, seed: int) -> None:
-    """AudioLDM layout: (B, 32) pooled conditioning -> (B, n) waveforms at 16 kHz.
-
-    The vocoder upsamples each mel frame 8 x 8 = 64 times, so one second is 250 mel frames.
-    """
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=(32, 64),
-        class_embed_type="simple_projection",
-        projection_class_embeddings_input_dim=32,
-        class_embeddings_concat=True,
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=1,
-        out_channels=1,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-    )
-    torch.manual_seed(seed)
-    vocoder_config = SpeechT5HifiGanConfig(
-        model_in_dim=8,
-        sampling_rate=16000,
-        upsample_initial_channel=16,
-        upsample_rates=[8, 8],
-        upsample_kernel_sizes=[16, 16],
-        resblock_kernel_sizes=[3, 7],
-        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
-        normalize_before=False,
-        # The default (0.01) gives waveforms near 1e-5, silence once written as 16-bit PCM.
-        initializer_range=0.1,
-    )
-    pipeline = AudioLDMPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=ddim_scheduler(),
-        vocoder=SpeechT5HifiGan(vocoder_config),
-    )
-    pipeline.save_pretrained(path)
-
-
-# --- stages -------------------------------------------------------------------------------------
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:

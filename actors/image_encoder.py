@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,18 +15,6 @@ from omnistage.actors.payloads import EncodedMedia, Features
 if TYPE_CHECKING:
     # Configs are only annotations here: the config package imports this one's payloads.
     from omnistage.cluster.config import ImageEncoderConfig
-
-
-def build_tiny(path: Path, seed: int) -> None:
-    """A CLIP ViT with 30x30 inputs and 2x2 patches: (B, 3, 30, 30) -> (B, 225, 32) patch features."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
-    )
-    CLIPVisionModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
 
 
 class ImageEncoder(Stage):

@@ -7,14 +7,12 @@ One checkpoint holds a head per input modality, each of one of four designs the 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from omnistage.actors.builtin import TINY_DIMS
-from omnistage.actors.heads import HeadStage, save_heads
+from omnistage.actors.heads import HeadStage
 from omnistage.actors.payloads import Embeddings
 
 HEAD_TYPES = ("linear", "mlp2x_gelu", "qformer", "resampler")
@@ -70,41 +68,6 @@ def make_head(spec: dict[str, Any]) -> nn.Module:
             in_dim, out_dim, spec["num_latents"], spec["depth"], spec["num_heads"], spec["head_dim"]
         )
     raise ValueError(f"expected a projector type in {HEAD_TYPES}, got {kind!r}")
-
-
-def build_tiny(path: Path, seed: int) -> None:
-    """One head of each design across the three modalities, so the default preset runs them all."""
-    torch.manual_seed(seed)
-    llm = TINY_DIMS["llm"]
-    config = {
-        "heads": {
-            "image": {"type": "mlp2x_gelu", "in_dim": TINY_DIMS["image_encoder"], "out_dim": llm},
-            # 5 frames x 225 patches would be 1125 LLM tokens; the resampler keeps 32.
-            "video": {
-                "type": "resampler",
-                "in_dim": TINY_DIMS["image_encoder"],
-                "out_dim": llm,
-                "num_latents": 32,
-                "depth": 2,
-                "num_heads": 4,
-                "head_dim": 8,
-            },
-            "audio": {
-                "type": "qformer",
-                "in_dim": TINY_DIMS["audio_encoder"],
-                "out_dim": llm,
-                "num_queries": 8,
-                "qformer": {
-                    "hidden_size": 32,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                    "intermediate_size": 37,
-                    "cross_attention_frequency": 1,
-                },
-            },
-        }
-    }
-    save_heads(InputProjector.build_heads(config), config, path)
 
 
 class InputProjector(HeadStage):

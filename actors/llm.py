@@ -18,13 +18,11 @@ import structlog
 import torch
 
 from omnistage.actors.base import Stage
-from omnistage.actors.builtin import TINY_DIMS
 from omnistage.actors.engine import Engine
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
 from omnistage.actors.multimodal import image_token, is_multimodal_checkpoint, language_part, load_multimodal
 from omnistage.actors.payloads import (
     MODALITIES,
-    NEXTGPT_SIGNAL_TOKENS,
     PLACEHOLDERS,
     LLMRequest,
     LLMResult,
@@ -38,42 +36,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ROLES = ("system", "user", "assistant")
-
-# A plain role-tagged template for the tiny preset; real checkpoints bring their own.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def build_tiny(path: Path, seed: int, **sizes: int) -> None:
-    """A 2-layer LLaMA (hidden 32) with a byte-level tokenizer, which needs no vocabulary file.
-    ``sizes`` override LlamaConfig's (a larger model for benchmarks, built the same way)."""
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    tokenizer = ByT5Tokenizer()
-    tokenizer.add_tokens(list(PLACEHOLDERS.values()), special_tokens=True)
-    for modality, count in NEXTGPT_SIGNAL_TOKENS.items():
-        tokenizer.add_tokens(signal_token_names(modality, count), special_tokens=True)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        **{
-            "hidden_size": TINY_DIMS["llm"],
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            **sizes,
-        },
-        max_position_embeddings=2048,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 class LLM(Stage):

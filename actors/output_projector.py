@@ -13,15 +13,13 @@ either type, reading the same signal states (its ``in_dim`` is the outer head's)
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from omnistage.actors.builtin import TINY_DIMS
-from omnistage.actors.heads import HeadStage, save_heads
-from omnistage.actors.payloads import NEXTGPT_SIGNAL_TOKENS, Conditioning
+from omnistage.actors.heads import HeadStage
+from omnistage.actors.payloads import Conditioning
 
 HEAD_TYPES = ("transformer", "mlp")
 
@@ -96,42 +94,6 @@ def _single_head(spec: dict[str, Any]) -> nn.Module:
 
 def make_head(spec: dict[str, Any]) -> nn.Module:
     return TwoConditioningHead(spec) if "generated" in spec else _single_head(spec)
-
-
-def build_tiny(path: Path, seed: int) -> None:
-    """Transformer heads for image and video (77 queries, like a CLIP text encoder's output), an
-    MLP head for audio (one pooled vector, like AudioLDM's CLAP conditioning)."""
-    torch.manual_seed(seed)
-    llm = TINY_DIMS["llm"]
-
-    def transformer(cond: tuple[int, int]) -> dict[str, Any]:
-        return {
-            "type": "transformer",
-            "in_dim": llm,
-            "d_model": 32,
-            "num_heads": 4,
-            "num_encoder_layers": 2,
-            "num_decoder_layers": 2,
-            "ffn_dim": 64,
-            "num_queries": cond[0],
-            "out_dim": cond[1],
-        }
-
-    config = {
-        "heads": {
-            "image": transformer(TINY_DIMS["image_cond"]),
-            "video": transformer(TINY_DIMS["video_cond"]),
-            "audio": {
-                "type": "mlp",
-                "in_dim": llm,
-                "num_signal_tokens": NEXTGPT_SIGNAL_TOKENS["audio"],
-                "hidden_dim": 64,
-                "num_queries": TINY_DIMS["audio_cond"][0],
-                "out_dim": TINY_DIMS["audio_cond"][1],
-            },
-        }
-    }
-    save_heads(OutputProjector.build_heads(config), config, path)
 
 
 class OutputProjector(HeadStage):

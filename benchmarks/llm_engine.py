@@ -48,7 +48,8 @@ class Job:
 
 def _llm(kind: str, workdir: str):
     from omnistage.actors.builtin import ensure_preset
-    from omnistage.actors.llm import LLM, build_tiny
+    from omnistage.actors.llm import LLM
+    from omnistage.actors.tiny import build_llm
     from omnistage.cluster.config import EngineConfig, LLMConfig
 
     if kind == "tiny":
@@ -56,7 +57,7 @@ def _llm(kind: str, workdir: str):
         ensure_preset("tiny")
     else:
         model = os.path.join(workdir, "llama-8x512")
-        build_tiny(model, seed=0, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+        build_llm(model, seed=0, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=8)
     llm = LLM(LLMConfig(model=model, engine=EngineConfig(max_running_seqs=32, max_prefill_tokens=512)))
     head = llm.model.get_output_embeddings().weight

@@ -11,6 +11,8 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
+from omnistage.actors.errors import status_of
+
 
 class OmnistageError(Exception):
     """Base class of every error the SDK raises for a failed call."""
@@ -106,22 +108,21 @@ class ServerError(APIError):
     """500 and other 5xx except 503: the server failed."""
 
 
-_BY_STATUS: dict[int, type[APIError]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    403: AuthenticationError,
-    404: NotFoundError,
-    408: APITimeoutError,
-    413: PayloadTooLargeError,
-    415: UnsupportedMediaTypeError,
-    422: BadRequestError,
-    429: RateLimitError,
-    503: OverloadedError,
+# The client's exception class for each kind of error status in the server's table.
+_BY_KIND: dict[str, type[APIError]] = {
+    "bad_request": BadRequestError,
+    "authentication": AuthenticationError,
+    "not_found": NotFoundError,
+    "timeout": APITimeoutError,
+    "payload_too_large": PayloadTooLargeError,
+    "unsupported_media_type": UnsupportedMediaTypeError,
+    "rate_limit": RateLimitError,
+    "overloaded": OverloadedError,
+    "server_error": ServerError,
+    "other": APIError,
 }
 
 
 def error_class(status: int) -> type[APIError]:
     """The exception class for an HTTP error status."""
-    if status in _BY_STATUS:
-        return _BY_STATUS[status]
-    return ServerError if status >= 500 else APIError
+    return _BY_KIND[status_of(status).kind]

@@ -1,7 +1,9 @@
 """Client-side media: what users pass in -> request content parts; response files -> decoded objects.
 
 Codecs are the server's own (``omnistage.actors.media``, which imports no torch, ray or scipy at
-import time), so what the client encodes is exactly what the server decodes.
+import time), so what the client encodes is exactly what the server decodes. They load av,
+soundfile and PIL, so they are imported where a medium is first encoded or decoded: a client that
+sends only text never loads them.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from PIL import Image
 
-from omnistage.actors import media as codecs
+if TYPE_CHECKING:
+    from PIL import Image
 
 Modality = Literal["image", "video", "audio"]
 
@@ -71,6 +73,8 @@ class Video:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the file; ``.gif`` or ``.mp4`` when the server sent the other re-encodes."""
+        from omnistage.actors import media as codecs
+
         path = Path(path)
         if self.data and _extension_matches(path, self.mime_type):
             path.write_bytes(self.data)
@@ -82,6 +86,8 @@ class Video:
 
 
 def _extension_matches(path: Path, mime_type: str) -> bool:
+    from omnistage.actors import media as codecs
+
     suffix = path.suffix.lower().lstrip(".")
     suffix = {"jpg": "jpeg", "mpeg": "mp3"}.get(suffix, suffix)
     return codecs.MIME_TYPES.get(suffix) == mime_type
@@ -89,18 +95,24 @@ def _extension_matches(path: Path, mime_type: str) -> bool:
 
 def decode_image(data: bytes) -> Image.Image:
     """A PIL image, fully loaded (no file handle left open)."""
+    from PIL import Image
+
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
 
 
 def decode_audio(data: bytes, mime_type: str = "audio/wav") -> Audio:
+    from omnistage.actors import media as codecs
+
     clip = codecs.decode_audio(data)
     return Audio(samples=clip.samples, sampling_rate=clip.sampling_rate, data=data, mime_type=mime_type)
 
 
 def decode_video(data: bytes, mime_type: str = "video/mp4") -> Video:
     import av
+
+    from omnistage.actors import media as codecs
 
     with av.open(io.BytesIO(data)) as container:
         rate = container.streams.video[0].average_rate if container.streams.video else None
@@ -159,6 +171,10 @@ def _to_bytes(modality: str, value: Any, fps: float) -> bytes:
         return Path(value).expanduser().read_bytes()
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
+    from PIL import Image
+
+    from omnistage.actors import media as codecs
+
     if modality == "image":
         if isinstance(value, Image.Image):
             buffer = io.BytesIO()

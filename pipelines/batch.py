@@ -63,7 +63,8 @@ from omnistage.pipelines.batch_io import (
     written_ids,
 )
 from omnistage.pipelines.graph import Graph, generation, ports, understanding
-from omnistage.pipelines.messages import PART_MODALITY, ParsedChat, parse_messages
+from omnistage.pipelines.messages import ParsedChat, parse_messages
+from omnistage.pipelines.schemas import PART_MODALITY
 
 if TYPE_CHECKING:
     import ray.data

@@ -91,7 +91,7 @@ def run_demo(config: str, out_dir: Path, seed: int = 0) -> list[Path]:
     """Run every demo request the config can serve through a ``LocalPipeline``; print answers,
     write media files."""
     from omnistage.pipelines.local import LocalPipeline
-    from omnistage.pipelines.messages import PART_MODALITY
+    from omnistage.pipelines.schemas import PART_MODALITY
 
     pipeline = LocalPipeline.from_config(config)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """OpenAI-style chat messages to the LLM's form: text with placeholders, plus the media.
 
 Content parts follow OpenAI's chat format (``text``, ``image_url``, ``input_audio``) with
-``video_url`` added the same way. In Python, a part's value may also be the medium itself: bytes,
-a PIL image or a numpy array (``(H, W, 3)`` uint8 images, ``(T, H, W, 3)`` uint8 videos, an
-``AudioClip`` or ``(samples, sampling_rate)`` for audio).
+``video_url`` added the same way; their schema is ``omnistage.pipelines.schemas.Message``. In
+Python, a part's value may also be the medium itself: bytes, a PIL image or a numpy array
+(``(H, W, 3)`` uint8 images, ``(T, H, W, 3)`` uint8 videos, an ``AudioClip`` or
+``(samples, sampling_rate)`` for audio).
 
 Media files are not decoded here: their headers are checked (format, declared size, pixel, frame
 and duration limits) and the bytes go on as ``EncodedMedia`` to the modality's encoder, which
@@ -19,15 +20,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.media import parse_data_url, probe, to_audio_clip, to_image_array, to_video_array
 from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, EncodedMedia, Modality
 from omnistage.cluster.config import InputLimits
+from omnistage.pipelines.schemas import PART_MODALITY, InputAudio, MediaURL, Message, TextPart, describe_validation_error
 
-# Content part type -> the modality it carries.
-PART_MODALITY: dict[str, Modality] = {"image_url": "image", "input_audio": "audio", "video_url": "video"}
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
+_MESSAGES = TypeAdapter(list[Message])
 
 
 @dataclass
@@ -41,62 +43,45 @@ class ParsedChat:
 
 
 def parse_messages(
-    messages: list[dict[str, Any]],
+    messages: list[dict[str, Any]] | list[Message],
     accepted: list[Modality],
     remote: RemoteMedia | None = None,
     limits: InputLimits | None = None,
 ) -> ParsedChat:
-    """Check a chat. ``accepted`` names the input modalities this deployment serves; ``remote``
-    says which hosts media URLs may be fetched from (none by default); ``limits`` bound what the
-    media may cost to decode (checked here from headers, and again by the encoder that decodes)."""
+    """Check a chat. ``messages`` are dicts (Python callers) or already validated ``Message``
+    models (the HTTP request); both meet the same schema. ``accepted`` names the input modalities
+    this deployment serves; ``remote`` says which hosts media URLs may be fetched from (none by
+    default); ``limits`` bound what the media may cost to decode (checked here from headers, and
+    again by the encoder that decodes)."""
     limits = limits or InputLimits()
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError(f"expected a non-empty list of messages, got {_kind(messages)}")
+    try:
+        checked = _MESSAGES.validate_python(messages)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid messages: {describe_validation_error(exc, root=('messages',))}") from None
     n_media = sum(
-        1
-        for message in messages
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"]
-        if isinstance(part, dict) and part.get("type") in PART_MODALITY
+        1 for message in checked if isinstance(message.content, list) for part in message.content if part.type in PART_MODALITY
     )
     if n_media > limits.max_media_items:
         raise InvalidInputError(f"expected at most {limits.max_media_items} media items per request, got {n_media}")
     out_messages, media = [], []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidInputError(f"expected message {index} to be an object, got {_kind(message)}")
-        role, content = message.get("role"), message.get("content")
-        if isinstance(content, str):
-            out_messages.append({"role": role, "content": content})
+    for index, message in enumerate(checked):
+        if isinstance(message.content, str):
+            out_messages.append({"role": message.role, "content": message.content})
             continue
-        if not isinstance(content, list):
-            raise InvalidInputError(
-                f"expected message {index} content to be a string or a list of parts, got {_kind(content)}"
-            )
         texts = []
-        for part_index, part in enumerate(content):
+        for part_index, part in enumerate(message.content):
+            if isinstance(part, TextPart):
+                texts.append(part.text)
+                continue
             where = f"message {index} part {part_index}"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise InvalidInputError(f"expected {where} to carry a string 'text', got {_kind(part.get('text'))}")
-                texts.append(part["text"])
-            elif kind in PART_MODALITY:
-                modality = PART_MODALITY[kind]
-                if modality not in accepted:
-                    raise UnsupportedMediaError(
-                        f"{where} is {modality}, but this model accepts {accepted or 'text only'}"
-                    )
-                if role != "user":
-                    raise InvalidInputError(f"expected media only in user messages, got {kind} in a {role!r} message")
-                media.append((modality, _medium(modality, part.get(kind), where, remote, limits)))
-                texts.append(PLACEHOLDERS[modality])
-            else:
-                raise InvalidInputError(
-                    f"expected {where} to have type 'text', {', '.join(repr(k) for k in PART_MODALITY)}, "
-                    f"got {kind!r}"
-                )
-        out_messages.append({"role": role, "content": "\n".join(texts)})
+            modality = PART_MODALITY[part.type]
+            if modality not in accepted:
+                raise UnsupportedMediaError(f"{where} is {modality}, but this model accepts {accepted or 'text only'}")
+            media.append((modality, _medium(modality, getattr(part, part.type), where, remote, limits)))
+            texts.append(PLACEHOLDERS[modality])
+        out_messages.append({"role": message.role, "content": "\n".join(texts)})
     return ParsedChat(messages=out_messages, media=media)
 
 
@@ -105,8 +90,8 @@ def _medium(
 ) -> EncodedMedia | np.ndarray | AudioClip:
     if modality == "audio":
         return _audio(value, where, limits)
-    if isinstance(value, dict):
-        value = value.get("url")
+    if isinstance(value, MediaURL):
+        value = value.url
     if isinstance(value, str):
         mime, value = (remote or RemoteMedia()).fetch(value, where) if _is_remote(value) else parse_data_url(value)
         allowed = ("image/",) if modality == "image" else ("video/", "image/gif")
@@ -125,11 +110,10 @@ def _file(modality: Modality, data: bytes | bytearray, limits: InputLimits) -> E
 
 
 def _audio(value: Any, where: str, limits: InputLimits) -> EncodedMedia | AudioClip:
-    if isinstance(value, dict):
-        fmt = value.get("format")
-        if fmt not in AUDIO_FORMATS:
-            raise UnsupportedMediaError(f"expected {where} audio format in {AUDIO_FORMATS}, got {fmt!r}")
-        value = value.get("data")
+    if isinstance(value, InputAudio):
+        if value.format not in AUDIO_FORMATS:
+            raise UnsupportedMediaError(f"expected {where} audio format in {AUDIO_FORMATS}, got {value.format!r}")
+        value = value.data
         if isinstance(value, str):
             try:
                 value = base64.b64decode(value, validate=True)

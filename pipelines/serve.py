@@ -36,7 +36,7 @@ from omnistage.pipelines.logs import configure_logging
 from omnistage.pipelines.messages import RemoteMedia, parse_messages
 from omnistage.pipelines.playground import describe_world
 from omnistage.pipelines.playground import router as playground_router
-from omnistage.pipelines.schemas import ChatCompletionRequest, MediaGenerationRequest, error_body
+from omnistage.pipelines.schemas import ChatCompletionRequest, MediaGenerationRequest, describe_validation_error, error_body
 
 log = structlog.get_logger(__name__)
 
@@ -116,12 +116,9 @@ def _status_of(exc: BaseException) -> tuple[int, str]:
     if isinstance(cause, InvalidInputError):
         return cause.status_code, str(cause)
     if isinstance(cause, ValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in cause.errors(include_input=False)
-        )
-        return 400, f"invalid request: {problems}"
+        return InvalidInputError.status_code, f"invalid request: {describe_validation_error(cause)}"
     if isinstance(cause, (BackPressureError, OverloadedError)):
-        return 503, "the server is at capacity; retry after the Retry-After delay"
+        return OverloadedError.status_code, "the server is at capacity; retry after the Retry-After delay"
     if isinstance(
         cause,
         (

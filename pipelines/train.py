@@ -129,7 +129,7 @@ def new_models(seed: int) -> dict[str, Any]:
     )
 
     from omnistage.actors.input_projector import InputProjector
-    from omnistage.actors.llm import TINY_CHAT_TEMPLATE
+    from omnistage.actors.tiny import TINY_CHAT_TEMPLATE
     from omnistage.actors.output_projector import OutputProjector
 
     models: dict[str, Any] = {}
@@ -234,7 +234,7 @@ def new_models(seed: int) -> dict[str, Any]:
 def scheduler():
     """The noise schedule of Stable Diffusion, predicting the clean latent: in this world a
     caption fixes its picture up to jitter, so the model learns it directly."""
-    from omnistage.actors.generator import ddim_scheduler
+    from omnistage.actors.tiny import ddim_scheduler
 
     return ddim_scheduler(prediction_type="sample")
 

@@ -128,24 +128,32 @@ def _closed_port() -> int:
 
 def test_import_loads_no_server_libraries():
     """In a fresh interpreter: importing the client, building requests with media and decoding
-    responses loads none of the server stack (a client-only install has none of it)."""
+    responses loads none of the server stack (a client-only install has none of it), and the
+    media codecs load only once a medium is encoded."""
     code = (
-        "import sys, numpy as np\n"
+        "import json, sys, numpy as np\n"
+        "def loaded(*names): return sorted(m for m in sys.modules if m.split('.')[0] in names)\n"
+        "codecs = ('av', 'soundfile', 'PIL')\n"
         "import omnistage.clients, omnistage.clients.cli\n"
+        "after_import = loaded(*codecs)\n"
         "from omnistage.clients import Client, AsyncClient\n"
         "from omnistage.clients.media import content_part, decode_media\n"
-        "from omnistage.actors.media import encode_wav\n"
         "Client('http://127.0.0.1:1').close()\n"
+        "AsyncClient('http://127.0.0.1:1')\n"
+        "content_part('image', 'data:image/png;base64,AA==', binary=False)\n"
+        "after_client = loaded(*codecs)\n"
+        "from omnistage.actors.media import encode_wav\n"
         "content_part('image', np.zeros((4, 4, 3), np.uint8), binary=False)\n"
         "content_part('video', np.zeros((2, 4, 4, 3), np.uint8), binary=True)\n"
         "content_part('audio', (np.zeros(160, np.float32), 16000), binary=False)\n"
         "decode_media('audio', encode_wav(np.zeros(160, np.float32), 16000), 'audio/wav')\n"
         "heavy = ('torch', 'ray', 'transformers', 'diffusers', 'scipy', 'pydantic', 'yaml', 'structlog', 'fastapi')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
+        "print(json.dumps({'after_import': after_import, 'after_client': after_client, 'server': loaded(*heavy),\n"
+        "                  'with_media': sorted({m.split('.')[0] for m in loaded(*codecs)})}))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert json.loads(result.stdout) == {"after_import": [], "after_client": [], "server": [], "with_media": ["PIL", "av", "soundfile"]}
 
 
 def test_client_only_dependencies_are_the_base_install():
@@ -252,6 +260,36 @@ def test_other_statuses_are_typed_and_not_retried(stub, status, cls):
     assert type(caught.value) is cls and caught.value.status_code == status
     assert caught.value.message == f"failed with {status}" and caught.value.request_id == "req-7"
     assert len(stub.requests) == 1 and stub.requests[0]["headers"]["Authorization"] == "Bearer sk-test"
+
+
+def test_server_and_client_agree_on_every_status(stub):
+    from omnistage.actors import errors as server
+    from omnistage.clients.errors import APITimeoutError, error_class
+    from omnistage.pipelines.schemas import error_body
+    from omnistage.pipelines.serve import _status_of
+
+    client_class = {
+        400: BadRequestError, 401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError, 408: APITimeoutError,
+        413: PayloadTooLargeError, 415: UnsupportedMediaTypeError, 422: BadRequestError, 429: RateLimitError, 503: OverloadedError,
+    }
+    assert set(client_class) == set(server.STATUSES)
+    stub.replies = [(status, {}, error_body(f"failed with {status}", status)) for status in server.STATUSES]
+    with Client(stub.url, max_retries=0) as client:
+        for status, meaning in server.STATUSES.items():
+            with pytest.raises(APIError) as caught:
+                client.models()
+            assert type(caught.value) is client_class[status], status
+            assert (caught.value.status_code, caught.value.type) == (status, meaning.type)
+    # What the stages raise answers with a status of the table, typed by the client as its counterpart.
+    counterparts = [
+        (server.InvalidInputError, BadRequestError),
+        (server.UnsupportedMediaError, UnsupportedMediaTypeError),
+        (server.PayloadTooLargeError, PayloadTooLargeError),
+        (server.OverloadedError, OverloadedError),
+    ]
+    for raised, typed in counterparts:
+        status, _ = _status_of(raised("x"))
+        assert status == raised.status_code and status in server.STATUSES and error_class(status) is typed
 
 
 def test_requests_are_msgpack_with_raw_bytes_or_json(stub):

@@ -13,23 +13,16 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from omnistage.actors.builtin import TINY_DIMS
 from omnistage.actors.errors import InvalidInputError
-from omnistage.actors.generator import (
-    AudioGenerator,
-    ImageGenerator,
-    VideoGenerator,
-    build_tiny_audio_generator,
-    build_tiny_image_generator,
-    build_tiny_video_generator,
-)
+from omnistage.actors.generator import AudioGenerator, ImageGenerator, VideoGenerator
 from omnistage.actors.payloads import Conditioning, GenerationRequest
+from omnistage.actors.tiny import TINY_DIMS, build_audio_generator, build_image_generator, build_video_generator
 from omnistage.cluster.config import AudioGeneratorConfig, ImageGeneratorConfig, VideoGeneratorConfig
 
 BUILDERS = {
-    "image": build_tiny_image_generator,
-    "video": build_tiny_video_generator,
-    "audio": build_tiny_audio_generator,
+    "image": build_image_generator,
+    "video": build_video_generator,
+    "audio": build_audio_generator,
 }
 STEPS = 2
 IMAGE_HW = (32, 48)

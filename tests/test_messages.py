@@ -127,3 +127,42 @@ def test_limits_refuse_before_decoding():
     video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(encode_video(sample_video(12), fps=8)).decode()}}
     with pytest.raises(PayloadTooLargeError, match="4"):
         parse_messages([{"role": "user", "content": [video]}], accepted=["video"], limits=InputLimits(max_video_frames=4))
+
+
+@pytest.mark.parametrize(
+    "messages,problem",
+    [
+        ([{"role": "user", "content": [{"type": "img"}]}], "messages.0.content.0: Input tag 'img' found using 'type'"),
+        ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages.0.content.0.text: Input should be a valid string, got int"),
+        ([{"role": "user", "content": 5}], "messages.0.content: expected a string or a list of parts, got int"),
+        ([{"role": "tool", "content": "hi"}], "messages.0: Input tag 'tool' found using 'role'"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}], "messages.0.content.0.image_url.url: Field required"),
+        ([{"role": "system", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}], "got input_audio in a 'system' message"),
+    ],
+)
+def test_malformed_chats_name_where_and_what(messages, problem):
+    with pytest.raises(InvalidInputError, match="^invalid messages: ") as caught:
+        parse_messages(messages, accepted=["image", "audio"])
+    assert problem in str(caught.value) and type(caught.value) is InvalidInputError
+
+
+def test_http_requests_and_python_dicts_meet_one_schema():
+    from omnistage.pipelines.schemas import ChatCompletionRequest
+
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode(), "detail": "low"}},
+            {"type": "text", "text": "what is it?"},
+        ]},
+    ]
+    request = ChatCompletionRequest.model_validate({"messages": messages})
+    from_http, from_python = (parse_messages(m, accepted=["image"]) for m in (request.messages, messages))
+    assert from_http.messages == from_python.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "<image>\nwhat is it?"},
+    ]
+    assert [item.data for _, item in from_http.media] == [item.data for _, item in from_python.media] == [PNG]
+    # The audio format is checked with the media: an unsupported one is a 415, not a malformed chat.
+    with pytest.raises(UnsupportedMediaError, match=r"audio format in .*, got 'aiff'"):
+        parse_messages([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "aiff"}}]}], accepted=["audio"])

@@ -38,16 +38,16 @@ def _chat(image):
 
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory):
-    from omnistage.actors.multimodal import build_tiny_llava
+    from omnistage.actors.tiny import build_llava
 
-    return build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava", seed=0)
+    return build_llava(tmp_path_factory.mktemp("llava") / "tiny-llava", seed=0)
 
 
 @pytest.fixture(scope="module")
 def blip2_dir(tmp_path_factory):
-    from omnistage.actors.multimodal import build_tiny_blip2
+    from omnistage.actors.tiny import build_blip2
 
-    return build_tiny_blip2(tmp_path_factory.mktemp("blip2") / "tiny-blip2", seed=0)
+    return build_blip2(tmp_path_factory.mktemp("blip2") / "tiny-blip2", seed=0)
 
 
 def _reference(path, image, max_new_tokens, n_image_tokens=None):
@@ -255,8 +255,7 @@ def test_image_encoder_families(tmp_path, family, build, tower, n_tokens):
 
 
 def _tokenizer():
-    from omnistage.actors.llm import TINY_CHAT_TEMPLATE
-    from omnistage.actors.multimodal import _byte_tokenizer
+    from omnistage.actors.tiny import TINY_CHAT_TEMPLATE, _byte_tokenizer
 
     return _byte_tokenizer([], TINY_CHAT_TEMPLATE)
 
@@ -329,9 +328,9 @@ def test_llm_families(tmp_path, family, build, cls):
 
 
 def _whisper(path):
-    from omnistage.actors.audio_encoder import build_tiny
+    from omnistage.actors.tiny import build_audio_encoder
 
-    build_tiny(path, 0)
+    build_audio_encoder(path, 0)
 
 
 def _hubert(path):
@@ -765,10 +764,10 @@ def test_llm_encoder_decoder_flan_t5(tmp_path):
 
 def test_blip2_flan_t5_split_matches_transformers_generate(tmp_path):
     """BLIP-2 with Flan-T5: the projected queries and the question go into T5's encoder."""
-    from omnistage.actors.multimodal import build_tiny_blip2
+    from omnistage.actors.tiny import build_blip2
     from omnistage.pipelines.local import LocalPipeline
 
-    path = build_tiny_blip2(tmp_path / "tiny-blip2-t5", seed=0, language="t5")
+    path = build_blip2(tmp_path / "tiny-blip2-t5", seed=0, language="t5")
     pipeline = LocalPipeline.from_pretrained(path)
     assert type(pipeline.llm.model).__name__ == "T5ForConditionalGeneration"
     assert pipeline.llm.render_prompt([{"role": "user", "content": f"<image>\n{QUESTION}"}]) == (

@@ -7,7 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from omnistage.actors.builtin import TINY_BUILDERS, build_preset, resolve_checkpoint
+from omnistage.actors.builtin import build_preset, resolve_checkpoint
+from omnistage.actors.tiny import TINY_BUILDERS
 from omnistage.clients.cli import main
 
 

@@ -1,0 +1,484 @@
+"""Tiny seeded checkpoints of every stage, for tests and the ``tiny`` preset.
+
+Each builder writes one component's checkpoint directory in the ordinary transformers or diffusers
+layout, so stages load it with ``from_pretrained`` like a downloaded one. Weights are random but
+seeded: building twice gives identical files. The stage modules know nothing of these builders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from omnistage.actors.heads import save_heads
+from omnistage.actors.input_projector import InputProjector
+from omnistage.actors.output_projector import OutputProjector
+from omnistage.actors.payloads import NEXTGPT_SIGNAL_TOKENS, PLACEHOLDERS, signal_token_names
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
+
+# Widths shared by the tiny components, so projectors fit the models on both of their sides.
+TINY_DIMS = {
+    "image_encoder": 32,  # CLIP vision hidden size
+    "audio_encoder": 16,  # Whisper d_model
+    "llm": 32,  # LLaMA hidden size
+    "image_cond": (77, 32),  # SD UNet cross-attention: CLIP text length x width
+    "video_cond": (77, 32),
+    "audio_cond": (1, 32),  # AudioLDM: one pooled CLAP text embedding
+}
+
+
+# --- encoders ----------------------------------------------------------------------------------
+
+
+def build_image_encoder(path: Path, seed: int) -> None:
+    """A CLIP ViT with 30x30 inputs and 2x2 patches: (B, 3, 30, 30) -> (B, 225, 32) patch features."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    CLIPVisionModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+
+
+def build_audio_encoder(path: Path, seed: int) -> None:
+    """A Whisper encoder over 1 s windows: 100 mel frames (80 bins) -> (B, 50, 16) features."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        d_model=16,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=37,
+        num_mel_bins=80,
+        # Whisper's encoder halves the mel frames: 100 frames (1 s at hop 160) -> 50 positions.
+        max_source_positions=50,
+        max_target_positions=32,
+        # The decoder is never run; a small vocabulary keeps the checkpoint small.
+        vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    WhisperModel(config).save_pretrained(path)
+    WhisperFeatureExtractor(
+        feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400
+    ).save_pretrained(path)
+
+
+# --- projectors --------------------------------------------------------------------------------
+
+
+def build_input_projector(path: Path, seed: int) -> None:
+    """One head of each design across the three modalities, so the default preset runs them all."""
+    torch.manual_seed(seed)
+    llm = TINY_DIMS["llm"]
+    config = {
+        "heads": {
+            "image": {"type": "mlp2x_gelu", "in_dim": TINY_DIMS["image_encoder"], "out_dim": llm},
+            # 5 frames x 225 patches would be 1125 LLM tokens; the resampler keeps 32.
+            "video": {
+                "type": "resampler",
+                "in_dim": TINY_DIMS["image_encoder"],
+                "out_dim": llm,
+                "num_latents": 32,
+                "depth": 2,
+                "num_heads": 4,
+                "head_dim": 8,
+            },
+            "audio": {
+                "type": "qformer",
+                "in_dim": TINY_DIMS["audio_encoder"],
+                "out_dim": llm,
+                "num_queries": 8,
+                "qformer": {
+                    "hidden_size": 32,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "intermediate_size": 37,
+                    "cross_attention_frequency": 1,
+                },
+            },
+        }
+    }
+    save_heads(InputProjector.build_heads(config), config, path)
+
+
+def build_output_projector(path: Path, seed: int) -> None:
+    """Transformer heads for image and video (77 queries, like a CLIP text encoder's output), an
+    MLP head for audio (one pooled vector, like AudioLDM's CLAP conditioning)."""
+    torch.manual_seed(seed)
+    llm = TINY_DIMS["llm"]
+
+    def transformer(cond: tuple[int, int]) -> dict[str, Any]:
+        return {
+            "type": "transformer",
+            "in_dim": llm,
+            "d_model": 32,
+            "num_heads": 4,
+            "num_encoder_layers": 2,
+            "num_decoder_layers": 2,
+            "ffn_dim": 64,
+            "num_queries": cond[0],
+            "out_dim": cond[1],
+        }
+
+    config = {
+        "heads": {
+            "image": transformer(TINY_DIMS["image_cond"]),
+            "video": transformer(TINY_DIMS["video_cond"]),
+            "audio": {
+                "type": "mlp",
+                "in_dim": llm,
+                "num_signal_tokens": NEXTGPT_SIGNAL_TOKENS["audio"],
+                "hidden_dim": 64,
+                "num_queries": TINY_DIMS["audio_cond"][0],
+                "out_dim": TINY_DIMS["audio_cond"][1],
+            },
+        }
+    }
+    save_heads(OutputProjector.build_heads(config), config, path)
+
+
+# --- LLM ---------------------------------------------------------------------------------------
+
+# A plain role-tagged template for the tiny preset; real checkpoints bring their own.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_llm(path: Path, seed: int, **sizes: int) -> None:
+    """A 2-layer LLaMA (hidden 32) with a byte-level tokenizer, which needs no vocabulary file.
+    ``sizes`` override LlamaConfig's (a larger model for benchmarks, built the same way)."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = ByT5Tokenizer()
+    tokenizer.add_tokens(list(PLACEHOLDERS.values()), special_tokens=True)
+    for modality, count in NEXTGPT_SIGNAL_TOKENS.items():
+        tokenizer.add_tokens(signal_token_names(modality, count), special_tokens=True)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        **{
+            "hidden_size": TINY_DIMS["llm"],
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            **sizes,
+        },
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+# --- generators ----------------------------------------------------------------------------------
+# Sizes follow diffusers' own tests (get_dummy_components), with cross-attention and class-label
+# widths set to TINY_DIMS so the tiny output projector fits.
+
+
+def ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's noise schedule, with DDIM sampling.
+
+    steps_offset=1 as in the released SD checkpoints: StableDiffusionPipeline warns about the
+    default 0 and rewrites it to 1 whenever it is constructed.
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def _unet_2d(seed: int, **conditioning: Any) -> Any:
+    """The 2D UNet of Stable Diffusion and AudioLDM, which differ in the conditioning it reads."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **conditioning,
+    )
+
+
+def _vae_2d(seed: int, channels: int) -> Any:
+    """The VAE of Stable Diffusion (3 channels: RGB) and AudioLDM (1: a mel spectrogram)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+    )
+
+
+def build_image_generator(path: Path, seed: int) -> None:
+    """Stable Diffusion layout: (B, seq_len, 32) conditioning -> (B, 64, 64, 3) images."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = _unet_2d(seed, cross_attention_dim=32)
+    vae = _vae_2d(seed, channels=3)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+
+
+def build_video_generator(path: Path, seed: int) -> None:
+    """Zeroscope (TextToVideoSD) layout: (B, seq_len, 32) conditioning -> (B, T, 32, 32, 3) frames."""
+    from diffusers import AutoencoderKL, TextToVideoSDPipeline, UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=2,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=32,
+        norm_num_groups=2,
+    )
+    pipeline = TextToVideoSDPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=ddim_scheduler()
+    )
+    pipeline.save_pretrained(path)
+
+
+def build_audio_generator(path: Path, seed: int) -> None:
+    """AudioLDM layout: (B, 32) pooled conditioning -> (B, n) waveforms at 16 kHz.
+
+    The vocoder upsamples each mel frame 8 x 8 = 64 times, so one second is 250 mel frames.
+    """
+    from diffusers import AudioLDMPipeline
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    # The pooled CLAP embedding comes in as a class label, concatenated to the time embedding.
+    unet = _unet_2d(
+        seed,
+        cross_attention_dim=(32, 64),
+        class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=32,
+        class_embeddings_concat=True,
+    )
+    vae = _vae_2d(seed, channels=1)
+    torch.manual_seed(seed)
+    vocoder_config = SpeechT5HifiGanConfig(
+        model_in_dim=8,
+        sampling_rate=16000,
+        upsample_initial_channel=16,
+        upsample_rates=[8, 8],
+        upsample_kernel_sizes=[16, 16],
+        resblock_kernel_sizes=[3, 7],
+        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+        normalize_before=False,
+        # The default (0.01) gives waveforms near 1e-5, silence once written as 16-bit PCM.
+        initializer_range=0.1,
+    )
+    pipeline = AudioLDMPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=ddim_scheduler(),
+        vocoder=SpeechT5HifiGan(vocoder_config),
+    )
+    pipeline.save_pretrained(path)
+
+
+# --- the tiny preset -------------------------------------------------------------------------------
+
+# Component name -> the builder of its checkpoint directory; each takes (path, seed). The order
+# fixes the seeds (``build_preset`` gives component i the seed ``seed + i``), so keep new entries at the end.
+TINY_BUILDERS: dict[str, Callable[[Path, int], None]] = {
+    "image_encoder": build_image_encoder,
+    "audio_encoder": build_audio_encoder,
+    "input_projector": build_input_projector,
+    "llm": build_llm,
+    "output_projector": build_output_projector,
+    "image_generator": build_image_generator,
+    "video_generator": build_video_generator,
+    "audio_generator": build_audio_generator,
+}
+
+
+# --- end-to-end checkpoints (LLaVA, BLIP-2) --------------------------------------------------------
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}\n"
+    "{% else %}{{ message['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# BLIP-2's processor puts the query tokens first, then BOS, then the text: the template moves a
+# message's <image> to the front, so a chat maps onto exactly that layout.
+BLIP2_CHAT_TEMPLATE = (
+    "{% set ns = namespace(image=false, text='') %}"
+    "{% for message in messages %}{% if '<image>' in message['content'] %}{% set ns.image = true %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set ns.text = ns.text + ' ' + message['content'] %}"
+    "{% else %}{% set ns.text = ns.text + 'Question: ' + (message['content'] | replace('<image>', '') | trim) + ' Answer:' %}"
+    "{% endif %}{% endfor %}"
+    "{% if ns.image %}<image>{% endif %}{{ bos_token }}{{ ns.text }}"
+)
+
+
+def _byte_tokenizer(extra: list[str], chat_template: str):
+    """A byte-level fast tokenizer (``tokenizer.json``, no merges), built offline: 256 byte tokens,
+    then ``<pad>``, ``</s>``, ``<s>`` and ``extra`` as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<s>", *extra]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_llava(path: str | Path, seed: int = 0) -> Path:
+    """A LLaVA-1.5-shaped model: CLIP ViT (30x30, 2x2 patches, 225 tokens) -> 2-layer GELU MLP ->
+    2-layer LLaMA, with a byte-level tokenizer whose ``<image>`` is the config's image token."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = _byte_tokenizer(["<image>"], LLAVA_CHAT_TEMPLATE)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+    return path
+
+
+def build_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8, language: str = "opt") -> Path:
+    """A BLIP-2-shaped model: BLIP ViT (30x30, 2x2 patches) -> Q-Former with ``num_query_tokens``
+    queries -> linear projection -> 2-layer OPT (or Flan-T5 with ``language="t5"``), with a byte
+    tokenizer (``<image>``, BOS ``<s>``; the T5 layout ends the prompt with EOS instead of a BOS)."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+
+    path = Path(path)
+    template = BLIP2_CHAT_TEMPLATE
+    if language == "t5":
+        # T5 tokenizers add no BOS but end the text with EOS, as BLIP-2's T5 processor does.
+        template = template.replace("{{ bos_token }}{{ ns.text }}", "{{ ns.text }}{{ eos_token }}")
+    tokenizer = _byte_tokenizer(["<image>"], template)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = Blip2VisionConfig(
+        image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=99,
+    )
+    if language == "t5":
+        from transformers import T5Config
+
+        text = T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    else:
+        text = OPTConfig(
+            vocab_size=len(tokenizer), hidden_size=32, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    config = Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens, image_token_index=image_id,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    BlipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(path)
+    return path
