@@ -81,7 +81,7 @@ def caption_quality(pipeline: LocalPipeline, n: int, seed: int) -> dict[str, flo
         image = shapes.render(spec, IMAGE_SIZE, rng)
         question = {"type": "text", "text": "What is in this image?"}
         answer = pipeline.chat(
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}, question]}], max_tokens=16
+            [{"role": "user", "content": [{"type": "image_url", "image_url": image}, question]}], max_tokens=16
         ).text
         right["caption"] += shapes.parse_caption(answer) == (spec.colour, spec.shape)
         right["exact"] += answer.strip() == shapes.caption(spec)

@@ -142,6 +142,9 @@ def serve_config(redis_server):
     data["server"]["max_request_bytes"] = 2_000_000
     # A tight queue on one generator pool, so overload is observable.
     data["stages"]["audio_generator"]["queue"].update(max_ongoing_requests=1, max_queued_requests=1)
+    # A partial batch waits a little on one encoder pool, so requests sent together observably
+    # share a batch however busy the machine is.
+    data["stages"]["image_encoder"]["batching"]["batch_wait_timeout_s"] = 0.05
     # Quick health checks on one pool, so a replica failing them is replaced within a test.
     data["stages"]["audio_encoder"]["health"] = {"period_s": 1, "timeout_s": 2}
     # Two image encoder replicas share the Redis feature cache.

@@ -17,7 +17,7 @@ from omnistage.pipelines.shapes import COLOURS, SHAPES, ShapeSpec
 
 
 def _image_part(image: np.ndarray) -> dict:
-    return {"type": "image_url", "image_url": {"url": image}}
+    return {"type": "image_url", "image_url": image}
 
 
 # --- the world -------------------------------------------------------------------------------------
