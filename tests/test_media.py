@@ -26,12 +26,13 @@ from omnistage.actors.media import (
     encode_video,
     encode_wav,
     parse_data_url,
+    probe,
     to_audio_clip,
     to_image_array,
     to_mono_16k,
     to_video_array,
 )
-from omnistage.actors.payloads import AudioClip
+from omnistage.actors.payloads import AudioClip, EncodedMedia
 
 RED = (200, 30, 100)
 
@@ -288,6 +289,12 @@ def test_error_messages_never_quote_payload():
         (Image.new("RGB", (3, 2), RED).quantize(4), RED),
         (Image.new("CMYK", (3, 2), (0, 0, 0, 0)), (255, 255, 255)),
         (Image.new("RGB", (3, 2), (128, 128, 128)).convert("YCbCr"), (128, 128, 128)),
+        (Image.new("HSV", (3, 2), (0, 255, 255)), (255, 0, 0)),  # hue 0 at full saturation: red
+        (Image.new("LAB", (3, 2), (255, 128, 128)), (255, 255, 255)),  # full lightness, a = b = 0
+        (Image.new("RGB", (3, 2), RED).convert("RGBX"), RED),
+        (Image.new("RGBa", (3, 2), (0, 0, 0, 0)), (255, 255, 255)),
+        (Image.new("La", (3, 2), (0, 0)), (255, 255, 255)),
+        (Image.new("PA", (3, 2), (0, 0)), (255, 255, 255)),
     ],
     ids=lambda value: getattr(value, "mode", None),
 )
@@ -320,16 +327,97 @@ def test_animated_gif_decodes_first_frame():
     assert np.abs(decode_image(data).astype(int) - RED).max() <= 8
 
 
-@pytest.mark.parametrize("mode", ["I", "F", "I;16"])
-def test_unconvertible_modes_rejected(mode):
-    with pytest.raises(InvalidInputError, match=rf"modes \('1', 'L'.*got mode '{mode}'"):
-        to_image_array(Image.new(mode, (2, 2)))
+def wide_gray(mode: str, values: list[float]) -> Image.Image:
+    """A one-row image of ``mode`` holding ``values``, built from bytes in that mode's layout."""
+    dtype = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2", "I": "<i4", "F": "<f4"}[mode]
+    return Image.frombytes(mode, (len(values), 1), np.array(values, dtype=dtype).tobytes())
 
 
-def test_sixteen_bit_png_rejected_naming_mode():
-    data = pil_bytes(Image.fromarray(np.zeros((4, 4), np.uint16)), "PNG")
-    with pytest.raises(InvalidInputError, match=r"got mode 'I"):
-        decode_image(data)
+@pytest.mark.parametrize(
+    ("mode", "values"),
+    [
+        ("I;16", [65535, 32768, 1000, 0]),
+        ("I;16L", [65535, 32768, 1000, 0]),
+        ("I;16B", [65535, 32768, 1000, 0]),
+        ("I;16N", [65535, 32768, 1000, 0]),
+        ("I", [65535, 32768, 1000, 0]),
+        ("F", [1.0, 0.5, 1000 / 65535, 0.0]),
+    ],
+)
+def test_wide_gray_modes_scale_to_eight_bits(mode, values):
+    array = to_image_array(wide_gray(mode, values))
+    assert array.shape == (1, 4, 3) and array.dtype == np.uint8
+    # 1000 of 65535 is 4 of 255: clipping, as Pillow's convert("L") does, would give 255.
+    np.testing.assert_array_equal(array[0, :, 0], [255, 128, 4, 0])
+    np.testing.assert_array_equal(array[..., 0], array[..., 2])
+
+
+def test_wide_gray_values_beyond_the_scale_saturate():
+    np.testing.assert_array_equal(to_image_array(wide_gray("I", [-5, 70000]))[0, :, 0], [0, 255])
+    np.testing.assert_array_equal(to_image_array(wide_gray("F", [-0.5, 2.0]))[0, :, 0], [0, 255])
+
+
+def test_float_image_with_non_finite_pixels_rejected():
+    with pytest.raises(InvalidInputError, match=r"finite pixel values in a mode 'F' image, got 2 non-finite"):
+        to_image_array(wide_gray("F", [0.5, float("nan"), float("inf")]))
+
+
+def test_sixteen_bit_png_decodes_scaled():
+    white = pil_bytes(Image.fromarray(np.full((4, 5), 65535, np.uint16)), "PNG")
+    assert Image.open(io.BytesIO(white)).mode == "I;16"
+    array = decode_image(white)
+    assert array.shape == (4, 5, 3) and array.dtype == np.uint8
+    assert (array == 255).all()
+    dark = pil_bytes(Image.fromarray(np.full((2, 2), 257 * 40, np.uint16)), "PNG")
+    assert (decode_image(dark) == 40).all()
+    probe(EncodedMedia("image", white))  # the ingress's header check accepts it too
+
+
+def test_sixteen_bit_png_transparent_value_becomes_white():
+    data = pil_bytes(wide_gray("I;16", [0, 0]).resize((2, 1)), "PNG", transparency=0)
+    assert Image.open(io.BytesIO(data)).info["transparency"] == 0
+    assert (decode_image(data) == 255).all()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
+def test_wide_gray_tiff_files_decode(mode):
+    top = 1.0 if mode == "F" else 65535
+    data = pil_bytes(wide_gray(mode, [top, 0]), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    np.testing.assert_array_equal(decode_image(data, formats=("TIFF",))[0, :, 0], [255, 0])
+
+
+@pytest.mark.parametrize("mode", Image.MODES)
+def test_every_pillow_mode_converts(mode):
+    array = to_image_array(Image.new(mode, (3, 2)))
+    assert array.shape == (2, 3, 3) and array.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied():
+    stored = np.zeros((2, 4, 3), np.uint8)
+    stored[0, 0] = RED
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer turns the stored picture 90 degrees clockwise
+    data = pil_bytes(Image.fromarray(stored), "PNG", exif=exif)
+    array = decode_image(data)
+    assert array.shape == (4, 2, 3)
+    np.testing.assert_array_equal(array[0, -1], RED)  # top-left turned to top-right
+    assert decode_image(encode_png(stored)).shape == (2, 4, 3)
+
+
+def test_transparent_pixels_in_files_become_white():
+    rgba = np.array([[(0, 0, 0, 0), (*RED, 255)]], np.uint8)
+    np.testing.assert_array_equal(decode_image(pil_bytes(Image.fromarray(rgba), "PNG")), [[(255, 255, 255), RED]])
+    webp = pil_bytes(Image.fromarray(rgba), "WEBP", lossless=True, exact=True)
+    np.testing.assert_array_equal(decode_image(webp), [[(255, 255, 255), RED]])
+
+
+@pytest.mark.parametrize(("fmt", "kwargs"), [("PNG", {}), ("WEBP", {"lossless": True})])
+def test_animated_png_and_webp_decode_first_frame(fmt, kwargs):
+    frames = [Image.new("RGB", (4, 4), RED), Image.new("RGB", (4, 4), (10, 240, 60))]
+    data = pil_bytes(frames[0], fmt, save_all=True, append_images=frames[1:], **kwargs)
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
+    np.testing.assert_array_equal(decode_image(data), np.full((4, 4, 3), RED, np.uint8))
 
 
 def test_to_image_array_arrays():
