@@ -529,6 +529,99 @@ def test_to_mono_16k_keeps_matching_rate():
     assert to_mono_16k(AudioClip(samples, 8000)).shape == (640,)
 
 
+TONE_HZ, TONE_SECONDS = 440, 0.5
+
+
+def tone(rate: int, channels: int) -> np.ndarray:
+    """``(n, channels)`` float64: a 440 Hz sine of amplitude 0.5, channel k scaled by a gain
+    falling from 1 to 0 (the gains average 0.5 for two or more channels)."""
+    wave = 0.5 * np.sin(2 * np.pi * TONE_HZ * np.arange(int(rate * TONE_SECONDS)) / rate)
+    return wave[:, None] * np.linspace(1, 0, channels) if channels > 1 else wave[:, None]
+
+
+def mp3_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """An MP3 as an encoder writes it (ID3 tag, LAME header), through PyAV's LAME encoder."""
+    if "libmp3lame" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libmp3lame encoder to write an MP3 with")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp3") as container:
+        stream = container.add_stream("libmp3lame", rate=rate)
+        stream.layout, stream.format = ("mono" if samples.shape[1] == 1 else "stereo"), "fltp"
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples.T, dtype=np.float32), format="fltp", layout=stream.layout.name
+        )
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def assert_is_the_tone(data: bytes, rate: int, channels: int, lossless: bool):
+    """``data`` decodes at ``rate`` with ``channels`` channels, and reaches the encoder as the tone
+    at 16 kHz mono: the right length, the channels' mean level, and the pitch still 440 Hz (a
+    wrong rate would shift it)."""
+    clip = decode_audio(data)
+    assert clip.sampling_rate == rate and clip.samples.dtype == np.float32
+    assert clip.samples.shape[1:] == ((channels,) if channels > 1 else ())
+    mono = to_mono_16k(clip)
+    expected_level = 0.5 * (0.5 if channels > 1 else 1.0)
+    if lossless:
+        assert mono.shape == (int(16000 * TONE_SECONDS),)
+        reference = expected_level * np.sin(2 * np.pi * TONE_HZ * np.arange(mono.size) / 16000)
+        assert np.abs(mono - reference)[400:-400].max() < 0.02  # the ends carry the filter's ramp
+    else:  # lossy codecs pad the start and end by a frame or so
+        assert abs(mono.size - 16000 * TONE_SECONDS) <= 0.1 * 16000
+    middle = mono[mono.size // 4 : -mono.size // 4]
+    assert abs(np.sqrt(np.mean(middle**2)) - expected_level / np.sqrt(2)) < 0.1 * expected_level
+    spectrum = np.abs(np.fft.rfft(mono * np.hanning(mono.size)))
+    assert abs(np.argmax(spectrum) * 16000 / mono.size - TONE_HZ) <= 4
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"),
+    [
+        ("WAV", "PCM_U8"),
+        ("WAV", "PCM_16"),
+        ("WAV", "PCM_24"),
+        ("WAV", "PCM_32"),
+        ("WAV", "FLOAT"),
+        ("WAV", "DOUBLE"),
+        ("WAVEX", "PCM_24"),
+        ("FLAC", "PCM_S8"),
+        ("FLAC", "PCM_16"),
+        ("FLAC", "PCM_24"),
+    ],
+)
+def test_lossless_audio_of_every_sample_width_decodes(fmt, subtype):
+    assert_is_the_tone(wav_bytes(tone(44100, 2), 44100, fmt=fmt, subtype=subtype), 44100, 2, lossless=True)
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000])
+def test_audio_at_every_common_rate_resamples_to_16k(rate):
+    assert_is_the_tone(wav_bytes(tone(rate, 1), rate, subtype="PCM_16"), rate, 1, lossless=True)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4, 6, 8])
+def test_audio_of_any_channel_count_downmixes(channels):
+    data = wav_bytes(tone(48000, channels), 48000, fmt="FLAC", subtype="PCM_24")
+    assert_is_the_tone(data, 48000, channels, lossless=True)
+
+
+@pytest.mark.parametrize(
+    ("subtype", "rate", "channels"), [("VORBIS", 44100, 2), ("VORBIS", 96000, 6), ("OPUS", 48000, 2), ("OPUS", 8000, 1)]
+)
+def test_ogg_audio_decodes(subtype, rate, channels):
+    assert_is_the_tone(wav_bytes(tone(rate, channels), rate, fmt="OGG", subtype=subtype), rate, channels, lossless=False)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(44100, 2), (48000, 1), (8000, 1)])
+def test_mp3_audio_decodes(rate, channels):
+    data = mp3_bytes(tone(rate, channels), rate)
+    assert data[:3] == b"ID3"
+    assert_is_the_tone(data, rate, channels, lossless=False)
+    probe(EncodedMedia("audio", data))  # the ingress's header check accepts it too
+
+
 # --- video --------------------------------------------------------------------------------------
 
 
