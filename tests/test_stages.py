@@ -69,6 +69,18 @@ def test_image_encoder_matches_a_direct_forward_of_the_saved_model(image_encoder
     np.testing.assert_allclose(image_encoder([image])[0].features, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_image_encoder_takes_a_sixteen_bit_png_as_its_eight_bit_twin(image_encoder):
+    from PIL import Image
+
+    gray = RNG.integers(0, 256, (30, 30), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(buffer, format="PNG")  # 257 maps 0..255 onto 0..65535
+    sixteen_bit, eight_bit = image_encoder(
+        [EncodedMedia("image", buffer.getvalue()), np.repeat(gray[:, :, None], 3, axis=2)]
+    )
+    np.testing.assert_allclose(sixteen_bit.features, eight_bit.features, rtol=1e-5, atol=1e-6)
+
+
 def test_image_encoder_rejects_wrong_mode(image_encoder):
     with pytest.raises(InvalidInputError, match=r"shape \(4, 4, 4\)"):
         image_encoder([np.zeros((4, 4, 4), np.uint8)])
