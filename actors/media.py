@@ -27,7 +27,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import soundfile as sf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.payloads import AudioClip, DecodeLimits, EncodedMedia
@@ -51,8 +51,9 @@ IMAGE_FORMATS = DecodeLimits.image_formats
 # Pillow opens a JPEG that carries extra pictures (common in phone photos) as "MPO"; its first
 # frame is a plain JPEG, so it is accepted wherever JPEG is.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
-_RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
-_ALPHA_MODES = ("LA", "P", "PA", "RGBA")
+_ALPHA_MODES = ("LA", "P", "PA", "RGBA", "RGBa")
+# Grayscale modes wider than 8 bits, which Pillow's convert() would clip rather than scale.
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _VIDEO_FORMATS = ("mp4", "gif")
 
 
@@ -211,16 +212,41 @@ def parse_data_url(url: str) -> tuple[str, bytes]:
     return mime.strip().lower(), raw
 
 
+def _gray_to_uint8(image: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grayscale image -> ``(H, W)`` uint8, scaled to 8 bits.
+
+    Integer modes are read on the 16-bit scale (Pillow widens 16-bit files to ``I``), ``F`` on
+    the [0, 1] scale of float images; only values beyond that scale saturate. Pillow's own
+    ``convert("L")`` keeps the values and clips them at 255, so most of a 16-bit image turns white.
+    """
+    values = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(values).all():
+            raise InvalidInputError(
+                f"expected finite pixel values in a mode 'F' image, got {np.count_nonzero(~np.isfinite(values))} "
+                "non-finite values"
+            )
+        gray = np.rint(np.clip(values, 0.0, 1.0) * 255)
+    else:
+        gray = (np.clip(values, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535
+    gray = gray.astype(np.uint8)
+    if "transparency" in image.info:  # a 16-bit grayscale PNG keys one value as transparent
+        gray[values == image.info["transparency"]] = 255
+    return gray
+
+
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """Convert a PIL image to ``(H, W, 3)`` uint8 RGB; transparency is composited on white."""
+    """Convert a PIL image of any Pillow mode to ``(H, W, 3)`` uint8 RGB, upright as its EXIF
+    orientation says; transparency is composited on white."""
     if image.width == 0 or image.height == 0:
         raise InvalidInputError(
             f"expected an image with nonzero width and height, got {image.width}x{image.height}"
         )
-    if image.mode not in _RGB_CONVERTIBLE_MODES:
-        raise InvalidInputError(
-            f"expected an image in one of the modes {_RGB_CONVERTIBLE_MODES}, got mode {image.mode!r}"
-        )
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_GRAY_MODES:
+        return np.repeat(_gray_to_uint8(image)[:, :, None], 3, axis=2)
+    if image.mode == "La":  # premultiplied alpha: Pillow reaches RGBA from it only through LA
+        image = image.convert("LA")
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA"))

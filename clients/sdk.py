@@ -306,7 +306,7 @@ class _Core:
 
     def chat_call(
         self,
-        messages: list[dict[str, Any]] | None,
+        messages: str | list[dict[str, Any]] | None,
         *,
         prompt: str | None,
         images: Any,
@@ -320,6 +320,10 @@ class _Core:
         media = [("image", v) for v in _as_list(images)]
         media += [("video", v) for v in _as_list(videos)]
         media += [("audio", v) for v in _as_list(audio, single=(tuple,))]
+        if isinstance(messages, str):  # chat("hello"): a plain prompt in the first place
+            if prompt is not None:
+                raise ValueError("expected the prompt either as the first argument or as prompt=, got both")
+            messages, prompt = None, messages
         if messages is None:
             if prompt is None:
                 raise ValueError("expected messages or a prompt, got neither")
@@ -498,7 +502,7 @@ class Client:
 
     def chat(
         self,
-        messages: list[dict[str, Any]] | None = None,
+        messages: str | list[dict[str, Any]] | None = None,
         *,
         prompt: str | None = None,
         images: Any = None,
@@ -512,9 +516,10 @@ class Client:
         seed: int | None = None,
         stop: str | list[str] | None = None,
     ) -> ChatResult:
-        """Ask the model. Give OpenAI-style ``messages``, or a ``prompt`` with ``images``,
-        ``audio`` and ``videos`` (each one item or a list; an item is a path, bytes, a PIL image
-        or numpy array, or for audio ``(samples, sampling_rate)``). ``modalities`` such as
+        """Ask the model. Give OpenAI-style ``messages``, or a ``prompt`` (also as a plain string
+        in the first place: ``chat("hello")``) with ``images``, ``audio`` and ``videos`` (each one
+        item or a list; an item is a path, bytes, a PIL image or numpy array, or for audio
+        ``(samples, sampling_rate)``). ``modalities`` such as
         ``["text", "image"]`` ask for generated media, returned decoded in ``result.media``."""
         call = self._core.chat_call(
             messages, prompt=prompt, images=images, audio=audio, videos=videos, stream=False, model=model,
@@ -524,7 +529,7 @@ class Client:
 
     def chat_stream(
         self,
-        messages: list[dict[str, Any]] | None = None,
+        messages: str | list[dict[str, Any]] | None = None,
         *,
         prompt: str | None = None,
         images: Any = None,
@@ -665,7 +670,7 @@ class AsyncClient:
 
     async def chat(
         self,
-        messages: list[dict[str, Any]] | None = None,
+        messages: str | list[dict[str, Any]] | None = None,
         *,
         prompt: str | None = None,
         images: Any = None,
@@ -688,7 +693,7 @@ class AsyncClient:
 
     def chat_stream(
         self,
-        messages: list[dict[str, Any]] | None = None,
+        messages: str | list[dict[str, Any]] | None = None,
         *,
         prompt: str | None = None,
         images: Any = None,

@@ -57,8 +57,9 @@ ASK = dict(max_tokens=6, seed=0, temperature=0)
 
 
 class StubServer:
-    """Answers each request with the next scripted reply: ``(status, headers, body)``, or "drop"
-    to close the connection without answering. Records what it received."""
+    """Answers each request with the next scripted reply: ``(status, headers, body)`` (a body of
+    bytes is sent as it is, anything else as JSON), or "drop" to close the connection without
+    answering. Records what it received."""
 
     def __init__(self):
         self.replies: list = []
@@ -82,7 +83,7 @@ class StubServer:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 status, headers, body = reply
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 for key, value in {"Content-Type": "application/json", **headers}.items():
                     self.send_header(key, value)
@@ -308,6 +309,42 @@ def test_requests_are_msgpack_with_raw_bytes_or_json(stub):
     image, audio, _ = json.loads(plain["body"])["messages"][0]["content"]
     assert image["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(PNG).decode()
     assert base64.b64decode(audio["input_audio"]["data"]) == WAV
+
+
+CHAT = {"id": "c1", "model": "stub-model", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "stop"}]}
+CHAT_EVENTS = (
+    b'data: {"choices": [{"index": 0, "delta": {"content": "hi "}}]}\n\n'
+    b'data: {"choices": [{"index": 0, "delta": {"content": "there"}, "finish_reason": "stop"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def test_a_plain_string_first_is_the_prompt(stub):
+    stub.replies = [(200, {}, CHAT)]
+    with Client(stub.url, transport="json") as client:
+        assert client.chat("hello", images=PNG).text == "hi there"
+        client.chat(prompt="hello", images=PNG)
+        with pytest.raises(ValueError, match=r"either as the first argument or as prompt=, got both"):
+            client.chat("hello", prompt="hi")
+        stub.replies = [(200, {"Content-Type": "text/event-stream"}, CHAT_EVENTS)]
+        assert list(client.chat_stream("hello")) == ["hi ", "there"]
+        list(client.chat_stream(prompt="hello"))
+
+    async def run():
+        async with AsyncClient(stub.url, transport="json") as client:
+            deltas = [delta async for delta in client.chat_stream("hello")]
+            stub.replies = [(200, {}, CHAT)]
+            return deltas, (await client.chat("hello")).text
+
+    assert asyncio.run(run()) == (["hi ", "there"], "hi there")
+    bodies = [json.loads(request["body"]) for request in stub.requests]
+    assert len(bodies) == 6  # the call with both forms was refused before it was sent
+    image, text = bodies[0]["messages"][0]["content"]
+    assert image["type"] == "image_url" and text == {"type": "text", "text": "hello"}
+    assert bodies[0] == bodies[1]
+    assert bodies[2] == bodies[3] == bodies[4]
+    assert bodies[2]["messages"] == [{"role": "user", "content": "hello"}] and bodies[2]["stream"] is True
+    assert bodies[5] == {"messages": [{"role": "user", "content": "hello"}]}
 
 
 # --- the live app: every method, both transports -------------------------------------------------

@@ -26,12 +26,13 @@ from omnistage.actors.media import (
     encode_video,
     encode_wav,
     parse_data_url,
+    probe,
     to_audio_clip,
     to_image_array,
     to_mono_16k,
     to_video_array,
 )
-from omnistage.actors.payloads import AudioClip
+from omnistage.actors.payloads import AudioClip, EncodedMedia
 
 RED = (200, 30, 100)
 
@@ -288,6 +289,12 @@ def test_error_messages_never_quote_payload():
         (Image.new("RGB", (3, 2), RED).quantize(4), RED),
         (Image.new("CMYK", (3, 2), (0, 0, 0, 0)), (255, 255, 255)),
         (Image.new("RGB", (3, 2), (128, 128, 128)).convert("YCbCr"), (128, 128, 128)),
+        (Image.new("HSV", (3, 2), (0, 255, 255)), (255, 0, 0)),  # hue 0 at full saturation: red
+        (Image.new("LAB", (3, 2), (255, 128, 128)), (255, 255, 255)),  # full lightness, a = b = 0
+        (Image.new("RGB", (3, 2), RED).convert("RGBX"), RED),
+        (Image.new("RGBa", (3, 2), (0, 0, 0, 0)), (255, 255, 255)),
+        (Image.new("La", (3, 2), (0, 0)), (255, 255, 255)),
+        (Image.new("PA", (3, 2), (0, 0)), (255, 255, 255)),
     ],
     ids=lambda value: getattr(value, "mode", None),
 )
@@ -320,16 +327,97 @@ def test_animated_gif_decodes_first_frame():
     assert np.abs(decode_image(data).astype(int) - RED).max() <= 8
 
 
-@pytest.mark.parametrize("mode", ["I", "F", "I;16"])
-def test_unconvertible_modes_rejected(mode):
-    with pytest.raises(InvalidInputError, match=rf"modes \('1', 'L'.*got mode '{mode}'"):
-        to_image_array(Image.new(mode, (2, 2)))
+def wide_gray(mode: str, values: list[float]) -> Image.Image:
+    """A one-row image of ``mode`` holding ``values``, built from bytes in that mode's layout."""
+    dtype = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2", "I": "<i4", "F": "<f4"}[mode]
+    return Image.frombytes(mode, (len(values), 1), np.array(values, dtype=dtype).tobytes())
 
 
-def test_sixteen_bit_png_rejected_naming_mode():
-    data = pil_bytes(Image.fromarray(np.zeros((4, 4), np.uint16)), "PNG")
-    with pytest.raises(InvalidInputError, match=r"got mode 'I"):
-        decode_image(data)
+@pytest.mark.parametrize(
+    ("mode", "values"),
+    [
+        ("I;16", [65535, 32768, 1000, 0]),
+        ("I;16L", [65535, 32768, 1000, 0]),
+        ("I;16B", [65535, 32768, 1000, 0]),
+        ("I;16N", [65535, 32768, 1000, 0]),
+        ("I", [65535, 32768, 1000, 0]),
+        ("F", [1.0, 0.5, 1000 / 65535, 0.0]),
+    ],
+)
+def test_wide_gray_modes_scale_to_eight_bits(mode, values):
+    array = to_image_array(wide_gray(mode, values))
+    assert array.shape == (1, 4, 3) and array.dtype == np.uint8
+    # 1000 of 65535 is 4 of 255: clipping, as Pillow's convert("L") does, would give 255.
+    np.testing.assert_array_equal(array[0, :, 0], [255, 128, 4, 0])
+    np.testing.assert_array_equal(array[..., 0], array[..., 2])
+
+
+def test_wide_gray_values_beyond_the_scale_saturate():
+    np.testing.assert_array_equal(to_image_array(wide_gray("I", [-5, 70000]))[0, :, 0], [0, 255])
+    np.testing.assert_array_equal(to_image_array(wide_gray("F", [-0.5, 2.0]))[0, :, 0], [0, 255])
+
+
+def test_float_image_with_non_finite_pixels_rejected():
+    with pytest.raises(InvalidInputError, match=r"finite pixel values in a mode 'F' image, got 2 non-finite"):
+        to_image_array(wide_gray("F", [0.5, float("nan"), float("inf")]))
+
+
+def test_sixteen_bit_png_decodes_scaled():
+    white = pil_bytes(Image.fromarray(np.full((4, 5), 65535, np.uint16)), "PNG")
+    assert Image.open(io.BytesIO(white)).mode == "I;16"
+    array = decode_image(white)
+    assert array.shape == (4, 5, 3) and array.dtype == np.uint8
+    assert (array == 255).all()
+    dark = pil_bytes(Image.fromarray(np.full((2, 2), 257 * 40, np.uint16)), "PNG")
+    assert (decode_image(dark) == 40).all()
+    probe(EncodedMedia("image", white))  # the ingress's header check accepts it too
+
+
+def test_sixteen_bit_png_transparent_value_becomes_white():
+    data = pil_bytes(wide_gray("I;16", [0, 0]).resize((2, 1)), "PNG", transparency=0)
+    assert Image.open(io.BytesIO(data)).info["transparency"] == 0
+    assert (decode_image(data) == 255).all()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
+def test_wide_gray_tiff_files_decode(mode):
+    top = 1.0 if mode == "F" else 65535
+    data = pil_bytes(wide_gray(mode, [top, 0]), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    np.testing.assert_array_equal(decode_image(data, formats=("TIFF",))[0, :, 0], [255, 0])
+
+
+@pytest.mark.parametrize("mode", Image.MODES)
+def test_every_pillow_mode_converts(mode):
+    array = to_image_array(Image.new(mode, (3, 2)))
+    assert array.shape == (2, 3, 3) and array.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied():
+    stored = np.zeros((2, 4, 3), np.uint8)
+    stored[0, 0] = RED
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer turns the stored picture 90 degrees clockwise
+    data = pil_bytes(Image.fromarray(stored), "PNG", exif=exif)
+    array = decode_image(data)
+    assert array.shape == (4, 2, 3)
+    np.testing.assert_array_equal(array[0, -1], RED)  # top-left turned to top-right
+    assert decode_image(encode_png(stored)).shape == (2, 4, 3)
+
+
+def test_transparent_pixels_in_files_become_white():
+    rgba = np.array([[(0, 0, 0, 0), (*RED, 255)]], np.uint8)
+    np.testing.assert_array_equal(decode_image(pil_bytes(Image.fromarray(rgba), "PNG")), [[(255, 255, 255), RED]])
+    webp = pil_bytes(Image.fromarray(rgba), "WEBP", lossless=True, exact=True)
+    np.testing.assert_array_equal(decode_image(webp), [[(255, 255, 255), RED]])
+
+
+@pytest.mark.parametrize(("fmt", "kwargs"), [("PNG", {}), ("WEBP", {"lossless": True})])
+def test_animated_png_and_webp_decode_first_frame(fmt, kwargs):
+    frames = [Image.new("RGB", (4, 4), RED), Image.new("RGB", (4, 4), (10, 240, 60))]
+    data = pil_bytes(frames[0], fmt, save_all=True, append_images=frames[1:], **kwargs)
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
+    np.testing.assert_array_equal(decode_image(data), np.full((4, 4, 3), RED, np.uint8))
 
 
 def test_to_image_array_arrays():
@@ -439,6 +527,99 @@ def test_to_mono_16k_keeps_matching_rate():
     samples = np.linspace(-1, 1, 320, dtype=np.float32)
     np.testing.assert_array_equal(to_mono_16k(AudioClip(samples, 16000)), samples)
     assert to_mono_16k(AudioClip(samples, 8000)).shape == (640,)
+
+
+TONE_HZ, TONE_SECONDS = 440, 0.5
+
+
+def tone(rate: int, channels: int) -> np.ndarray:
+    """``(n, channels)`` float64: a 440 Hz sine of amplitude 0.5, channel k scaled by a gain
+    falling from 1 to 0 (the gains average 0.5 for two or more channels)."""
+    wave = 0.5 * np.sin(2 * np.pi * TONE_HZ * np.arange(int(rate * TONE_SECONDS)) / rate)
+    return wave[:, None] * np.linspace(1, 0, channels) if channels > 1 else wave[:, None]
+
+
+def mp3_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """An MP3 as an encoder writes it (ID3 tag, LAME header), through PyAV's LAME encoder."""
+    if "libmp3lame" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libmp3lame encoder to write an MP3 with")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp3") as container:
+        stream = container.add_stream("libmp3lame", rate=rate)
+        stream.layout, stream.format = ("mono" if samples.shape[1] == 1 else "stereo"), "fltp"
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples.T, dtype=np.float32), format="fltp", layout=stream.layout.name
+        )
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def assert_is_the_tone(data: bytes, rate: int, channels: int, lossless: bool):
+    """``data`` decodes at ``rate`` with ``channels`` channels, and reaches the encoder as the tone
+    at 16 kHz mono: the right length, the channels' mean level, and the pitch still 440 Hz (a
+    wrong rate would shift it)."""
+    clip = decode_audio(data)
+    assert clip.sampling_rate == rate and clip.samples.dtype == np.float32
+    assert clip.samples.shape[1:] == ((channels,) if channels > 1 else ())
+    mono = to_mono_16k(clip)
+    expected_level = 0.5 * (0.5 if channels > 1 else 1.0)
+    if lossless:
+        assert mono.shape == (int(16000 * TONE_SECONDS),)
+        reference = expected_level * np.sin(2 * np.pi * TONE_HZ * np.arange(mono.size) / 16000)
+        assert np.abs(mono - reference)[400:-400].max() < 0.02  # the ends carry the filter's ramp
+    else:  # lossy codecs pad the start and end by a frame or so
+        assert abs(mono.size - 16000 * TONE_SECONDS) <= 0.1 * 16000
+    middle = mono[mono.size // 4 : -mono.size // 4]
+    assert abs(np.sqrt(np.mean(middle**2)) - expected_level / np.sqrt(2)) < 0.1 * expected_level
+    spectrum = np.abs(np.fft.rfft(mono * np.hanning(mono.size)))
+    assert abs(np.argmax(spectrum) * 16000 / mono.size - TONE_HZ) <= 4
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"),
+    [
+        ("WAV", "PCM_U8"),
+        ("WAV", "PCM_16"),
+        ("WAV", "PCM_24"),
+        ("WAV", "PCM_32"),
+        ("WAV", "FLOAT"),
+        ("WAV", "DOUBLE"),
+        ("WAVEX", "PCM_24"),
+        ("FLAC", "PCM_S8"),
+        ("FLAC", "PCM_16"),
+        ("FLAC", "PCM_24"),
+    ],
+)
+def test_lossless_audio_of_every_sample_width_decodes(fmt, subtype):
+    assert_is_the_tone(wav_bytes(tone(44100, 2), 44100, fmt=fmt, subtype=subtype), 44100, 2, lossless=True)
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000, 88200, 96000])
+def test_audio_at_every_common_rate_resamples_to_16k(rate):
+    assert_is_the_tone(wav_bytes(tone(rate, 1), rate, subtype="PCM_16"), rate, 1, lossless=True)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4, 6, 8])
+def test_audio_of_any_channel_count_downmixes(channels):
+    data = wav_bytes(tone(48000, channels), 48000, fmt="FLAC", subtype="PCM_24")
+    assert_is_the_tone(data, 48000, channels, lossless=True)
+
+
+@pytest.mark.parametrize(
+    ("subtype", "rate", "channels"), [("VORBIS", 44100, 2), ("VORBIS", 96000, 6), ("OPUS", 48000, 2), ("OPUS", 8000, 1)]
+)
+def test_ogg_audio_decodes(subtype, rate, channels):
+    assert_is_the_tone(wav_bytes(tone(rate, channels), rate, fmt="OGG", subtype=subtype), rate, channels, lossless=False)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(44100, 2), (48000, 1), (8000, 1)])
+def test_mp3_audio_decodes(rate, channels):
+    data = mp3_bytes(tone(rate, channels), rate)
+    assert data[:3] == b"ID3"
+    assert_is_the_tone(data, rate, channels, lossless=False)
+    probe(EncodedMedia("audio", data))  # the ingress's header check accepts it too
 
 
 # --- video --------------------------------------------------------------------------------------
