@@ -40,7 +40,9 @@ chromium:
 	@$(call apt_install,chromium,chromium) || \
 	  echo "no chromium: the playground's browser tests will be skipped (Debian: sudo apt-get install chromium)" >&2
 
+# The linter first (seconds, configured in pyproject.toml), then the suite.
 test: install redis-server chromium
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 clean:

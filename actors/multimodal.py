@@ -3,10 +3,12 @@
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model:
 
-| model_type | image encoder | input projector | LLM |
-|---|---|---|---|
-| ``llava`` | ``model.vision_tower``, hidden states of ``vision_feature_layer``, CLS dropped for the ``default`` strategy | ``model.multi_modal_projector`` | ``model.language_model`` + ``lm_head`` as a causal LM |
-| ``blip-2`` | ``vision_model``, ``last_hidden_state`` (after its post-layernorm) | ``query_tokens`` + ``qformer`` + ``language_projection`` | ``language_model`` (OPT; Flan-T5 as encoder-decoder) |
+- ``llava``: image encoder ``model.vision_tower`` (hidden states of ``vision_feature_layer``, CLS
+  dropped for the ``default`` strategy); input projector ``model.multi_modal_projector``; LLM
+  ``model.language_model`` + ``lm_head`` as a causal LM.
+- ``blip-2``: image encoder ``vision_model`` (``last_hidden_state``, after its post-layernorm);
+  input projector ``query_tokens`` + ``qformer`` + ``language_projection``; LLM
+  ``language_model`` (OPT; Flan-T5 as encoder-decoder).
 
 The whole model is loaded (``AutoModelForImageTextToText``, class chosen from the checkpoint's
 config) and the unused parts are dropped, so each pool briefly holds the full weights while loading.

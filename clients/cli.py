@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from omnistage.clients.errors import ConnectionError as ClientConnectionError, OmnistageError
+from omnistage.clients.errors import ConnectionError as ClientConnectionError
+from omnistage.clients.errors import OmnistageError
 
 
 def _models_list(args: argparse.Namespace) -> None:

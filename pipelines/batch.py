@@ -43,8 +43,8 @@ from omnistage.actors.media import decode, sample_frame_indices
 from omnistage.actors.payloads import (
     AudioClip,
     Conditioning,
-    EncodedMedia,
     Embeddings,
+    EncodedMedia,
     Features,
     GenerationRequest,
     LLMRequest,

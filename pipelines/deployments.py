@@ -110,7 +110,6 @@ class _Replica:
     def stats(self) -> dict[str, Any]:
         """This replica's batch counts and the GPUs Ray gave it; for operators and tests."""
         import ray
-
         from ray import serve
 
         from omnistage.actors.media import decoded_counts

@@ -17,6 +17,7 @@ from omnistage.cluster.config import OmnistageConfig, load_config
 from omnistage.pipelines.graph import Graph, ports
 from omnistage.pipelines.messages import parse_messages
 
+
 @dataclass
 class ChatResult:
     """The answer to one chat: text, generated media (encoded files), and token usage."""

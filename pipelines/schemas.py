@@ -9,7 +9,7 @@ the media checks in ``omnistage.pipelines.messages`` take as it is.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -48,7 +48,7 @@ def _wire_or_object(value: Any) -> str:
 
 def _medium(wire: type[BaseModel]) -> Any:
     """A part's value: ``wire`` for a mapping, else an in-memory medium passed on unchecked."""
-    return Annotated[Union[Annotated[wire, Tag("wire")], Annotated[Any, Tag("object")]], Discriminator(_wire_or_object)]
+    return Annotated[Annotated[wire, Tag("wire")] | Annotated[Any, Tag("object")], Discriminator(_wire_or_object)]
 
 
 class TextPart(_Request):
@@ -83,7 +83,7 @@ def _content_form(value: Any) -> str | None:
 def _content(part: Any) -> Any:
     """A message's content: a string, or a list of ``part``."""
     return Annotated[
-        Union[Annotated[str, Tag("string")], Annotated[list[part], Tag("parts")]],
+        Annotated[str, Tag("string")] | Annotated[list[part], Tag("parts")],
         Discriminator(
             _content_form, custom_error_type="content_type", custom_error_message="expected a string or a list of parts"
         ),

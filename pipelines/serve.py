@@ -404,9 +404,8 @@ class Ingress:
 
     async def _answer(self, llm_request: LLMRequest, embeds: list, rid: str) -> tuple[LLMReply, list]:
         """The LLM's whole answer: ``(reply, signal_refs)``."""
-        async for item in self._llm_steps(llm_request, embeds, rid):
-            pass  # text deltas, then the answer
-        return item
+        steps = [step async for step in self._llm_steps(llm_request, embeds, rid)]
+        return steps[-1]  # after the text deltas
 
     async def _stream_chat(self, llm_request: LLMRequest, embeds: list, req: ChatCompletionRequest, rid: str) -> Response:
         steps = self._llm_steps(llm_request, embeds, rid)

@@ -129,8 +129,8 @@ def new_models(seed: int) -> dict[str, Any]:
     )
 
     from omnistage.actors.input_projector import InputProjector
-    from omnistage.actors.tiny import TINY_CHAT_TEMPLATE
     from omnistage.actors.output_projector import OutputProjector
+    from omnistage.actors.tiny import TINY_CHAT_TEMPLATE
 
     models: dict[str, Any] = {}
     torch.manual_seed(seed)

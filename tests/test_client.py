@@ -382,7 +382,8 @@ def test_chat_accepts_each_form_of_each_medium(sdk, media_files):
     for image in (media_files / "cat.png", str(media_files / "cat.png"), PNG, Image.open(io.BytesIO(PNG)), sample_image()):
         assert sdk.chat(prompt="What is this?", images=image, **ASK).text == reference.text, type(image)
     # Media inside OpenAI-style messages may be given the same ways.
-    assert sdk.chat([{"role": "user", "content": [{"type": "image_url", "image_url": sample_image()}, {"type": "text", "text": "What is this?"}]}], **ASK).text == reference.text
+    in_memory = [{"type": "image_url", "image_url": sample_image()}, {"type": "text", "text": "What is this?"}]
+    assert sdk.chat([{"role": "user", "content": in_memory}], **ASK).text == reference.text
 
     audio = sdk.chat(prompt="Hear this", audio=media_files / "tone.wav", **ASK)
     assert sdk.chat(prompt="Hear this", audio=sample_audio(), **ASK).text == audio.text
@@ -556,7 +557,8 @@ def test_openai_package_snippets(serve_url):
     assert response.choices[0].message.content == expected
     # Streaming.
     stream = client.chat.completions.create(
-        model="omnistage-tiny", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}],
+        model="omnistage-tiny",
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}],
         stream=True, **ASK,
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == expected

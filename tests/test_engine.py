@@ -82,7 +82,11 @@ def test_greedy_output_equals_transformers_generate_under_continuous_arrival(llm
 def test_every_request_decodes_as_it_would_alone(llm, engine):
     requests = _requests()
     alone = {rid: engine().generate([request])[0] for rid, request in requests.items()}
-    arrivals = {0: [("long", requests["long"]), ("sampled", requests["sampled"])], 2: [("forced", requests["forced"])], 4: [("image", requests["image"]), ("plain", requests["plain"])]}
+    arrivals = {
+        0: [("long", requests["long"]), ("sampled", requests["sampled"])],
+        2: [("forced", requests["forced"])],
+        4: [("image", requests["image"]), ("plain", requests["plain"])],
+    }
     crowd, _ = _drive(engine(max_running_seqs=4), arrivals)
     for rid, result in alone.items():
         assert crowd[rid].token_ids == result.token_ids, rid  # the seeded sample too: its own generator

@@ -685,13 +685,12 @@ def _check_through_serve(path, name, n_image_tokens=None):
     import base64
 
     import httpx
+    from conftest import SERVE_PORT
     from ray import serve
 
     from omnistage.actors.media import encode_png
     from omnistage.actors.multimodal import pretrained_config
     from omnistage.pipelines.serve import build_app
-
-    from conftest import SERVE_PORT
 
     config = pretrained_config(path, name=name)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})

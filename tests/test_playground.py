@@ -62,12 +62,11 @@ def browser(chromium):
 
 @pytest.fixture(scope="module")
 def shapes_url(ray_session):
+    from conftest import SERVE_PORT
     from ray import serve
 
     from omnistage.cluster.config import load_config
     from omnistage.pipelines.serve import build_app
-
-    from conftest import SERVE_PORT
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMNISTAGE_API_KEYS", API_KEY)  # read when the app is built

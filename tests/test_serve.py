@@ -30,7 +30,8 @@ AUDIO = {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_
 
 
 def _chat(*parts, text="What is this?", **extra):
-    return {"model": "omnistage-tiny", "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}], "max_tokens": 6, "seed": 0, "temperature": 0, **extra}
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    return {"model": "omnistage-tiny", "messages": messages, "max_tokens": 6, "seed": 0, "temperature": 0, **extra}
 
 
 def _handle(name):
@@ -148,7 +149,8 @@ def test_generation_routes(client):
 @pytest.mark.parametrize(
     "send,status,fragment",
     [
-        (lambda c: c.post("/v1/chat/completions", json=_chat({"type": "image_url", "image_url": {"url": _url("image/png", b"\x89PNG bad")}})), 400, "could not be decoded"),
+        (lambda c: c.post("/v1/chat/completions", json=_chat({"type": "image_url", "image_url": {"url": _url("image/png", b"\x89PNG bad")}})),
+         400, "could not be decoded"),
         (lambda c: c.post("/v1/chat/completions", json=_chat(IMAGE, model="gpt-9")), 404, "'gpt-9' does not exist"),
         (lambda c: c.post("/v1/chat/completions", content=b"<xml/>", headers={"Content-Type": "text/xml"}), 415, "application/json"),
         (lambda c: c.post("/v1/chat/completions", content=b"{", headers={"Content-Type": "application/json"}), 400, "JSON body"),

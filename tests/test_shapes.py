@@ -184,13 +184,12 @@ def test_readme_examples_through_serve(ray_session, tmp_path):
     """The README's first requests, on the default preset served as its own app: the sample
     picture's caption, and a drawn blue square."""
     import httpx
+    from conftest import SERVE_PORT
     from ray import serve
 
     from omnistage.clients.cli import main
     from omnistage.cluster.config import load_config
     from omnistage.pipelines.serve import build_app
-
-    from conftest import SERVE_PORT
 
     assert main(["samples", str(tmp_path)]) == 0
     image = base64.b64encode((tmp_path / "sample.png").read_bytes()).decode()

@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
-from omnistage.actors.payloads import AudioClip, EncodedMedia, Embeddings, Features, LLMRequest, SignalGroup
+from omnistage.actors.payloads import AudioClip, Embeddings, EncodedMedia, Features, LLMRequest, SignalGroup
 from omnistage.cluster.config import (
     AudioEncoderConfig,
     ImageEncoderConfig,
@@ -270,7 +270,12 @@ def test_request_checks(llm):
 def test_batched_decoding_equals_one_by_one(llm):
     requests = [
         LLMRequest(messages=_user("short"), max_tokens=12),
-        LLMRequest(messages=_user("a much longer prompt <image> here"), media=[Embeddings("image", RNG.standard_normal((5, 32)).astype(np.float32))], max_tokens=9, force_modalities=["audio"]),
+        LLMRequest(
+            messages=_user("a much longer prompt <image> here"),
+            media=[Embeddings("image", RNG.standard_normal((5, 32)).astype(np.float32))],
+            max_tokens=9,
+            force_modalities=["audio"],
+        ),
         LLMRequest(messages=_user("sampled"), max_tokens=10, temperature=0.9, top_p=0.8, seed=3),
     ]
     together = llm(requests)
