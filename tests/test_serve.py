@@ -184,12 +184,32 @@ def test_features_never_pass_through_the_ingress(client):
         assert max(d.get(modality, 0) for d in decoded) > 0, modality
 
 
-def test_concurrent_requests_share_a_batch(client):
+def _replica_stats(name, replicas, polls=64):
+    """Stats of each replica of pool ``name``, by replica id: the router picks a replica per call,
+    so it polls until it has seen ``replicas`` of them."""
+    handle = _handle(name)
+    seen = {}
+    for _ in range(polls):
+        stats = handle.stats.remote().result()
+        seen[stats["replica"]] = stats
+        if len(seen) == replicas:
+            break
+    assert len(seen) == replicas, f"expected stats from {replicas} {name} replicas, reached {len(seen)}"
+    return seen
+
+
+def test_concurrent_requests_share_a_batch(client, running_replicas):
+    replicas = running_replicas("image_encoder")
+    before = _replica_stats("image_encoder", replicas)
     encoder = _handle("image_encoder")
     responses = [encoder.remote(sample_image(), request_id=f"b{i}") for i in range(8)]
     assert all(r.result().features.shape == (225, 32) for r in responses)
-    stats = [encoder.stats.remote().result() for _ in range(4)]
-    assert max(s["largest_batch"] for s in stats) > 1
+    after = _replica_stats("image_encoder", replicas)
+    assert after.keys() == before.keys()
+    # Counted for this test alone: the 8 items went in fewer than 8 batches.
+    items = sum(after[r]["items"] - before[r]["items"] for r in after)
+    batches = sum(after[r]["batches"] - before[r]["batches"] for r in after)
+    assert items == 8 and batches < items, (items, batches)
 
 
 def _llm_replica_stats(polls=12):
