@@ -35,16 +35,26 @@ TINY_DIMS = {
 # --- encoders ----------------------------------------------------------------------------------
 
 
-def build_image_encoder(path: Path, seed: int) -> None:
-    """A CLIP ViT with 30x30 inputs and 2x2 patches: (B, 3, 30, 30) -> (B, 225, 32) patch features."""
+def build_image_encoder(path: Path, seed: int, **sizes: int) -> None:
+    """A CLIP ViT with 30x30 inputs and 2x2 patches: (B, 3, 30, 30) -> (B, 225, 32) patch features.
+    ``sizes`` override CLIPVisionConfig's (a larger tower for benchmarks, built the same way)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+        **{
+            "image_size": 30,
+            "patch_size": 2,
+            "hidden_size": TINY_DIMS["image_encoder"],
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            **sizes,
+        }
     )
     CLIPVisionModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+    side = config.image_size
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(path)
 
 
 def build_audio_encoder(path: Path, seed: int) -> None:
@@ -82,17 +92,18 @@ def build_audio_encoder(path: Path, seed: int) -> None:
 # --- projectors --------------------------------------------------------------------------------
 
 
-def build_input_projector(path: Path, seed: int) -> None:
-    """One head of each design across the three modalities, so the default preset runs them all."""
+def build_input_projector(path: Path, seed: int, dims: dict[str, Any] = TINY_DIMS) -> None:
+    """One head of each design across the three modalities, so the default preset runs them all.
+    ``dims``: the widths of the encoders and the LLM it joins, as in ``TINY_DIMS``."""
     torch.manual_seed(seed)
-    llm = TINY_DIMS["llm"]
+    llm = dims["llm"]
     config = {
         "heads": {
-            "image": {"type": "mlp2x_gelu", "in_dim": TINY_DIMS["image_encoder"], "out_dim": llm},
+            "image": {"type": "mlp2x_gelu", "in_dim": dims["image_encoder"], "out_dim": llm},
             # 5 frames x 225 patches would be 1125 LLM tokens; the resampler keeps 32.
             "video": {
                 "type": "resampler",
-                "in_dim": TINY_DIMS["image_encoder"],
+                "in_dim": dims["image_encoder"],
                 "out_dim": llm,
                 "num_latents": 32,
                 "depth": 2,
@@ -101,7 +112,7 @@ def build_input_projector(path: Path, seed: int) -> None:
             },
             "audio": {
                 "type": "qformer",
-                "in_dim": TINY_DIMS["audio_encoder"],
+                "in_dim": dims["audio_encoder"],
                 "out_dim": llm,
                 "num_queries": 8,
                 "qformer": {
@@ -117,11 +128,12 @@ def build_input_projector(path: Path, seed: int) -> None:
     save_heads(InputProjector.build_heads(config), config, path)
 
 
-def build_output_projector(path: Path, seed: int) -> None:
+def build_output_projector(path: Path, seed: int, dims: dict[str, Any] = TINY_DIMS) -> None:
     """Transformer heads for image and video (77 queries, like a CLIP text encoder's output), an
-    MLP head for audio (one pooled vector, like AudioLDM's CLAP conditioning)."""
+    MLP head for audio (one pooled vector, like AudioLDM's CLAP conditioning). ``dims``: the LLM's
+    width and each generator's conditioning shape, as in ``TINY_DIMS``."""
     torch.manual_seed(seed)
-    llm = TINY_DIMS["llm"]
+    llm = dims["llm"]
 
     def transformer(cond: tuple[int, int]) -> dict[str, Any]:
         return {
@@ -138,15 +150,15 @@ def build_output_projector(path: Path, seed: int) -> None:
 
     config = {
         "heads": {
-            "image": transformer(TINY_DIMS["image_cond"]),
-            "video": transformer(TINY_DIMS["video_cond"]),
+            "image": transformer(dims["image_cond"]),
+            "video": transformer(dims["video_cond"]),
             "audio": {
                 "type": "mlp",
                 "in_dim": llm,
                 "num_signal_tokens": NEXTGPT_SIGNAL_TOKENS["audio"],
                 "hidden_dim": 64,
-                "num_queries": TINY_DIMS["audio_cond"][0],
-                "out_dim": TINY_DIMS["audio_cond"][1],
+                "num_queries": dims["audio_cond"][0],
+                "out_dim": dims["audio_cond"][1],
             },
         }
     }
@@ -248,11 +260,12 @@ def _vae_2d(seed: int, channels: int) -> Any:
     )
 
 
-def build_image_generator(path: Path, seed: int) -> None:
-    """Stable Diffusion layout: (B, seq_len, 32) conditioning -> (B, 64, 64, 3) images."""
+def build_image_generator(path: Path, seed: int, dims: dict[str, Any] = TINY_DIMS) -> None:
+    """Stable Diffusion layout: (B, seq_len, 32) conditioning -> (B, 64, 64, 3) images; the
+    conditioning width is ``dims["image_cond"][1]``."""
     from diffusers import StableDiffusionPipeline
 
-    unet = _unet_2d(seed, cross_attention_dim=32)
+    unet = _unet_2d(seed, cross_attention_dim=dims["image_cond"][1])
     vae = _vae_2d(seed, channels=3)
     pipeline = StableDiffusionPipeline(
         vae=vae,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from omnistage.actors.errors import UnsupportedMediaError
-from omnistage.actors.payloads import Embeddings, GeneratedMedia, GenerationRequest, LLMRequest
+from omnistage.actors.payloads import Embeddings, GeneratedMedia, GenerationRequest, LLMRequest, SignalGroup
 from omnistage.actors.registry import create_stage
 from omnistage.cluster.config import OmnistageConfig, load_config
 from omnistage.pipelines.graph import Graph, ports
@@ -37,10 +37,15 @@ class LocalPipeline:
     'image/png'
     """
 
-    def __init__(self, config: OmnistageConfig):
+    def __init__(self, config: OmnistageConfig, loaded: dict[str, Any] | None = None):
+        """``loaded``: stages already loaded elsewhere in this process (by stage name), used as
+        they are instead of loading them again."""
         self.config = config
         graph = Graph.of(config)
-        stages = {name: create_stage(name, getattr(config.stages, name), config.cache) for name in graph.stages}
+        loaded = loaded or {}
+        stages = {
+            name: loaded.get(name) or create_stage(name, getattr(config.stages, name), config.cache) for name in graph.stages
+        }
         # Each stage's output must fit the next stage's input: fail at load, naming both sides.
         graph.check({name: ports(name, stage) for name, stage in stages.items()})
         self.encoders = {m: stages[f"{m}_encoder"] for m in graph.encoders}
@@ -79,6 +84,38 @@ class LocalPipeline:
         media: their signal tokens are forced if the model does not emit them. Sampling fields
         left unset take the LLM config's ``defaults``, as over HTTP.
         """
+        # 1-3. Check inputs, encode each medium, project into the LLM's embedding space
+        request = self.llm_request(
+            messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, modalities=modalities
+        )
+        # 4. Generate text and signal tokens
+        result = self.llm([request])[0]
+        # 5. Signal states -> conditioning -> media
+        media = self.generate_media(result.signals, seed)
+        return ChatResult(
+            text=result.text,
+            media=media,
+            finish_reason=result.finish_reason,
+            usage={
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens,
+            },
+        )
+
+    def llm_request(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        modalities: list[str] | None = None,
+    ) -> LLMRequest:
+        """Steps 1-3 of :meth:`chat`: the LLM's request, with every medium encoded and projected.
+        For callers that drive the LLM themselves (a stream, an engine shared by requests)."""
         # 1. Check inputs (media files are decoded by their encoders)
         wanted = [m for m in (modalities or []) if m != "text"]
         unknown = [m for m in wanted if m not in self.generators]
@@ -98,25 +135,21 @@ class LocalPipeline:
 
         # 3. Project into the LLM's embedding space
         embeddings: list[Embeddings] = self.input_projector(features) if features else []
+        return LLMRequest(
+            messages=chat.messages,
+            media=embeddings,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop or []),
+            force_modalities=wanted,
+        )
 
-        # 4. Generate text and signal tokens
-        result = self.llm(
-            [
-                LLMRequest(
-                    messages=chat.messages,
-                    media=embeddings,
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed,
-                    stop=list(stop or []),
-                    force_modalities=wanted,
-                )
-            ]
-        )[0]
-
-        # 5. Signal states -> conditioning -> media
-        signals = [s for s in result.signals if s.modality in self.generators]
+    def generate_media(self, signals: list[SignalGroup], seed: int | None = None) -> list[GeneratedMedia]:
+        """Step 5 of :meth:`chat`: each signal group the LLM emitted -> output projector -> its
+        generator; the i-th medium is seeded ``seed + i``."""
+        signals = [s for s in signals if s.modality in self.generators]
         conditioning = self.output_projector(signals) if signals else []
         media: list = [None] * len(conditioning)
         for modality, generator in self.generators.items():
@@ -128,14 +161,4 @@ class LocalPipeline:
                 ]
                 for i, item in zip(indices, generator(requests)):
                     media[i] = item
-        return ChatResult(
-            text=result.text,
-            media=media,
-            finish_reason=result.finish_reason,
-            usage={
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "total_tokens": result.prompt_tokens + result.completion_tokens,
-            },
-        )
-
+        return media
