@@ -589,6 +589,21 @@ def deploy(config: OmnistageConfig, *, name: str = APP_NAME, route_prefix: str =
     return ingress
 
 
+def metrics_url() -> str:
+    """The Prometheus endpoint of the node this process runs on (Ray's metrics agent serves it)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def serving_message(name: str, host: str, port: int, metrics: str) -> str:
+    # Browsers refuse to open the wildcard address; the server is reachable on loopback too.
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    return f"omnistage: serving {name!r}: playground at {url}/, API at {url}/v1, Prometheus metrics at {metrics} (Ctrl-C to stop)"
+
+
 def run_server(config: OmnistageConfig, host: str | None = None, port: int | None = None, address: str | None = None) -> None:
     """Start (or join, with ``address``) a Ray cluster, deploy, serve until interrupted, clean up."""
     import signal
@@ -600,15 +615,19 @@ def run_server(config: OmnistageConfig, host: str | None = None, port: int | Non
     port = port or config.server.port
     # The dashboard runs code for whoever reaches it; a local server does without it. "local"
     # starts a new instance rather than joining whatever cluster another process left running.
-    ray.init(address=address or "local", include_dashboard=False if address is None else None)
+    # A fixed metrics port, so a Prometheus scrape config written once keeps working; a joined
+    # cluster's nodes export on the port `ray start` gave them.
+    ray.init(
+        address=address or "local",
+        include_dashboard=False if address is None else None,
+        _metrics_export_port=config.server.metrics_port if address is None else None,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": config.server.request_timeout_s})
         deploy(config)
-        # Browsers refuse to open the wildcard address; the server is reachable on loopback too.
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        print(f"omnistage: serving {config.name!r}: playground at {url}/, API at {url}/v1 (Ctrl-C to stop)", flush=True)
+        print(serving_message(config.name, host, port, metrics_url()), flush=True)
         stop.wait()
     except KeyboardInterrupt:
         pass
