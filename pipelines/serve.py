@@ -107,6 +107,30 @@ def _unpack_msgpack(body: bytes) -> Any:
     return data
 
 
+def _refuse_constant(name: str) -> Any:
+    raise InvalidInputError(f"expected JSON numbers, got {name}, which JSON does not have")
+
+
+# A \uD800-\uDFFF escape: valid JSON syntax, but alone it is half a character, which the
+# tokenizer and every encoder downstream refuse.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _parse_json(body: bytes) -> Any:
+    """One JSON document, strictly: no NaN or Infinity, and text that is Unicode throughout.
+    Nesting too deep for the parser is refused like any other malformed body."""
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+        if _SURROGATE_ESCAPE.search(body):
+            json.dumps(data, ensure_ascii=False).encode()  # a pair became one character; one alone fails
+    except InvalidInputError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
+        reason = "nest too deeply" if isinstance(exc, RecursionError) else "do not parse as UTF-8 JSON"
+        raise InvalidInputError(f"expected a JSON body, got {len(body)} bytes that {reason}") from None
+    return data
+
+
 def _status_of(exc: BaseException) -> tuple[int, str]:
     """HTTP status and client-facing message for an exception from any stage."""
     import ray.exceptions as ray_errors
@@ -345,10 +369,7 @@ class Ingress:
         if content_type == MSGPACK:
             data = _unpack_msgpack(bytes(body))
         elif content_type == "application/json":
-            try:
-                data = json.loads(body)
-            except ValueError:
-                raise InvalidInputError(f"expected a JSON body, got {len(body)} bytes that do not parse") from None
+            data = _parse_json(bytes(body))
         else:
             raise UnsupportedMediaError(f"expected Content-Type application/json or {MSGPACK}, got {content_type!r}")
         if not isinstance(data, dict):
