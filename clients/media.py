@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -165,10 +166,24 @@ def _is_url(value: str) -> bool:
     return value.lower().startswith(("data:", "http://", "https://"))
 
 
+def _local_path(value: str | os.PathLike) -> Path:
+    """A path, or a ``file://`` URL (what a file manager copies, or ``Path.as_uri()``) of a file here."""
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text.lower().startswith("file://"):
+        return Path(text).expanduser()
+    url = urllib.parse.urlsplit(text)
+    if url.netloc not in ("", "localhost"):
+        raise ValueError(f"expected a file:// URL of a file on this machine, got one on host {url.netloc!r}")
+    from urllib.request import url2pathname  # percent-escapes, and drive letters on Windows
+
+    return Path(url2pathname(url.path))
+
+
 def _to_bytes(modality: str, value: Any, fps: float) -> bytes:
-    """A path, bytes, PIL image, numpy array (or for audio ``(samples, rate)``) -> file bytes."""
+    """A path or ``file://`` URL, bytes, PIL image, numpy array (or for audio ``(samples, rate)``)
+    -> file bytes."""
     if isinstance(value, (str, os.PathLike)):
-        return Path(value).expanduser().read_bytes()
+        return _local_path(value).read_bytes()
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     from PIL import Image
@@ -198,9 +213,9 @@ def _to_bytes(modality: str, value: Any, fps: float) -> bytes:
         if isinstance(value, np.ndarray):
             raise ValueError(f"expected audio samples with their rate as (samples, sampling_rate), got an array of shape {value.shape} alone")
     kinds = {
-        "image": "a path, bytes, a PIL image or an (H, W, 3) uint8 array",
-        "video": "a path, bytes, a (T, H, W, 3) uint8 array or a list of frames",
-        "audio": "a path, bytes or (samples, sampling_rate)",
+        "image": "a path or file:// URL, bytes, a PIL image or an (H, W, 3) uint8 array",
+        "video": "a path or file:// URL, bytes, a (T, H, W, 3) uint8 array or a list of frames",
+        "audio": "a path or file:// URL, bytes or (samples, sampling_rate)",
     }
     raise TypeError(f"expected {modality} as {kinds[modality]}, got {type(value).__name__}")
 
@@ -209,7 +224,7 @@ def content_part(modality: str, value: Any, *, binary: bool, fps: float = DEFAUL
     """One chat content part for ``value``: raw bytes when ``binary`` (msgpack), else base64.
 
     A string that is a ``data:`` or ``http(s)://`` URL is passed on as it is (images and videos);
-    any other string is a path.
+    a ``file://`` URL or any other string is a file here, read and sent.
     """
     if modality not in PART_TYPES:
         raise ValueError(f"expected a modality among {list(PART_TYPES)}, got {modality!r}")

@@ -31,9 +31,16 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_MAX_RETRIES = 2
 MSGPACK = "application/msgpack"
+# The server answers these only for a request it did not carry out: refused at admission (a rate
+# limit, a full queue) or given up when a replica died, its downstream calls cancelled. Nothing was
+# returned and nothing is kept, so sending the request again cannot make it take effect twice.
 RETRY_STATUSES = frozenset({429, 503})
-# Failures before the server can have acted on the request: safe to send again.
-_CONNECTION_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# The connection was never made: the server cannot have seen the request, whatever its method.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+# The connection failed once the request was on its way: the server may have received it and be
+# running it, so only an idempotent call is sent again (a chat or a generation would run twice).
+_MAYBE_SENT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 _GENERATION_PATHS = {"image": "/v1/images/generations", "video": "/v1/videos/generations", "audio": "/v1/audio/generations"}
 
@@ -116,6 +123,10 @@ class _Call:
     retry_statuses: frozenset[int] = RETRY_STATUSES
     ok_statuses: frozenset[int] = frozenset()  # error statuses answered as results (health: 503)
 
+    @property
+    def idempotent(self) -> bool:
+        return self.method in _IDEMPOTENT_METHODS
+
 
 def _parse_retry_after(value: str | None) -> float | None:
     """``Retry-After`` in seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
@@ -135,7 +146,8 @@ def _parse_retry_after(value: str | None) -> float | None:
 class _Retry:
     """Decides, after each try of one call, whether to return, raise, or wait and try again.
 
-    Retries connection failures and the statuses in ``call.retry_statuses`` (429, 503), at most
+    Retries the statuses in ``call.retry_statuses`` (429, 503), a connection that could not be made,
+    and, for idempotent calls only, a connection lost after the request was sent; at most
     ``max_retries`` times, and never past the call's deadline (``timeout`` after it started).
     The wait is exponential backoff with full jitter, and at least the server's ``Retry-After``.
     """
@@ -166,7 +178,7 @@ class _Retry:
             retry_after = getattr(error, "retry_after", None)
         else:
             error = self.core.transport_error(outcome)
-            retryable = isinstance(outcome, _CONNECTION_ERRORS)
+            retryable = isinstance(outcome, _NOT_SENT) or (self.call.idempotent and isinstance(outcome, _MAYBE_SENT))
             retry_after = None
         if not retryable or self.attempt >= self.core.max_retries:
             raise error from (outcome if isinstance(outcome, Exception) else None)
@@ -443,7 +455,9 @@ _CLIENT_DOC = """
             Default: ``$OMNISTAGE_URL``, else ``http://127.0.0.1:8000``.
         api_key: sent as ``Authorization: Bearer``. Default: ``$OMNISTAGE_API_KEY``, else none.
         timeout: seconds one call may take in all, retries and their waits included.
-        max_retries: extra tries after a connection failure, 503 or 429 (never other statuses).
+        max_retries: extra tries after a 503, a 429 or a connection that could not be made; a
+            connection lost once the request was sent is retried for GETs only, never for a chat
+            or a generation, which the server may be running already. Other statuses: never.
         transport: ``msgpack`` (default: media travel as raw bytes) or ``json`` (base64).
         model: the model to ask for in every call (default: the server's own).
 """
@@ -518,8 +532,8 @@ class Client:
     ) -> ChatResult:
         """Ask the model. Give OpenAI-style ``messages``, or a ``prompt`` (also as a plain string
         in the first place: ``chat("hello")``) with ``images``, ``audio`` and ``videos`` (each one
-        item or a list; an item is a path, bytes, a PIL image or numpy array, or for audio
-        ``(samples, sampling_rate)``). ``modalities`` such as
+        item or a list; an item is a path or ``file://`` URL, bytes, a PIL image or numpy array,
+        or for audio ``(samples, sampling_rate)``). ``modalities`` such as
         ``["text", "image"]`` ask for generated media, returned decoded in ``result.media``."""
         call = self._core.chat_call(
             messages, prompt=prompt, images=images, audio=audio, videos=videos, stream=False, model=model,

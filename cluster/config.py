@@ -300,6 +300,13 @@ class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Loopback by default: exposing the server is an explicit choice.")
     port: int = Field(8000, ge=1, le=65535)
     request_timeout_s: float = Field(120, gt=0, description="A request still running after this gets 408.")
+    metrics_port: int = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="Where `omnistage serve` exports Prometheus metrics (Ray's and each stage's) when it starts its "
+        "own Ray; a joined cluster exports on the port its `ray start --metrics-export-port` gave.",
+    )
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 before parsing.")
     limits: InputLimits = Field(default_factory=InputLimits)
     api_key_hashes_file: str | None = Field(

@@ -6,16 +6,23 @@ Two places describe the machines: ``ray_cluster.yaml`` (Ray's cluster launcher) 
 resources it asks for are offered there, and so are its GPUs and CPUs, and at ``max_replicas`` the
 pools pinned to a type fit in that type's ``max_workers`` nodes.
 
-Regenerate the RayService after changing ``ray_cluster.yaml`` or the preset, from a checkout
-(the default paths are the repository's)::
+Some values belong to each deployment and have no default: the image, the GCS Redis, the AWS
+account and the checkpoint bucket (``PLACEHOLDERS``). The checked-in files carry ``${NAME}``
+markers in their place, and nothing is written for deploying until each is given::
 
-    python -m omnistage.cluster.manifests            # writes cluster/kuberay/rayservice.yaml
+    python -m omnistage.cluster.manifests --image IMAGE --gcs-redis HOST:PORT --out my-rayservice.yaml
+    python -m omnistage.cluster.manifests --fill ray_cluster.yaml --out my-cluster.yaml   # from $NAME or --set NAME=VALUE
+    python -m omnistage.cluster.manifests --template   # regenerates cluster/kuberay/rayservice.yaml, markers kept
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +36,18 @@ RAY_CLUSTER_YAML = REPO_ROOT / "ray_cluster.yaml"
 RAYSERVICE_YAML = REPO_ROOT / "cluster" / "kuberay" / "rayservice.yaml"
 DEFAULT_PRESET = "gpu-cluster"
 RAY_VERSION = "2.60.0"
-# Ray's image plus `pip install .[server]` (cluster/kuberay/Dockerfile); push it to your registry.
-DEFAULT_IMAGE = "CHANGE-ME.dkr.ecr.us-west-2.amazonaws.com/omnistage:0.1.0"
-# A Redis only the GCS uses (never the LRU feature cache: eviction would drop cluster state).
-DEFAULT_GCS_REDIS = "CHANGE-ME-gcs-redis:6379"
+# What each deployment must give, by the name of its marker (and environment variable).
+PLACEHOLDERS: dict[str, str] = {
+    "OMNISTAGE_IMAGE": "the container image with omnistage[server] installed (cluster/kuberay/Dockerfile), "
+    "e.g. 123456789012.dkr.ecr.us-west-2.amazonaws.com/omnistage:0.1.0",
+    # Never the feature cache's Redis: its LRU eviction would drop cluster state.
+    "OMNISTAGE_GCS_REDIS": "host:port of the Redis that keeps the GCS tables, e.g. gcs-redis.internal:6379",
+    "OMNISTAGE_AWS_ACCOUNT": "the 12-digit AWS account id that owns the workers' instance profile",
+    "OMNISTAGE_MODELS_BUCKET": "the S3 bucket holding the checkpoints under encoder/, llm/ and generator/",
+}
+# Only these names: the start commands' shell expansions (${VAR:?...}) are left to the nodes.
+_MARKER = re.compile(r"\$\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 APP_LABEL = {"app.kubernetes.io/name": "omnistage"}
 SECRET = "omnistage-secrets"
 MODELS_CLAIM = "omnistage-models"
@@ -230,14 +245,28 @@ def _worker_group(node_type: str, spec: dict[str, Any], image: str) -> dict[str,
     }
 
 
+def marker(name: str) -> str:
+    """The ``${NAME}`` a checked-in file carries where a value of ``PLACEHOLDERS`` goes."""
+    return "${" + name + "}"
+
+
+def fill_placeholders(text: str, values: Mapping[str, str]) -> str:
+    """``text`` with each ``${NAME}`` marker replaced by ``values[NAME]``; ``ValueError`` naming
+    every marker that has no value."""
+    missing = sorted({name for name in _MARKER.findall(text) if not (values.get(name) or "").strip()})
+    if missing:
+        raise ValueError("; ".join(f"expected {name} ({PLACEHOLDERS[name]}), got nothing" for name in missing))
+    return _MARKER.sub(lambda match: values[match.group(1)].strip(), text)
+
+
 def rayservice_manifest(
     config: OmnistageConfig,
     cluster: dict[str, Any],
     *,
     source: str,
+    image: str,
+    gcs_redis: str,
     name: str = "omnistage",
-    image: str = DEFAULT_IMAGE,
-    gcs_redis: str = DEFAULT_GCS_REDIS,
 ) -> list[dict[str, Any]]:
     """The RayService (and a NetworkPolicy for its pods) serving ``config`` on the node types of
     ``cluster``: one worker group per worker node type, with the same custom resources, GPUs and
@@ -337,9 +366,12 @@ _Dumper.add_representer(str, _str)
 def render_rayservice(
     config_name: str = DEFAULT_PRESET,
     cluster_path: str | Path = RAY_CLUSTER_YAML,
-    image: str = DEFAULT_IMAGE,
-    gcs_redis: str = DEFAULT_GCS_REDIS,
+    *,
+    image: str = marker("OMNISTAGE_IMAGE"),
+    gcs_redis: str = marker("OMNISTAGE_GCS_REDIS"),
 ) -> str:
+    """The RayService as YAML; left at their defaults, ``image`` and ``gcs_redis`` are the markers
+    of the checked-in template."""
     config = load_config(config_name)
     documents = rayservice_manifest(
         config, load_ray_cluster(cluster_path), source=f"config {config_name!r}", image=image, gcs_redis=gcs_redis
@@ -350,28 +382,72 @@ def render_rayservice(
         "# Needs KubeRay >= 1.5.1, a Secret omnistage-secrets (gcs-redis-password, cache-redis-url, api-keys),\n"
         "# a ReadOnlyMany PVC omnistage-models holding the checkpoints, and the image of cluster/kuberay/Dockerfile.\n"
     )
+    if _MARKER.search(image + gcs_redis):
+        header += (
+            "# ${OMNISTAGE_IMAGE} and ${OMNISTAGE_GCS_REDIS} are required values, not defaults: generate with\n"
+            "# --image and --gcs-redis, or fill this file with --fill, which refuses while one is missing.\n"
+        )
     return header + yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, width=120)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the KubeRay RayService for a preset and ray_cluster.yaml's node types.")
-    parser.add_argument("--config", default=DEFAULT_PRESET, help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
-    parser.add_argument("--cluster", default=str(RAY_CLUSTER_YAML), help="cluster launcher config with the node types")
-    parser.add_argument("--image", default=DEFAULT_IMAGE, help="container image with omnistage[server] installed")
-    parser.add_argument("--gcs-redis", default=DEFAULT_GCS_REDIS, help="host:port of the Redis that keeps the GCS tables")
-    parser.add_argument("--out", default=str(RAYSERVICE_YAML), help="output file, - for stdout")
-    args = parser.parse_args(argv)
+def _given(value: str | None, option: str, name: str) -> str:
+    if not (value or "").strip():
+        raise SystemExit(f"expected {option} or ${name}: {PLACEHOLDERS[name]}; got nothing")
+    if _MARKER.search(value):
+        raise SystemExit(f"expected {option} to be a real value, got the marker {value!r}")
+    return value.strip()
+
+
+def _rayservice_text(args: argparse.Namespace) -> str:
     config = load_config(args.config)
     problems = placement_problems(config, ray_cluster_offers(load_ray_cluster(args.cluster)))
     if problems:
         raise SystemExit("the config does not fit the node types:\n  " + "\n  ".join(problems))
-    text = render_rayservice(args.config, args.cluster, args.image, args.gcs_redis)
-    if args.out == "-":
-        print(text, end="")
+    if args.template:
+        return render_rayservice(args.config, args.cluster)
+    image = _given(args.image, "--image", "OMNISTAGE_IMAGE")
+    gcs_redis = _given(args.gcs_redis, "--gcs-redis", "OMNISTAGE_GCS_REDIS")
+    if not _HOST_PORT.match(gcs_redis):
+        raise SystemExit(f"expected --gcs-redis as host:port, got {gcs_redis!r}")
+    return render_rayservice(args.config, args.cluster, image=image, gcs_redis=gcs_redis)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Write the KubeRay RayService for a preset and ray_cluster.yaml's node types, or fill the "
+        "${NAME} markers of a checked-in file.",
+    )
+    parser.add_argument("--config", default=DEFAULT_PRESET, help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
+    parser.add_argument("--cluster", default=str(RAY_CLUSTER_YAML), help="cluster launcher config with the node types")
+    parser.add_argument("--image", default=os.environ.get("OMNISTAGE_IMAGE"), help=f"required: {PLACEHOLDERS['OMNISTAGE_IMAGE']} (default: $OMNISTAGE_IMAGE)")
+    parser.add_argument(
+        "--gcs-redis", default=os.environ.get("OMNISTAGE_GCS_REDIS"), help=f"required: {PLACEHOLDERS['OMNISTAGE_GCS_REDIS']} (default: $OMNISTAGE_GCS_REDIS)"
+    )
+    parser.add_argument("--template", action="store_true", help=f"write the markers instead of values: the checked-in {RAYSERVICE_YAML.name}")
+    parser.add_argument("--fill", metavar="FILE", help=f"write FILE with its markers ({', '.join(PLACEHOLDERS)}) filled from --set and the environment")
+    parser.add_argument("--set", metavar="NAME=VALUE", action="append", default=[], help="a marker's value for --fill (repeatable)")
+    parser.add_argument("--out", help=f"output file, - for stdout (default: {RAYSERVICE_YAML} with --template, else -)")
+    args = parser.parse_args(argv)
+    if args.fill:
+        values = {name: os.environ.get(name, "") for name in PLACEHOLDERS}
+        for item in args.set:
+            name, sep, value = item.partition("=")
+            if not sep or name not in PLACEHOLDERS:
+                raise SystemExit(f"expected --set NAME=VALUE with NAME among {', '.join(PLACEHOLDERS)}, got {item!r}")
+            values[name] = value
+        try:
+            text = fill_placeholders(Path(args.fill).read_text(), values)
+        except ValueError as exc:
+            raise SystemExit(f"cannot fill {args.fill}: {exc}") from None
     else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+        text = _rayservice_text(args)
+    out = args.out or (str(RAYSERVICE_YAML) if args.template else "-")
+    if out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ class _TextMessage(_Request):
     def _no_media(cls, data: Any) -> Any:
         parts = data.get("content") if isinstance(data, dict) else None
         kinds = [part.get("type") for part in parts if isinstance(part, dict)] if isinstance(parts, list) else []
-        media = [kind for kind in kinds if kind in PART_MODALITY]
+        # Only strings can name a part type; anything else fails the part's own validation.
+        media = [kind for kind in kinds if isinstance(kind, str) and kind in PART_MODALITY]
         if media:
             raise PydanticCustomError(
                 "media_outside_user",
@@ -147,6 +148,11 @@ def describe_validation_error(exc: ValidationError, root: tuple[str, ...] = ()) 
 # Requests
 
 
+# Torch's generators take a seed as a signed or unsigned 64-bit integer; media generation adds
+# the item's index (under 8), so the top stays that far below the limit.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1 - 8)]
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -159,7 +165,7 @@ class ChatCompletionRequest(_Request):
     # Unset: the served model's defaults (the LLM config's ``defaults``).
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -190,7 +196,7 @@ class MediaGenerationRequest(_Request):
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1, le=8)
-    seed: int | None = None
+    seed: Seed | None = None
     response_format: Literal["b64_json"] = "b64_json"
     size: str | None = Field(None, pattern=r"^\d+x\d+$", description="WIDTHxHEIGHT (image, video)")
     num_frames: int | None = Field(None, ge=1, description="video")

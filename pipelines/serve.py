@@ -107,6 +107,30 @@ def _unpack_msgpack(body: bytes) -> Any:
     return data
 
 
+def _refuse_constant(name: str) -> Any:
+    raise InvalidInputError(f"expected JSON numbers, got {name}, which JSON does not have")
+
+
+# A \uD800-\uDFFF escape: valid JSON syntax, but alone it is half a character, which the
+# tokenizer and every encoder downstream refuse.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _parse_json(body: bytes) -> Any:
+    """One JSON document, strictly: no NaN or Infinity, and text that is Unicode throughout.
+    Nesting too deep for the parser is refused like any other malformed body."""
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+        if _SURROGATE_ESCAPE.search(body):
+            json.dumps(data, ensure_ascii=False).encode()  # a pair became one character; one alone fails
+    except InvalidInputError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
+        reason = "nest too deeply" if isinstance(exc, RecursionError) else "do not parse as UTF-8 JSON"
+        raise InvalidInputError(f"expected a JSON body, got {len(body)} bytes that {reason}") from None
+    return data
+
+
 def _status_of(exc: BaseException) -> tuple[int, str]:
     """HTTP status and client-facing message for an exception from any stage."""
     import ray.exceptions as ray_errors
@@ -345,10 +369,7 @@ class Ingress:
         if content_type == MSGPACK:
             data = _unpack_msgpack(bytes(body))
         elif content_type == "application/json":
-            try:
-                data = json.loads(body)
-            except ValueError:
-                raise InvalidInputError(f"expected a JSON body, got {len(body)} bytes that do not parse") from None
+            data = _parse_json(bytes(body))
         else:
             raise UnsupportedMediaError(f"expected Content-Type application/json or {MSGPACK}, got {content_type!r}")
         if not isinstance(data, dict):
@@ -589,6 +610,21 @@ def deploy(config: OmnistageConfig, *, name: str = APP_NAME, route_prefix: str =
     return ingress
 
 
+def metrics_url() -> str:
+    """The Prometheus endpoint of the node this process runs on (Ray's metrics agent serves it)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def serving_message(name: str, host: str, port: int, metrics: str) -> str:
+    # Browsers refuse to open the wildcard address; the server is reachable on loopback too.
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    return f"omnistage: serving {name!r}: playground at {url}/, API at {url}/v1, Prometheus metrics at {metrics} (Ctrl-C to stop)"
+
+
 def run_server(config: OmnistageConfig, host: str | None = None, port: int | None = None, address: str | None = None) -> None:
     """Start (or join, with ``address``) a Ray cluster, deploy, serve until interrupted, clean up."""
     import signal
@@ -600,15 +636,19 @@ def run_server(config: OmnistageConfig, host: str | None = None, port: int | Non
     port = port or config.server.port
     # The dashboard runs code for whoever reaches it; a local server does without it. "local"
     # starts a new instance rather than joining whatever cluster another process left running.
-    ray.init(address=address or "local", include_dashboard=False if address is None else None)
+    # A fixed metrics port, so a Prometheus scrape config written once keeps working; a joined
+    # cluster's nodes export on the port `ray start` gave them.
+    ray.init(
+        address=address or "local",
+        include_dashboard=False if address is None else None,
+        _metrics_export_port=config.server.metrics_port if address is None else None,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": config.server.request_timeout_s})
         deploy(config)
-        # Browsers refuse to open the wildcard address; the server is reachable on loopback too.
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        print(f"omnistage: serving {config.name!r}: playground at {url}/, API at {url}/v1 (Ctrl-C to stop)", flush=True)
+        print(serving_message(config.name, host, port, metrics_url()), flush=True)
         stop.wait()
     except KeyboardInterrupt:
         pass

@@ -59,6 +59,8 @@ def ray_session(omnistage_home):
         num_gpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        # As `omnistage serve` does (server.metrics_port): the metrics tests scrape this port.
+        _metrics_export_port=METRICS_PORT,
         runtime_env={"env_vars": {"OMNISTAGE_HOME": str(omnistage_home), "HF_HUB_OFFLINE": "1"}},
     )
     yield ray
@@ -121,6 +123,7 @@ def redis_server(tmp_path_factory):
 
 # Picked per session, so two suites on one machine never talk to each other's server.
 SERVE_PORT = _free_port()
+METRICS_PORT = _free_port()
 
 
 @pytest.fixture(scope="session")
@@ -165,6 +168,12 @@ def serve_url(ray_session, serve_config):
     yield f"http://127.0.0.1:{SERVE_PORT}"
     serve.delete(APP_NAME)
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_port(ray_session):
+    """The session Ray's Prometheus port (Ray's metrics agent serves /metrics there)."""
+    return METRICS_PORT
 
 
 @pytest.fixture()

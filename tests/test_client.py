@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -59,9 +60,10 @@ ASK = dict(max_tokens=6, seed=0, temperature=0)
 class StubServer:
     """Answers each request with the next scripted reply: ``(status, headers, body)`` (a body of
     bytes is sent as it is, anything else as JSON), or "drop" to close the connection without
-    answering. Records what it received."""
+    answering once the request is read. Records what it received. Made with ``listen=False``, its
+    port is bound but refuses connections until :meth:`listen`."""
 
-    def __init__(self):
+    def __init__(self, listen: bool = True):
         self.replies: list = []
         self.requests: list[dict] = []
         stub = self
@@ -93,13 +95,20 @@ class StubServer:
 
             do_GET = do_POST = _answer
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.server.server_bind()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        if listen:
+            self.listen()
+
+    def listen(self):
+        self.server.server_activate()
         self.thread.start()
 
     def close(self):
-        self.server.shutdown()
+        if self.thread.is_alive():
+            self.server.shutdown()
         self.server.server_close()
 
 
@@ -250,6 +259,61 @@ def test_connection_errors_are_retried_then_typed(stub):
     assert isinstance(caught.value, builtins.ConnectionError) and "cannot connect" in str(caught.value)
 
 
+def test_a_refused_connection_is_retried_for_every_call(monkeypatch):
+    """Refused: the request never left the client, so even a chat is sent again. The port starts
+    listening once the client has seen its first refusal."""
+    from omnistage.clients import sdk
+
+    stub = StubServer(listen=False)
+    stub.replies = [(200, {}, CHAT)]
+    refusals = []
+    after = sdk._Retry.after
+
+    def listen_after_the_first_refusal(retry, outcome):
+        if isinstance(outcome, httpx.ConnectError) and not refusals:
+            refusals.append(outcome)
+            stub.listen()
+        return after(retry, outcome)
+
+    monkeypatch.setattr(sdk._Retry, "after", listen_after_the_first_refusal)
+    try:
+        with Client(stub.url, max_retries=1, timeout=30) as client:
+            assert client.chat("hello").text == "hi there"
+    finally:
+        stub.close()
+    assert len(refusals) == 1 and "refused" in str(refusals[0]).lower()
+    assert [(r["method"], r["path"]) for r in stub.requests] == [("POST", "/v1/chat/completions")]
+
+
+def test_a_connection_dropped_after_the_request_is_retried_for_gets_only(stub):
+    """The server read the request, then closed the connection without answering: it may be
+    running it, so a chat or a generation is not sent again; a GET is."""
+    stub.replies = ["drop"]
+    with Client(stub.url, max_retries=3, timeout=30) as client:
+        for call in (lambda: client.chat("hello"), lambda: client.generate_image("a cat"), lambda: list(client.chat_stream("hello"))):
+            stub.requests.clear()
+            with pytest.raises(ClientConnectionError, match="the connection to .* failed") as caught:
+                call()
+            assert [r["method"] for r in stub.requests] == ["POST"], caught.value
+        stub.requests.clear()
+        stub.replies = ["drop", (200, {}, MODELS)]
+        assert client.models()[0].id == "stub-model"
+    assert [(r["method"], r["path"]) for r in stub.requests] == [("GET", "/v1/models")] * 2
+
+    async def run():
+        stub.requests.clear()
+        stub.replies = ["drop"]
+        async with AsyncClient(stub.url, max_retries=3, timeout=30) as client:
+            with pytest.raises(ClientConnectionError):
+                await client.chat("hello")
+            posts = len(stub.requests)
+            stub.replies = ["drop", (200, {}, MODELS)]
+            return posts, (await client.models())[0].id
+
+    assert asyncio.run(run()) == (1, "stub-model")
+    assert [r["method"] for r in stub.requests] == ["POST", "GET", "GET"]
+
+
 @pytest.mark.parametrize(
     "status,cls",
     [(401, AuthenticationError), (403, AuthenticationError), (500, ServerError), (409, APIError)],
@@ -345,6 +409,82 @@ def test_a_plain_string_first_is_the_prompt(stub):
     assert bodies[2] == bodies[3] == bodies[4]
     assert bodies[2]["messages"] == [{"role": "user", "content": "hello"}] and bodies[2]["stream"] is True
     assert bodies[5] == {"messages": [{"role": "user", "content": "hello"}]}
+
+
+def _sent_media(request: dict) -> list[bytes]:
+    """The media files of a msgpack chat request, in order, as the server receives them."""
+    import msgpack
+
+    parts = msgpack.unpackb(request["body"])["messages"][0]["content"]
+    return [part[part["type"]].get("url", part[part["type"]].get("data")) for part in parts if part["type"] != "text"]
+
+
+def test_media_as_people_have_them(stub, tmp_path):
+    """Paths (str, Path, file:// URL with an escaped space), bytes of every buffer kind, PIL
+    images, arrays and (samples, rate) all reach the server as the files they are."""
+    from omnistage.actors.media import decode_audio, decode_image, decode_video
+
+    folder = tmp_path / "my media"
+    folder.mkdir()
+    files = {"image": folder / "cat.png", "audio": folder / "tone.wav", "video": folder / "clip.mp4"}
+    for path, data in zip(files.values(), (PNG, WAV, MP4)):
+        path.write_bytes(data)
+    as_files = {
+        modality: [path, str(path), path.as_uri(), "file://localhost" + str(path), data, bytearray(data), memoryview(data)]
+        for (modality, path), data in zip(files.items(), (PNG, WAV, MP4))
+    }
+    samples, rate = sample_audio()
+    in_memory = {
+        "image": [Image.open(io.BytesIO(PNG)), sample_image(), np.asarray(Image.open(io.BytesIO(PNG)).convert("L"))],
+        "audio": [(samples, rate), Audio(samples=samples, sampling_rate=rate)],
+        "video": [sample_video(), list(sample_video())],
+    }
+    stub.replies = [(200, {}, CHAT)]
+    keyword = {"image": "images", "audio": "audio", "video": "videos"}
+    with Client(stub.url) as client:
+        for modality, forms in as_files.items():
+            client.chat("what?", **{keyword[modality]: forms})
+            assert _sent_media(stub.requests[-1]) == [files[modality].read_bytes()] * len(forms), modality
+        for modality, forms in in_memory.items():
+            client.chat("what?", **{keyword[modality]: forms})
+        # The same forms inside OpenAI-style messages.
+        parts = [{"type": "image_url", "image_url": {"url": files["image"].as_uri()}}, {"type": "image_url", "image_url": str(files["image"])},
+                 {"type": "input_audio", "input_audio": files["audio"].as_uri()}, {"type": "text", "text": "what?"}]
+        client.chat([{"role": "user", "content": parts}])
+    images, audios, videos = (_sent_media(request) for request in stub.requests[3:6])
+    expected = sample_image()
+    for sent in images[:2]:
+        np.testing.assert_array_equal(decode_image(sent), expected)
+    np.testing.assert_array_equal(decode_image(images[2])[..., 0], np.asarray(Image.open(io.BytesIO(PNG)).convert("L")))
+    for sent in audios:
+        np.testing.assert_allclose(decode_audio(sent).samples, samples, atol=1e-4)
+    for sent in videos:
+        assert decode_video(sent).shape == sample_video().shape
+    assert _sent_media(stub.requests[6]) == [PNG, PNG, WAV]
+    assert len(stub.requests) == 7
+
+
+def test_media_that_cannot_be_read_fail_before_sending(stub, tmp_path):
+    stub.replies = [(200, {}, CHAT)]
+    with Client(stub.url) as client:
+        with pytest.raises(FileNotFoundError):
+            client.chat("what?", images=(tmp_path / "missing.png").as_uri())
+        with pytest.raises(ValueError, match=r"expected a file:// URL of a file on this machine, got one on host 'elsewhere'"):
+            client.chat("what?", images="file://elsewhere/cat.png")
+        with pytest.raises(ValueError, match=r"expected audio samples with their rate as \(samples, sampling_rate\), got an array"):
+            client.chat("what?", audio=np.zeros(160, np.float32))
+        with pytest.raises(TypeError, match="expected image as a path or file:// URL, bytes, a PIL image or an .* got dict"):
+            client.chat("what?", images={"cat": 1})
+    assert stub.requests == []
+
+
+def test_cli_chat_takes_paths_and_file_urls(stub, tmp_path, capsys):
+    path = tmp_path / "cat.png"
+    path.write_bytes(PNG)
+    stub.replies = [(200, {}, CHAT)]
+    assert main(["chat", "What is this?", "--image", str(path), "--image", path.as_uri(), "--url", stub.url]) == 0
+    assert capsys.readouterr().out == "hi there\n"
+    assert _sent_media(stub.requests[0]) == [PNG, PNG]
 
 
 # --- the live app: every method, both transports -------------------------------------------------

@@ -4,6 +4,7 @@ multi-node cluster (``tests/cluster_scenario.py``, in its own process)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import yaml
 
 from omnistage.cluster.config import ConfigError, OmnistageConfig, load_config
 from omnistage.cluster.manifests import (
+    PLACEHOLDERS,
+    RAY_CLUSTER_YAML,
     RAYSERVICE_YAML,
     load_ray_cluster,
     placement_problems,
@@ -20,6 +23,7 @@ from omnistage.cluster.manifests import (
     rayservice_offers,
     render_rayservice,
 )
+from omnistage.cluster.manifests import main as manifests_main
 from omnistage.pipelines.serve_config import (
     SERVE_IMPORT_PATH,
     app_builder,
@@ -276,6 +280,68 @@ def test_rayservice_groups_serve_the_preset_with_gcs_fault_tolerance(rayservice_
     # Secrets are references, never values.
     env = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert {e["name"] for e in env if "valueFrom" in e} == {"OMNISTAGE_REDIS_URL", "OMNISTAGE_API_KEYS"}
+
+
+# Values each deployment must give
+
+
+def test_checked_in_files_mark_the_values_each_deployment_gives():
+    root = RAY_CLUSTER_YAML.parent
+    texts = {path: path.read_text() for path in [RAY_CLUSTER_YAML, RAYSERVICE_YAML, *root.glob("docs/*.md"), *root.glob("cluster/**/*.py")]}
+    assert [str(path) for path, text in texts.items() if "CHANGE-ME" in text] == []
+    assert {"${OMNISTAGE_AWS_ACCOUNT}", "${OMNISTAGE_MODELS_BUCKET}"} <= set(re.findall(r"\$\{OMNISTAGE_[A-Z_]+\}", texts[RAY_CLUSTER_YAML]))
+    rayservice = next(d for d in yaml.safe_load_all(texts[RAYSERVICE_YAML]) if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    assert rayservice["gcsFaultToleranceOptions"]["redisAddress"] == "${OMNISTAGE_GCS_REDIS}"
+    groups = [rayservice["headGroupSpec"], *rayservice["workerGroupSpecs"]]
+    assert {c["image"] for g in groups for c in g["template"]["spec"]["containers"]} == {"${OMNISTAGE_IMAGE}"}
+
+
+def test_the_rayservice_needs_an_image_and_a_gcs_redis(tmp_path, monkeypatch, capsys):
+    for name in PLACEHOLDERS:
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "rayservice.yaml"
+    with pytest.raises(SystemExit, match=r"expected --image or \$OMNISTAGE_IMAGE: the container image .*; got nothing"):
+        manifests_main(["--out", str(out)])
+    with pytest.raises(SystemExit, match=r"expected --gcs-redis or \$OMNISTAGE_GCS_REDIS: host:port .*; got nothing"):
+        manifests_main(["--image", "registry.example/omnistage:1", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"expected --gcs-redis as host:port, got 'redis://gcs'"):
+        manifests_main(["--image", "registry.example/omnistage:1", "--gcs-redis", "redis://gcs", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"expected --image to be a real value, got the marker"):
+        manifests_main(["--image", "${OMNISTAGE_IMAGE}", "--gcs-redis", "gcs:6379", "--out", str(out)])
+    assert not out.exists()
+    monkeypatch.setenv("OMNISTAGE_GCS_REDIS", "gcs-redis.internal:6379")
+    manifests_main(["--image", "registry.example/omnistage:1", "--out", str(out)])
+    text = out.read_text()
+    assert "${OMNISTAGE_" not in text
+    # The same manifest as the template, with the two values in place.
+    assert text == render_rayservice(image="registry.example/omnistage:1", gcs_redis="gcs-redis.internal:6379")
+    rayservice = next(d for d in yaml.safe_load_all(text) if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    assert rayservice["gcsFaultToleranceOptions"]["redisAddress"] == "gcs-redis.internal:6379"
+    assert rayservice["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/omnistage:1"
+
+
+def test_filling_ray_cluster_yaml_refuses_until_every_value_is_given(tmp_path, monkeypatch):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    for name in PLACEHOLDERS:
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "my-cluster.yaml"
+    with pytest.raises(SystemExit) as refused:
+        manifests_main(["--fill", str(RAY_CLUSTER_YAML), "--out", str(out)])
+    message = str(refused.value)
+    assert "expected OMNISTAGE_AWS_ACCOUNT (the 12-digit AWS account id" in message and "got nothing" in message
+    assert "expected OMNISTAGE_MODELS_BUCKET (the S3 bucket" in message and not out.exists()
+    with pytest.raises(SystemExit, match=r"expected --set NAME=VALUE with NAME among .*, got 'BUCKET=x'"):
+        manifests_main(["--fill", str(RAY_CLUSTER_YAML), "--set", "BUCKET=x"])
+    monkeypatch.setenv("OMNISTAGE_MODELS_BUCKET", "acme-models")
+    manifests_main(["--fill", str(RAY_CLUSTER_YAML), "--set", "OMNISTAGE_AWS_ACCOUNT=123456789012", "--out", str(out)])
+    filled = load_ray_cluster(out)
+    llm = filled["available_node_types"]["llm_gpu"]
+    assert llm["node_config"]["IamInstanceProfile"]["Arn"] == "arn:aws:iam::123456789012:instance-profile/omnistage-worker"
+    assert "aws s3 sync --only-show-errors s3://acme-models/llm/ /models/" in llm["initialization_commands"]
+    # The start commands' own shell checks stay for the nodes to run.
+    assert filled["head_start_ray_commands"] == load_ray_cluster()["head_start_ray_commands"]
+    validate_config(prepare_config(filled))
 
 
 # A simulated multi-node cluster

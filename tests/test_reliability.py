@@ -219,29 +219,166 @@ def test_fuzzed_media_never_cause_a_500(client, kind, data, position, value):
     assert response.status_code in (200, 400, 413, 415), response.text
 
 
-_LEAVES = st.none() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20) | st.binary(max_size=20)
+JSON, MSGPACK = "application/json", "application/msgpack"
+
+
+def _assert_clean(response: httpx.Response) -> None:
+    """A 2xx, or a 4xx in OpenAI's error shape; never a 5xx, in the status or in a stream's events."""
+    if response.status_code < 300:
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            events = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data: {")]
+            codes = [event["error"]["code"] for event in events if "error" in event]
+            assert all(400 <= code < 500 for code in codes), codes
+        return
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str), error
+    assert error["code"] == response.status_code, error
+
+
+def _encodings(body) -> list[tuple[bytes, str]]:
+    """``body`` in each encoding that can carry it: JSON has no bytes, msgpack no integer past 64 bits."""
+    encoded = []
+    with contextlib.suppress(TypeError, ValueError):  # ValueError: too deep to encode
+        encoded.append((json.dumps(body).encode(), JSON))  # NaN and Infinity as Python writes them
+    with contextlib.suppress(TypeError, ValueError, OverflowError):
+        encoded.append((msgpack.packb(body, use_bin_type=True), MSGPACK))
+    return encoded
+
+
+_LEAVES = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20) | st.sampled_from([2**64, -(2**63) - 1, 10**40, float("nan"), float("inf"), "\x00", ""])
+)
 _NESTED = st.recursive(
     _LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20
 )
 
 
 # derandomize: the same examples on every run, so the suite stays deterministic.
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(st.binary(max_size=300), _NESTED))
 def test_fuzzed_bodies_never_cause_a_500(client, body):
+    """Random bytes as either content type; random values as the whole body and as a message's
+    content, in JSON and in msgpack."""
     if isinstance(body, bytes):
-        requests = [(body, "application/json"), (body, "application/msgpack")]
+        requests = [(body, JSON), (body, MSGPACK)]
     else:
-        requests = [(msgpack.packb(body, use_bin_type=True), "application/msgpack")]
-        try:
-            chat = {"messages": [{"role": "user", "content": body}], "max_tokens": 1}
-            requests.append((json.dumps(chat).encode(), "application/json"))
-        except TypeError:  # bytes inside: not expressible in JSON
-            pass
+        requests = _encodings(body) + _encodings({"messages": [{"role": "user", "content": body}], "max_tokens": 1})
     for content, content_type in requests:
-        response = client.post("/v1/chat/completions", content=content, headers={"Content-Type": content_type})
-        # Some generated bodies are valid chats (e.g. empty content): 200 is fine, 5xx never.
-        assert response.status_code < 500, response.text
+        _assert_clean(client.post("/v1/chat/completions", content=content, headers={"Content-Type": content_type}))
+
+
+_TINY_PNG = encode_png(sample_image(8))
+_CHAT_BODY = {
+    "model": "omnistage-tiny",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_TINY_PNG).decode(), "detail": "low"}},
+        ]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A picture."}]},
+        {"role": "user", "content": "And now?"},
+    ],
+    "max_tokens": 1, "max_completion_tokens": 1, "temperature": 0, "top_p": 1, "seed": 0, "stop": ["\n"], "n": 1,
+    "stream": False, "stream_options": {"include_usage": True}, "modalities": ["text"],
+}
+_GENERATION_BODY = {"prompt": "a red circle", "model": "omnistage-tiny", "n": 1, "seed": 0, "response_format": "b64_json", "size": "64x64"}
+
+
+def _paths(value, prefix=()):
+    """Every place in ``value`` a field or an item sits, as a path of keys and indices."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield (*prefix, key)
+        yield from _paths(child, (*prefix, key))
+
+
+def _replaced(body, path, value):
+    body = json.loads(json.dumps(body))
+    *parents, last = path
+    target = body
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    return body
+
+
+_ROUTES = {"/v1/chat/completions": _CHAT_BODY, "/v1/images/generations": _GENERATION_BODY}
+_FIELDS = [(route, path) for route, body in _ROUTES.items() for path in _paths(body)]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(_FIELDS), value=_NESTED | st.integers(1, 400).map(lambda depth: json.loads("[" * depth + "]" * depth)))
+def test_a_wrong_value_at_any_field_is_a_4xx(client, field, value):
+    """Every field of a valid chat and generation body, down to each content part's URL, replaced
+    by a value of any type (huge integers, NaN, bytes, nested lists), in JSON and in msgpack."""
+    route, path = field
+    body = _replaced(_ROUTES[route], path, value)
+    for content, content_type in _encodings(body):
+        _assert_clean(client.post(route, content=content, headers={"Content-Type": content_type}))
+
+
+_DEEP = 100_000
+_CHAT_PREFIX = b'{"messages": [{"role": "user", "content": '
+_HOSTILE = {
+    "json-deep-lists": (b"[" * _DEEP + b"]" * _DEEP, JSON),
+    "json-deep-objects": (b'{"a":' * _DEEP + b"1" + b"}" * _DEEP, JSON),
+    "json-deep-content": (_CHAT_PREFIX + b"[" * _DEEP + b"]" * _DEEP + b"}]}", JSON),
+    "msgpack-deep-arrays": (b"\x91" * _DEEP + b"\xc0", MSGPACK),
+    "msgpack-deep-maps": (b"\x81\xa1a" * _DEEP + b"\xc0", MSGPACK),
+    # Headers declaring 4 GiB or 4 billion items, followed by a few bytes.
+    "msgpack-str32-4gib": (b"\xdb\xff\xff\xff\xffabc", MSGPACK),
+    "msgpack-bin32-4gib": (b"\xc6\xff\xff\xff\xffabc", MSGPACK),
+    "msgpack-ext32-4gib": (b"\xc9\xff\xff\xff\xff\x01abc", MSGPACK),
+    "msgpack-array32-4g-items": (b"\xdd\xff\xff\xff\xff\xc0", MSGPACK),
+    "msgpack-map32-4g-items": (b"\xdf\xff\xff\xff\xff\xa1a\xc0", MSGPACK),
+    "msgpack-huge-messages-array": (b"\x81\xa8messages\xdd\xff\xff\xff\xff" + b"\xc0" * 16, MSGPACK),
+    "json-not-utf8": (_CHAT_PREFIX + b'"caf\xe9 \xff\xfe"}]}', JSON),
+    "msgpack-not-utf8": (b"\x81\xa8messages\x91\x82\xa4role\xa4user\xa7content\xa2\xff\xfe", MSGPACK),
+    "json-lone-surrogate": (_CHAT_PREFIX + rb'"\ud800"}], "max_tokens": 1}', JSON),
+    "json-nan": (_CHAT_PREFIX + b'"hi"}], "temperature": NaN}', JSON),
+    "json-infinity": (_CHAT_PREFIX + b'"hi"}], "seed": Infinity}', JSON),
+    "json-minus-infinity": (_CHAT_PREFIX + b'"hi"}], "top_p": -Infinity}', JSON),
+    "json-float-overflow": (_CHAT_PREFIX + b'"hi"}], "temperature": 1e999}', JSON),
+    "json-5000-digit-int": (_CHAT_PREFIX + b'"hi"}], "max_tokens": 1' + b"0" * 5000 + b"}", JSON),
+    "json-seed-past-64-bits": (_CHAT_PREFIX + b'"hi"}], "max_tokens": 1, "seed": 18446744073709551616}', JSON),
+    "json-duplicate-keys": (b'{"messages": [{"role": "user", "content": "hi"}], "messages": 5}', JSON),
+    "msgpack-top-seed": (msgpack.packb({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "seed": 2**64 - 1}), MSGPACK),
+    "msgpack-bytes-keys": (msgpack.packb({b"messages": [{b"role": b"user", b"content": b"hi"}]}, use_bin_type=True), MSGPACK),
+    "msgpack-ext-as-image": (
+        msgpack.packb({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": msgpack.ExtType(5, b"x" * 9)}]}]}),
+        MSGPACK,
+    ),
+    "msgpack-timestamp-as-audio": (
+        msgpack.packb({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": msgpack.Timestamp(0)}]}]}),
+        MSGPACK,
+    ),
+    "msgpack-trailing-bytes": (msgpack.packb({"messages": [{"role": "user", "content": "hi"}]}) + b"\xc0", MSGPACK),
+    "json-empty": (b"", JSON),
+    "msgpack-empty": (b"", MSGPACK),
+    "json-null": (b"null", JSON),
+}
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/images/generations"])
+def test_hostile_bodies_get_a_4xx_in_openais_shape(client, route):
+    """Deep nesting, huge declared lengths, text that is not UTF-8, NaN and Infinity, numbers
+    past any field's range, duplicate keys, extension types: each a 4xx, the server healthy after."""
+    answers = {name: client.post(route, content=content, headers={"Content-Type": content_type}) for name, (content, content_type) in _HOSTILE.items()}
+    for name, response in answers.items():
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+        _assert_clean(response)
+    if route == "/v1/chat/completions":
+        messages = {name: answers[name].json()["error"]["message"] for name in ("json-deep-lists", "json-nan", "json-lone-surrogate", "json-seed-past-64-bits")}
+        assert "nest too deeply" in messages["json-deep-lists"]
+        assert "got NaN, which JSON does not have" in messages["json-nan"]
+        assert "do not parse as UTF-8 JSON" in messages["json-lone-surrogate"]
+        assert "seed" in messages["json-seed-past-64-bits"]
+    seed = client.post("/v1/images/generations", json={"prompt": "x", "seed": 2**64})
+    assert seed.status_code == 400 and "seed" in seed.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
 
 
 def test_decompression_bomb_and_deep_nesting_are_refused_without_decoding(client):
