@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 import torch
 
 from omnistage.actors.base import Stage
+from omnistage.actors.chat_template import ChatTemplate, checkpoint_chat_template, content_problem
 from omnistage.actors.engine import Engine
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
-from omnistage.actors.multimodal import image_token, is_multimodal_checkpoint, language_part, load_multimodal
+from omnistage.actors.multimodal import is_multimodal_checkpoint, language_part, load_multimodal, media_token_ids
 from omnistage.actors.payloads import (
     MODALITIES,
     PLACEHOLDERS,
+    Embeddings,
     LLMRequest,
     LLMResult,
     signal_token_names,
@@ -59,21 +61,19 @@ class LLM(Stage):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
-        if self.tokenizer.chat_template is None:
-            raise ValueError(f"the tokenizer in {str(self.checkpoint)!r} has no chat template; add one to its tokenizer_config.json")
+        template = checkpoint_chat_template(self.checkpoint, self.tokenizer)
+        if template is None:
+            raise ValueError(
+                f"expected a chat template in {str(self.checkpoint)!r} (chat_template.json, chat_template.jinja, "
+                "processor_config.json or tokenizer_config.json), found none; add one to its tokenizer_config.json"
+            )
+        self.chat_template = ChatTemplate(self.tokenizer, template)
         self.placeholders: dict[str, str] = dict(PLACEHOLDERS)
         if is_multimodal_checkpoint(self.checkpoint):
-            # LLaVA / BLIP-2: serve the language model; the image token is the checkpoint's own.
+            # LLaVA / BLIP-2: serve the language model; the media tokens are the checkpoint's own.
             whole = load_multimodal(self.checkpoint, self.dtype)
             self.model = language_part(whole)
-            self.placeholders = {"image": PLACEHOLDERS["image"]}
-            image_id = image_token(whole.config)
-            got = self.tokenizer.convert_tokens_to_ids(PLACEHOLDERS["image"])
-            if got != image_id:
-                raise ValueError(
-                    f"the tokenizer in {str(self.checkpoint)!r} maps {PLACEHOLDERS['image']!r} to id {got}, "
-                    f"but the checkpoint's config names image token id {image_id}"
-                )
+            self.placeholders = self._checkpoint_media_tokens(whole.config)
             del whole
         elif _is_encoder_decoder(self.checkpoint):
             # Flan-T5 / UL2: the prompt (media spliced in) goes into the encoder; the decoder writes.
@@ -102,6 +102,28 @@ class LLM(Stage):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_context = getattr(self.model.config, "max_position_embeddings", None)
         self.engine = Engine(self, config.engine)
+
+    def _checkpoint_media_tokens(self, model_config) -> dict[str, str]:
+        """The checkpoint's own media token per modality, checked against its tokenizer and template."""
+        tokens = {}
+        for modality, token_id in media_token_ids(model_config).items():
+            token = self.tokenizer.convert_ids_to_tokens(token_id)
+            if not self.chat_template.typed:
+                # A string template reads the chat's placeholders as they are: the checkpoint's
+                # token must be that placeholder.
+                got = self.tokenizer.convert_tokens_to_ids(PLACEHOLDERS[modality])
+                if got != token_id:
+                    raise ValueError(
+                        f"the tokenizer in {str(self.checkpoint)!r} maps {PLACEHOLDERS[modality]!r} to id {got}, "
+                        f"but the checkpoint's config names {modality} token id {token_id}"
+                    )
+            elif (n := self.chat_template.count(modality, token_id)) != 1:
+                raise ValueError(
+                    f"expected the chat template in {str(self.checkpoint)!r} to write the checkpoint's {modality} token "
+                    f"{token!r} (id {token_id}) once for one {modality} part, got {n} times"
+                )
+            tokens[modality] = token
+        return tokens
 
     def _add_missing_tokens(self) -> None:
         needed = list(self.placeholders.values()) + [
@@ -144,10 +166,12 @@ class LLM(Stage):
         if not request.messages:
             raise InvalidInputError("expected at least one message, got none")
         for i, message in enumerate(request.messages):
-            if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            if message.get("role") not in ROLES:
+                raise InvalidInputError(f"expected message {i} to have a role in {ROLES}, got {message.get('role')!r}")
+            if problem := content_problem(message.get("content")):
                 raise InvalidInputError(
-                    f"expected message {i} to have a role in {ROLES} and text content, "
-                    f"got role {message.get('role')!r} and content of type {type(message.get('content')).__name__}"
+                    f"expected message {i} to have text content or a list of parts ({{'type': 'text', 'text': str}} "
+                    f"or {{'type': m}} with m in {MODALITIES}), got {problem}"
                 )
         if not 1 <= request.max_tokens <= self.config.max_tokens_limit:
             raise InvalidInputError(f"expected max_tokens in [1, {self.config.max_tokens_limit}], got {request.max_tokens}")
@@ -165,20 +189,27 @@ class LLM(Stage):
 
     # 2. Embed the prompt with media spliced in
 
-    def render_prompt(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def render_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt as the checkpoint's processor renders it (``actors/chat_template.py``)."""
+        return self.chat_template.render(messages)
 
     def prompt_ids(self, request: LLMRequest) -> list[int]:
         return self.tokenizer(self.render_prompt(request.messages), add_special_tokens=False)["input_ids"]
+
+    def media_in_prompt_order(self, request: LLMRequest, ids: list[int]) -> list[Embeddings]:
+        """``request.media`` in the order of the prompt's placeholders: the k-th placeholder of a
+        modality takes the k-th item of that modality, as the models' own processors pair them
+        (some templates write a message's images before its videos, whatever the parts' order)."""
+        queues = {m: [item for item in request.media if item.modality == m] for m in MODALITIES}
+        return [queues[self.placeholder_ids[t]].pop(0) for t in ids if t in self.placeholder_ids]
 
     def _check_media(self, request: LLMRequest, ids: list[int]) -> int:
         """The prompt's length with media; raises unless the media match its placeholders."""
         wanted = [self.placeholder_ids[t] for t in ids if t in self.placeholder_ids]
         given = [item.modality for item in request.media]
-        if wanted != given:
+        if sorted(wanted) != sorted(given):
             raise InvalidInputError(
-                f"the prompt's placeholders ask for {_describe(wanted)} in this order, "
-                f"but the media given are {_describe(given)}"
+                f"the prompt's placeholders ask for {_describe(wanted)}, but the media given are {_describe(given)}"
             )
         for item in request.media:
             if not isinstance(item.embeds, np.ndarray) or item.embeds.ndim != 2 or item.embeds.shape[1] != self.hidden_size:
@@ -198,11 +229,12 @@ class LLM(Stage):
         """(n_tokens, d_llm) input embeddings of a checked request: the prompt's tokens (``ids``,
         from ``prepare``), each placeholder expanded to its medium's embeddings."""
         ids = self.prompt_ids(request) if ids is None else ids
-        input_ids = torch.tensor(self.expand(ids, [item.embeds.shape[0] for item in request.media]), device=self.device)
-        if not request.media:
+        media = self.media_in_prompt_order(request, ids)
+        input_ids = torch.tensor(self.expand(ids, [item.embeds.shape[0] for item in media]), device=self.device)
+        if not media:
             return self.embed_tokens(input_ids)
         # concatenate() copies: arrays read from Ray's object store are read-only.
-        return self.splice(input_ids, torch.from_numpy(np.concatenate([item.embeds for item in request.media])))
+        return self.splice(input_ids, torch.from_numpy(np.concatenate([item.embeds for item in media])))
 
     def expand(self, ids: list[int], lengths: list[int]) -> list[int]:
         """``ids`` with the k-th placeholder repeated ``lengths[k]`` times: one position per token

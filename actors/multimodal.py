@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from omnistage.actors.payloads import MODALITIES
+
 MULTIMODAL_TYPES = ("llava", "blip-2")
 
 
@@ -121,13 +123,22 @@ def language_part(model: nn.Module) -> nn.Module:
     return lm.eval()
 
 
-def image_token(model_config: Any) -> int:
-    """The id of the image placeholder token the checkpoint's config names."""
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(model_config, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{model_config.model_type} config names no image token (image_token_id / image_token_index)")
+def media_token_ids(model_config: Any) -> dict[str, int]:
+    """The id of each media token the checkpoint's config names (``image_token_id`` or
+    ``image_token_index``, likewise for video and audio), by modality."""
+    ids = {}
+    for modality in MODALITIES:
+        for name in (f"{modality}_token_id", f"{modality}_token_index"):
+            value = getattr(model_config, name, None)
+            if value is not None:
+                ids[modality] = int(value)
+                break
+    if not ids:
+        raise ValueError(
+            f"expected the {model_config.model_type} config to name a media token (image_token_id / "
+            "image_token_index, or the video / audio ones), got none"
+        )
+    return ids
 
 
 def pretrained_config(path: str | Path, name: str | None = None):

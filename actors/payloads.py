@@ -7,7 +7,7 @@ store on the same node, while tensors would be pickled. Shapes are given in each
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -84,14 +84,16 @@ class Embeddings:
 
 @dataclass
 class LLMRequest:
-    """A chat for the LLM. Message contents are text in which placeholders (``<image>``,
-    ``<video>``, ``<audio>``) stand for ``media``, filled in order of appearance.
+    """A chat for the LLM. A message's content is a list of typed parts (``{"type": "text",
+    "text": ...}``, ``{"type": "image"}``, ``"video"``, ``"audio"``), or text in which placeholders
+    (``<image>``, ``<video>``, ``<audio>``) stand for the media parts. The k-th media part of a
+    modality stands for the k-th item of that modality in ``media``.
 
     Dimensions:
         media[i].embeds: (n_tokens_i, d_llm) float32
     """
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     media: list[Embeddings] = field(default_factory=list)
     # None: the LLM's configured default (``llm.defaults``), filled in by the LLM stage.
     max_tokens: int | None = None

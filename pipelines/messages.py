@@ -1,4 +1,4 @@
-"""OpenAI-style chat messages to the LLM's form: text with placeholders, plus the media.
+"""OpenAI-style chat messages to the LLM's form: text and typed media parts, plus the media.
 
 Content parts follow OpenAI's chat format (``text``, ``image_url``, ``input_audio``) with
 ``video_url`` added the same way; their schema is ``omnistage.pipelines.schemas.Message``. In
@@ -24,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from omnistage.actors.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.media import parse_data_url, probe, to_audio_clip, to_image_array, to_video_array
-from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, EncodedMedia, Modality
+from omnistage.actors.payloads import AudioClip, EncodedMedia, Modality
 from omnistage.cluster.config import InputLimits
 from omnistage.pipelines.schemas import PART_MODALITY, InputAudio, MediaURL, Message, TextPart, describe_validation_error
 
@@ -34,11 +34,13 @@ _MESSAGES = TypeAdapter(list[Message])
 
 @dataclass
 class ParsedChat:
-    """``messages`` hold text only (placeholders where media stood); ``media`` lists the media in
-    placeholder order: files as ``EncodedMedia`` (header checked), objects from Python callers as
-    image (H, W, 3) uint8, video (T, H, W, 3) uint8, audio AudioClip."""
+    """``messages`` hold text and typed parts in the caller's order (``{"type": "text", "text":
+    ...}``, ``{"type": "image"}`` where an image stood: the LLM's ``LLMRequest`` form, which the LLM
+    stage renders with the checkpoint's own chat template); ``media`` lists the media in part
+    order: files as ``EncodedMedia`` (header checked), objects from Python callers as image
+    (H, W, 3) uint8, video (T, H, W, 3) uint8, audio AudioClip."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     media: list[tuple[Modality, EncodedMedia | np.ndarray | AudioClip]]
 
 
@@ -70,18 +72,18 @@ def parse_messages(
         if isinstance(message.content, str):
             out_messages.append({"role": message.role, "content": message.content})
             continue
-        texts = []
+        parts = []
         for part_index, part in enumerate(message.content):
             if isinstance(part, TextPart):
-                texts.append(part.text)
+                parts.append({"type": "text", "text": part.text})
                 continue
             where = f"message {index} part {part_index}"
             modality = PART_MODALITY[part.type]
             if modality not in accepted:
                 raise UnsupportedMediaError(f"{where} is {modality}, but this model accepts {accepted or 'text only'}")
             media.append((modality, _medium(modality, getattr(part, part.type), where, remote, limits)))
-            texts.append(PLACEHOLDERS[modality])
-        out_messages.append({"role": message.role, "content": "\n".join(texts)})
+            parts.append({"type": modality})
+        out_messages.append({"role": message.role, "content": parts})
     return ParsedChat(messages=out_messages, media=media)
 
 

@@ -375,7 +375,8 @@ def _keywords(spec: shapes.ShapeSpec, rng: random.Random) -> str:
 
 
 def _user_turn(media: str, question: str) -> str:
-    """A user message as ``parse_messages`` writes one: the medium's part, then the question."""
+    """A user message as the LLM stage gives a string template the parts ``parse_messages`` writes
+    (the medium's part, then the question): joined by a newline."""
     return f"{media}\n{question}" if question else media
 
 

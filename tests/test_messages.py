@@ -17,7 +17,7 @@ from omnistage.pipelines.messages import RemoteMedia, parse_messages
 PNG = encode_png(sample_image())
 
 
-def test_parts_become_placeholders_in_order():
+def test_parts_stay_typed_parts_in_order():
     chat = parse_messages(
         [
             {"role": "system", "content": "be brief"},
@@ -32,7 +32,7 @@ def test_parts_become_placeholders_in_order():
     )
     assert chat.messages == [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "compare\n<image>\n<audio>\n<image>"},
+        {"role": "user", "content": [{"type": "text", "text": "compare"}, {"type": "image"}, {"type": "audio"}, {"type": "image"}]},
     ]
     assert [m for m, _ in chat.media] == ["image", "audio", "image"]
     # The file stays a file (its encoder decodes it); what a Python caller passed as an array stays one.
@@ -159,8 +159,8 @@ def test_http_requests_and_python_dicts_meet_one_schema():
     request = ChatCompletionRequest.model_validate({"messages": messages})
     from_http, from_python = (parse_messages(m, accepted=["image"]) for m in (request.messages, messages))
     assert from_http.messages == from_python.messages == [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "<image>\nwhat is it?"},
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]},
     ]
     assert [item.data for _, item in from_http.media] == [item.data for _, item in from_python.media] == [PNG]
     # The audio format is checked with the media: an unsupported one is a 415, not a malformed chat.

@@ -239,6 +239,9 @@ def test_splicing_places_each_medium_at_its_placeholder(llm):
         )
     assert got.shape == (len(ids) - 2 + 3 + 2, 32)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # Media pair with placeholders per modality: the order across modalities does not matter.
+    swapped = LLMRequest(messages=request.messages, media=request.media[::-1])
+    torch.testing.assert_close(llm.embed_prompt(swapped), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -246,7 +249,7 @@ def test_splicing_places_each_medium_at_its_placeholder(llm):
     [
         ("<image> <image>", ["image"], r"ask for 2 image .*media given are 1 image"),
         ("<image>", ["image", "image"], r"ask for 1 image .*media given are 2 image"),
-        ("<audio> <image>", ["image", "audio"], r"\(audio image\).*\(image audio\)"),
+        ("<audio> <image>", ["image", "image"], r"1 image, 1 audio \(audio image\).*2 image"),
         ("no placeholder", ["video"], r"ask for no media.*1 video"),
     ],
 )
