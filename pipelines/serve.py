@@ -433,9 +433,13 @@ class Ingress:
                 if req.stream_options and req.stream_options.include_usage:
                     yield event(None, usage=_usage(reply))
             except Exception as exc:
-                # Headers are sent: the error travels as an event, in OpenAI's error shape.
+                # Headers are sent: the error travels as an event, in OpenAI's error shape, and a
+                # retryable one carries its Retry-After there (the SDK reads it).
                 status, message = self._log_error(exc, rid)
-                yield f"data: {json.dumps(error_body(message, status))}\n\n"
+                body = error_body(message, status)
+                if status in (429, 503):
+                    body["retry_after"] = int(_RETRY_AFTER_S)
+                yield f"data: {json.dumps(body)}\n\n"
             finally:
                 # A client that went away stops the stream here: the LLM frees its sequence.
                 await steps.aclose()
