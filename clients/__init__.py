@@ -25,7 +25,7 @@ _EXPORTS = {
         "UnsupportedMediaTypeError",
     ),
     "omnistage.clients.media": ("Audio", "Video"),
-    "omnistage.clients.sdk": ("AsyncChatStream", "AsyncClient", "ChatResult", "ChatStream", "Client", "Health", "Model", "Usage"),
+    "omnistage.clients.sdk": ("AsyncChatStream", "AsyncClient", "ChatResult", "ChatStream", "Client", "Health", "Model", "RetryEvent", "Usage"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -61,4 +61,4 @@ if TYPE_CHECKING:
         UnsupportedMediaTypeError,
     )
     from omnistage.clients.media import Audio, Video
-    from omnistage.clients.sdk import AsyncChatStream, AsyncClient, ChatResult, ChatStream, Client, Health, Model, Usage
+    from omnistage.clients.sdk import AsyncChatStream, AsyncClient, ChatResult, ChatStream, Client, Health, Model, RetryEvent, Usage

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -109,6 +109,21 @@ class Health:
         return self.status == "ok"
 
 
+@dataclass
+class RetryEvent:
+    """What a client's ``on_retry`` callback receives before each retry of a call.
+
+    ``error`` is why the try failed: an :class:`~omnistage.clients.OverloadedError` (503, 429) with
+    the server's ``retry_after``, or a :class:`~omnistage.clients.ConnectionError`. ``attempt``
+    counts retries of this call from 1; ``delay_s`` is the wait before the next try."""
+
+    method: str
+    path: str
+    attempt: int
+    delay_s: float
+    error: errors.OmnistageError
+
+
 # --- the shared core ----------------------------------------------------------------------------
 
 
@@ -186,6 +201,8 @@ class _Retry:
         if time.monotonic() + delay >= self.deadline:
             raise error from (outcome if isinstance(outcome, Exception) else None)
         self.attempt += 1
+        if self.core.on_retry is not None:
+            self.core.on_retry(RetryEvent(self.call.method, self.call.path, self.attempt, delay, error))
         return delay
 
 
@@ -213,7 +230,8 @@ class _StreamState:
         if "error" in event:
             error = event["error"] or {}
             status = error.get("code") if isinstance(error.get("code"), int) else 500
-            raise self.core.api_error(status, error, body=event)
+            # Headers went out before the error: its Retry-After travels in the event.
+            raise self.core.api_error(status, error, body=event, retry_after=_parse_retry_after(str(event.get("retry_after") or "")))
         self.id = event.get("id", self.id)
         if event.get("usage"):
             self.usage = Usage(**event["usage"])
@@ -228,6 +246,14 @@ class _StreamState:
                 self.finish_reason = choice["finish_reason"]
         self.text += "".join(deltas)
         return deltas
+
+    def check_complete(self) -> None:
+        """Raises when the stream ended without ``[DONE]``: the server or the connection cut it, and
+        the text so far may be partial."""
+        if not self.done:
+            raise errors.ConnectionError(
+                f"expected the stream from {self.core.base_url} to end with [DONE], got an end after {len(self.text)} characters of text"
+            )
 
 
 class _StreamResult:
@@ -276,6 +302,7 @@ class _Core:
         max_retries: int,
         transport: Transport,
         model: str | None,
+        on_retry: Callable[[RetryEvent], None] | None = None,
     ):
         if transport not in ("msgpack", "json"):
             raise ValueError(f"expected transport 'msgpack' or 'json', got {transport!r}")
@@ -289,6 +316,7 @@ class _Core:
         self.max_retries = int(max_retries)
         self.binary = transport == "msgpack"
         self.model = model
+        self.on_retry = on_retry
         self.backoff_base_s = 0.5
         self.backoff_max_s = 8.0
 
@@ -411,7 +439,9 @@ class _Core:
 
     # Errors
 
-    def api_error(self, status: int, error: dict[str, Any], *, body: Any = None, response: httpx.Response | None = None) -> errors.APIError:
+    def api_error(
+        self, status: int, error: dict[str, Any], *, body: Any = None, response: httpx.Response | None = None, retry_after: float | None = None
+    ) -> errors.APIError:
         headers = response.headers if response is not None else {}
         kwargs: dict[str, Any] = dict(
             status_code=status,
@@ -423,7 +453,7 @@ class _Core:
         )
         cls = errors.error_class(status)
         if issubclass(cls, errors.OverloadedError):
-            kwargs["retry_after"] = _parse_retry_after(headers.get("retry-after"))
+            kwargs["retry_after"] = _parse_retry_after(headers.get("retry-after")) if retry_after is None else retry_after
         message = " ".join(str(error.get("message") or f"HTTP {status}").split())  # one line
         return cls(message, **kwargs)
 
@@ -460,6 +490,8 @@ _CLIENT_DOC = """
             or a generation, which the server may be running already. Other statuses: never.
         transport: ``msgpack`` (default: media travel as raw bytes) or ``json`` (base64).
         model: the model to ask for in every call (default: the server's own).
+        on_retry: called with a :class:`RetryEvent` before each retry, e.g. to count or log
+            retries; it runs on the calling thread (or event loop), so it should return quickly.
 """
 
 
@@ -477,8 +509,9 @@ class Client:
         max_retries: int = DEFAULT_MAX_RETRIES,
         transport: Transport = "msgpack",
         model: str | None = None,
+        on_retry: Callable[[RetryEvent], None] | None = None,
     ):
-        self._core = _Core(base_url, api_key, timeout, max_retries, transport, model)
+        self._core = _Core(base_url, api_key, timeout, max_retries, transport, model, on_retry)
         self._http = httpx.Client(timeout=timeout)
 
     @property
@@ -609,6 +642,7 @@ class ChatStream(_StreamResult):
         try:
             for line in response.iter_lines():
                 yield from self._state.feed(line)
+            self._state.check_complete()
         except httpx.TransportError as exc:
             raise self._client._core.transport_error(exc) from exc
         finally:
@@ -645,8 +679,9 @@ class AsyncClient:
         max_retries: int = DEFAULT_MAX_RETRIES,
         transport: Transport = "msgpack",
         model: str | None = None,
+        on_retry: Callable[[RetryEvent], None] | None = None,
     ):
-        self._core = _Core(base_url, api_key, timeout, max_retries, transport, model)
+        self._core = _Core(base_url, api_key, timeout, max_retries, transport, model, on_retry)
         self._http = httpx.AsyncClient(timeout=timeout)
 
     @property
@@ -772,6 +807,7 @@ class AsyncChatStream(_StreamResult):
             async for line in response.aiter_lines():
                 for delta in self._state.feed(line):
                     yield delta
+            self._state.check_complete()
         except httpx.TransportError as exc:
             raise self._client._core.transport_error(exc) from exc
         finally:

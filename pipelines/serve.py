@@ -131,6 +131,11 @@ def _parse_json(body: bytes) -> Any:
     return data
 
 
+class _PoolRecovering(Exception):
+    """The deadline passed while a pool of this app had a replica being replaced: the request
+    waited on a dead replica's pool, not on a hung stage, so it may be retried."""
+
+
 def _status_of(exc: BaseException) -> tuple[int, str]:
     """HTTP status and client-facing message for an exception from any stage."""
     import ray.exceptions as ray_errors
@@ -153,6 +158,7 @@ def _status_of(exc: BaseException) -> tuple[int, str]:
             ray_errors.NodeDiedError,
             ReplicaUnavailableError,
             DeploymentUnavailableError,
+            _PoolRecovering,
         ),
     ):
         return 503, "a model replica became unavailable while serving this request; retry it"
@@ -306,7 +312,7 @@ class Ingress:
                 # 4. Signal groups -> output projector -> generators
                 media = await self._generate(signal_refs, req.seed, rid)
         except Exception as exc:
-            return self._error(exc, rid)
+            return self._error(await self._cause_of_timeout(exc), rid)
         message = {"role": "assistant", "content": reply.text}
         if media:
             message["media"] = _media_json(media, binary)
@@ -454,9 +460,13 @@ class Ingress:
                 if req.stream_options and req.stream_options.include_usage:
                     yield event(None, usage=_usage(reply))
             except Exception as exc:
-                # Headers are sent: the error travels as an event, in OpenAI's error shape.
+                # Headers are sent: the error travels as an event, in OpenAI's error shape, and a
+                # retryable one carries its Retry-After there (the SDK reads it).
                 status, message = self._log_error(exc, rid)
-                yield f"data: {json.dumps(error_body(message, status))}\n\n"
+                body = error_body(message, status)
+                if status in (429, 503):
+                    body["retry_after"] = int(_RETRY_AFTER_S)
+                yield f"data: {json.dumps(body)}\n\n"
             finally:
                 # A client that went away stops the stream here: the LLM frees its sequence.
                 await steps.aclose()
@@ -470,7 +480,7 @@ class Ingress:
             async with asyncio.timeout(self.config.server.request_timeout_s):
                 return await self._generate_media(request, modality, rid)
         except Exception as exc:
-            return self._error(exc, rid)
+            return self._error(await self._cause_of_timeout(exc), rid)
 
     async def _generate_media(self, request: Request, modality: str, rid: str) -> Response:
         self._authorize(request)
@@ -519,6 +529,20 @@ class Ingress:
             raise InvalidInputError(f"expected num_frames {gen.num_frames}, got {req.num_frames}")
         if req.duration_s is not None and modality == "audio" and req.duration_s != gen.audio_length_s:
             raise InvalidInputError(f"expected duration_s {gen.audio_length_s}, got {req.duration_s}")
+
+    async def _cause_of_timeout(self, exc: Exception) -> Exception:
+        """A deadline that passed while some pool of this app was replacing a replica (killed, or
+        failing its health checks) is that replica's death, a retryable 503: the request waited
+        for its pool to come back. Otherwise ``exc`` as it is (a timeout stays a 408: a hang)."""
+        if not isinstance(exc, TimeoutError):
+            return exc
+        app = serve.get_replica_context().app_name
+        deployments = (await asyncio.to_thread(serve.status)).applications[app].deployments
+        recovering = sorted(name for name, d in deployments.items() if d.status != "HEALTHY")
+        if recovering:
+            log.info("deadline_while_recovering", pools=recovering)
+            return _PoolRecovering(f"expected every pool to be running, got {recovering} replacing a replica")
+        return exc
 
     # Responses
 

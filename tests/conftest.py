@@ -201,12 +201,13 @@ def wait_until():
 
 @pytest.fixture(scope="session")
 def running_replicas(serve_url):
-    """``running(name)``: how many replicas of the session app's deployment ``name`` are running."""
+    """``running(name, app)``: how many replicas of deployment ``name`` of ``app`` (default: the
+    session app) are running."""
     from ray import serve
 
     from omnistage.pipelines.serve import APP_NAME
 
-    def running(name: str) -> int:
-        return serve.status().applications[APP_NAME].deployments[name].replica_states.get("RUNNING", 0)
+    def running(name: str, app: str = APP_NAME) -> int:
+        return serve.status().applications[app].deployments[name].replica_states.get("RUNNING", 0)
 
     return running

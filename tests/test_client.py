@@ -203,6 +203,46 @@ def test_async_client_retries_too(stub):
     assert time.monotonic() - start >= 1.0 and len(stub.requests) == 2
 
 
+def test_on_retry_sees_each_retry_with_its_cause(stub):
+    stub.replies = [
+        (503, {"Retry-After": "0"}, _error(503, "busy", "overloaded_error")),
+        (429, {"Retry-After": "0"}, _error(429, "slow down", "rate_limit_error")),
+        (200, {}, MODELS),
+    ]
+    seen = []
+    with Client(stub.url, max_retries=2, on_retry=seen.append) as client:
+        assert client.models()[0].id == "stub-model"
+    assert [(e.method, e.path, e.attempt, type(e.error), e.error.retry_after) for e in seen] == [
+        ("GET", "/v1/models", 1, OverloadedError, 0.0),
+        ("GET", "/v1/models", 2, RateLimitError, 0.0),
+    ]
+    assert all(0 <= e.delay_s <= 2 for e in seen) and len(stub.requests) == 3
+
+
+def test_a_cut_stream_raises_and_a_stream_error_carries_retry_after(stub):
+    started = b'data: {"choices": [{"index": 0, "delta": {"content": "hi "}}]}\n\n'
+    unavailable = json.dumps({**_error(503, "a model replica became unavailable", "overloaded_error"), "retry_after": 1}).encode()
+    events = {"Content-Type": "text/event-stream"}
+    with Client(stub.url, transport="json", max_retries=0) as client:
+        stub.replies = [(200, events, started)]
+        stream = client.chat_stream("hello")
+        with pytest.raises(ClientConnectionError, match=r"to end with \[DONE\], got an end after 3 characters of text"):
+            list(stream)
+        assert stream.text == "hi "
+        stub.replies = [(200, events, started + b"data: " + unavailable + b"\n\ndata: [DONE]\n\n")]
+        with pytest.raises(OverloadedError) as caught:
+            list(client.chat_stream("hello"))
+        assert caught.value.status_code == 503 and caught.value.retry_after == 1.0
+
+    async def cut():
+        stub.replies = [(200, events, started)]
+        async with AsyncClient(stub.url, transport="json") as client:
+            return [delta async for delta in client.chat_stream("hello")]
+
+    with pytest.raises(ClientConnectionError, match=r"to end with \[DONE\]"):
+        asyncio.run(cut())
+
+
 def test_no_retry_on_400(stub):
     stub.replies = [(400, {}, _error(400, "expected something else")), (200, {}, MODELS)]
     with Client(stub.url, max_retries=5) as client, pytest.raises(BadRequestError) as caught:

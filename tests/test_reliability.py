@@ -18,9 +18,11 @@ from PIL import Image
 
 from omnistage.actors.media import encode_png, encode_video
 from omnistage.pipelines.demo import sample_image, sample_video
-from omnistage.pipelines.serve import APP_NAME
 
 pytestmark = pytest.mark.slow
+
+
+CHAOS_APP = "chaos"
 
 
 def _gcs_address():
@@ -29,16 +31,30 @@ def _gcs_address():
     return ray.get_runtime_context().gcs_address
 
 
-def _replica_actors() -> dict[str, dict[str, int]]:
-    """Deployment -> {replica actor name: pid} of the session app's live replicas."""
-    from ray.util.state import list_actors
+@pytest.fixture(scope="module")
+def chaos_app(serve_url):
+    """The base URL of the module's own app for its faults: they stop, kill and overload its
+    replicas, never the session app's, so one fault cannot cascade into other tests. The tiny
+    preset, one replica per pool, a one-deep queue on the audio generator (overload is
+    observable) and health checks every second on the audio encoder (a replica failing them is
+    replaced within a test)."""
+    from ray import serve
 
-    prefix = f"ServeReplica:{APP_NAME}:"
-    found: dict[str, dict[str, int]] = {}
-    for actor in list_actors(address=_gcs_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=10_000):
-        if actor.class_name.startswith(prefix):
-            found.setdefault(actor.class_name.removeprefix(prefix), {})[actor.name] = actor.pid
-    return found
+    from omnistage.cluster.config import OmnistageConfig, load_config
+    from omnistage.pipelines.serve import deploy
+
+    data = load_config("tiny").model_dump()
+    data["stages"]["audio_generator"]["queue"].update(max_ongoing_requests=1, max_queued_requests=1)
+    data["stages"]["audio_encoder"]["health"] = {"period_s": 1, "timeout_s": 2}
+    deploy(OmnistageConfig.model_validate(data), name=CHAOS_APP, route_prefix=f"/{CHAOS_APP}")
+    yield f"{serve_url}/{CHAOS_APP}"
+    serve.delete(CHAOS_APP)
+
+
+def _chaos_replicas() -> dict[str, dict[str, int]]:
+    from omnistage.pipelines.chaos import stage_replicas
+
+    return stage_replicas(CHAOS_APP)
 
 
 @contextlib.contextmanager
@@ -54,115 +70,160 @@ def _paused(pid: int):
             os.kill(pid, signal.SIGCONT)
 
 
-def _kill_replica(deployment: str, pid: int, wait_until) -> None:
-    """SIGKILL, as the OOM killer or a crash would; returns once Ray knows the actor is dead."""
-    os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: pid not in _replica_actors().get(deployment, {}).values(), 30)
+def _replaced(deployment: str, victim: str, running_replicas) -> bool:
+    """``victim`` is gone and the pool runs one replica again: a new actor."""
+    actors = _chaos_replicas().get(deployment, {})
+    return victim not in actors and len(actors) == 1 == running_replicas(deployment, CHAOS_APP)
 
 
-def _replaced(deployment: str, running_replicas) -> bool:
-    """The one replica of ``deployment`` is a new actor, and running (checked after the old one died)."""
-    return len(_replica_actors().get(deployment, {})) == 1 == running_replicas(deployment)
-
-
-def _chat(serve_url: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=120)
-
-
-def test_killing_the_llm_replica_under_load_loses_no_request(serve_url, serve_config, running_replicas, wait_until):
-    """RELIABILITY row 1: in-flight requests fail fast as a retryable 503, the SDK retries them."""
-    import ray
+def _stats(deployment: str) -> dict:
     from ray import serve
 
-    from omnistage.clients import Client
+    return serve.get_deployment_handle(deployment, CHAOS_APP).stats.remote().result()
 
-    llm = serve.get_deployment_handle("llm", "omnistage")
-    assert running_replicas("llm") == serve_config.stages.llm.scaling.min_replicas
-    victim = llm.stats.remote().result()["actor_name"]
+
+def _chat(url: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_killing_the_llm_replica_under_load_loses_no_request(chaos_app, running_replicas, wait_until):
+    """RELIABILITY row 1: in-flight requests fail fast as a retryable 503, the SDK retries them."""
+    from omnistage.clients import Client, OverloadedError
+    from omnistage.pipelines.chaos import kill_replica
+
+    ((victim, pid),) = _chaos_replicas()["llm"].items()
     image = sample_image()
+    retries = []  # every retry of every client, with the error that caused it
 
     def one(i):
-        with Client(serve_url, max_retries=10, timeout=240) as client:
-            return isinstance(client.caption(image, prompt=f"request {i}", max_tokens=24), str)
+        with Client(chaos_app, max_retries=10, timeout=240, on_retry=retries.append) as client:
+            return isinstance(client.caption(image, prompt=f"request {i}", max_tokens=48), str)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
-        futures = [pool.submit(one, i) for i in range(50)]
-        time.sleep(2)
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        futures = [pool.submit(one, i) for i in range(30)]
+        # Killed while its engine decodes some of them.
+        assert wait_until(lambda: _stats("llm")["running"] > 0, 60)
+        kill_replica(victim, pid, "ray.kill")
         succeeded = [f.result() for f in futures]
-    assert succeeded == [True] * 50
+    assert succeeded == [True] * 30
+    # The requests it was decoding came back as 503 with Retry-After, and the SDK retried them.
+    assert retries and all(isinstance(r.error, OverloadedError) and r.error.status_code == 503 and r.error.retry_after >= 1 for r in retries), retries
     # The controller replaces the replica: the pool is back at its size, on a new actor.
-    assert wait_until(lambda: running_replicas("llm") >= serve_config.stages.llm.scaling.min_replicas, 120)
-    assert llm.stats.remote().result()["actor_name"] != victim
+    assert wait_until(lambda: _replaced("llm", victim, running_replicas), 120)
 
 
-def _kill_between_stages(serve_url: str, body: dict, producer: str, reader: str, wait_until) -> httpx.Response:
+def _kill_between_stages(url: str, body: dict, producer: str, reader: str, wait_until) -> tuple[httpx.Response, str]:
     """Posts ``body`` with the ``reader`` pool stopped, SIGKILLs the ``producer`` replica once it has
-    handled the request, then lets ``reader`` go on: what it reads has outlived its producer."""
-    from ray import serve
+    handled the request, then lets ``reader`` go on: what it reads has outlived its producer.
+    Returns the answer and the killed replica's actor name."""
+    from omnistage.pipelines.chaos import kill_replica
 
-    handle = serve.get_deployment_handle(producer, APP_NAME)
-    actors = _replica_actors()
-    ((producer_pid,), (reader_pid,)) = (actors[producer].values(), actors[reader].values())
-    handled = handle.stats.remote().result()["items"]
+    actors = _chaos_replicas()
+    ((victim, producer_pid),), (reader_pid,) = actors[producer].items(), actors[reader].values()
+    handled = _stats(producer)["items"]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         with _paused(reader_pid):
-            answer = pool.submit(_chat, serve_url, body)
-            assert wait_until(lambda: handle.stats.remote().result()["items"] > handled, 30)
-            _kill_replica(producer, producer_pid, wait_until)
-        return answer.result()
+            answer = pool.submit(_chat, url, body)
+            assert wait_until(lambda: _stats(producer)["items"] > handled, 30)
+            # In flight when killed: the stopped reader holds it back.
+            assert not answer.done()
+            kill_replica(victim, producer_pid, "sigkill")
+            assert wait_until(lambda: victim not in _chaos_replicas().get(producer, {}), 30)
+        return answer.result(), victim
 
 
-def test_killing_an_encoder_after_it_produced_features_loses_nothing(serve_url, running_replicas, wait_until):
+def test_killing_an_encoder_after_it_produced_features_loses_nothing(chaos_app, running_replicas, wait_until):
     """RELIABILITY row 2, encoder side: the ingress made the encoder call, so the ingress owns its
     output; the features (here 144 KB, so in the node's object store) outlive the encoder."""
     video = base64.b64encode(encode_video(sample_video(n_frames=6, size=40), fps=4)).decode()
     body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{video}"}}]}], "max_tokens": 2}
-    response = _kill_between_stages(serve_url, body, "video_encoder", "input_projector", wait_until)
+    response, victim = _kill_between_stages(chaos_app, body, "video_encoder", "input_projector", wait_until)
     assert response.status_code == 200, response.text
-    assert wait_until(lambda: _replaced("video_encoder", running_replicas), 120)
+    assert wait_until(lambda: _replaced("video_encoder", victim, running_replicas), 120)
 
 
-def test_killing_the_llm_after_it_answered_loses_nothing(serve_url, running_replicas, wait_until):
+def test_killing_the_llm_after_it_answered_loses_nothing(chaos_app, running_replicas, wait_until):
     """RELIABILITY row 2, LLM side: the LLM streams its signal groups to the ingress, and the caller
     of a stream owns what it yields, so the LLM replica killed once it has answered, before the
     output projector read the groups, costs the request nothing."""
     body = {"messages": [{"role": "user", "content": "a red circle"}], "max_tokens": 2, "modalities": ["text", "image"], "seed": 0}
-    response = _kill_between_stages(serve_url, body, "llm", "output_projector", wait_until)
+    response, victim = _kill_between_stages(chaos_app, body, "llm", "output_projector", wait_until)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["media"][0]["type"] == "image"
-    assert wait_until(lambda: _replaced("llm", running_replicas), 120)
+    assert wait_until(lambda: _replaced("llm", victim, running_replicas), 120)
 
 
-def test_overloaded_pool_answers_503_with_retry_after(serve_url, serve_config, running_replicas, wait_until):
+def test_overloaded_pool_answers_503_with_retry_after(chaos_app, running_replicas, wait_until):
     """RELIABILITY row 5: a full queue refuses at once; the queued requests complete. The pool's
-    replicas are stopped while the requests arrive, so its queue fills however the stages before
+    replica is stopped while the requests arrive, so its queue fills however the stages before
     it pace them."""
     body = {"prompt": "a bell", "seed": 0}
-    # Every replica of the pool is the one stopped below: none still starting or stopping.
-    minimum = serve_config.stages.audio_generator.scaling.min_replicas
-    assert wait_until(lambda: running_replicas("audio_generator") == minimum == len(_replica_actors()["audio_generator"]), 120)
+    assert wait_until(lambda: running_replicas("audio_generator", CHAOS_APP) == 1 == len(_chaos_replicas()["audio_generator"]), 120)
+    ((pid,),) = [_chaos_replicas()["audio_generator"].values()]
 
     def one(_):
         with httpx.Client(timeout=120) as c:
-            return c.post(f"{serve_url}/v1/audio/generations", json=body)
+            return c.post(f"{chaos_app}/v1/audio/generations", json=body)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool, contextlib.ExitStack() as stopped:
-        for pid in _replica_actors()["audio_generator"].values():
-            stopped.enter_context(_paused(pid))
-        futures = [pool.submit(one, i) for i in range(12)]
-        # Refused at once: answered while the pool cannot run anything.
-        assert wait_until(lambda: any(f.done() for f in futures), 60)
-        stopped.close()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        with _paused(pid):
+            futures = [pool.submit(one, i) for i in range(12)]
+            # Refused at once: answered while the pool cannot run anything.
+            assert wait_until(lambda: any(f.done() for f in futures), 60)
+            refused_while_stopped = [f.result() for f in futures if f.done()]
         responses = [f.result() for f in futures]
+    assert {r.status_code for r in refused_while_stopped} == {503}
     codes = sorted(r.status_code for r in responses)
     assert set(codes) == {200, 503}, codes  # excess refused, the queued ones completed
     refused = next(r for r in responses if r.status_code == 503)
     assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["type"] == "overloaded_error"
 
 
-def test_health_stays_green_after_faults(client):
-    assert client.get("/healthz").status_code == 200
+def test_a_failing_health_check_replaces_that_replica_and_no_other(chaos_app, running_replicas, wait_until):
+    """RELIABILITY row 3, the replacement: the audio encoder's checks (every 1 s, 2 s to answer)
+    fail while its process is stopped; Serve replaces that replica and ends the stopped one,
+    every other pool keeps its replicas, and an audio question sent while the replica was
+    stopped is answered by the new one."""
+    from omnistage.clients import Client
+    from omnistage.pipelines.demo import sample_audio
+
+    before = _chaos_replicas()
+    ((victim, pid),) = before["audio_encoder"].items()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, Client(chaos_app, max_retries=10, timeout=120) as client:
+        with _paused(pid):
+            answer = pool.submit(client.chat, prompt="What do you hear?", audio=sample_audio(), max_tokens=2)
+            assert wait_until(lambda: _replaced("audio_encoder", victim, running_replicas), 90)
+        assert answer.result().finish_reason in ("stop", "length")
+    after = _chaos_replicas()
+    assert {name: replicas for name, replicas in after.items() if name != "audio_encoder"} == {
+        name: replicas for name, replicas in before.items() if name != "audio_encoder"
+    }
+    # The question was in flight across the replacement: the new replica is the one that encoded it.
+    assert _stats("audio_encoder")["items"] == 1
+
+
+def test_chaos_under_mixed_load_loses_no_request(chaos_app):
+    """RELIABILITY row 17, short: 20 s of mixed load through the SDK (four requests in flight)
+    while a random stage replica of the chaos app is killed every 5 s, four kills in all;
+    ``benchmarks/chaos.py`` runs the same for minutes. Last of the chaos app's tests, since its
+    replicas are killed at random."""
+    from omnistage.pipelines.chaos import run_chaos
+
+    report = run_chaos(chaos_app, CHAOS_APP, duration_s=20, kill_every_s=5, concurrency=4, seed=0, recovery_timeout_s=120)
+    summary = {k: report[k] for k in ("sent", "answered", "failed", "lost", "retry_causes", "failures", "lost_reasons", "kill_log")}
+    # The faults happened while requests were in flight. Whether a kill cuts one of them depends
+    # on where each is at that moment; the SDK's retries count those it did.
+    assert report["kills"] == 4 == report["kills_with_requests_in_flight"], summary
+    assert report["lost"] == 0, summary
+    # Whatever failed or was retried failed clearly: a 503 with Retry-After.
+    assert all(cause.startswith("503 with Retry-After") for cause in [*report["failures"], *report["retry_causes"]]), summary
+    assert report["answered"] + report["failed"] == report["sent"] and report["answered"] >= report["sent"] // 2, summary
+    # Every killed replica was replaced by a new actor.
+    assert report["recovered_after_s"] is not None, summary
+
+
+def test_faults_on_the_chaos_app_leave_the_session_app_healthy(client):
+    assert client.get("/healthz").json() == {"status": "ok", "unavailable": []}
 
 
 def test_object_store_returns_to_baseline_after_many_requests(serve_url, wait_until):
@@ -395,24 +456,32 @@ def test_decompression_bomb_and_deep_nesting_are_refused_without_decoding(client
     assert client.get("/healthz").status_code == 200
 
 
-def test_a_request_past_its_deadline_gets_408_and_the_server_carries_on(client, serve_config):
-    """RELIABILITY row 4: a stage that takes too long costs a 408; downstream calls are cancelled."""
+def test_a_request_past_its_deadline_gets_408_and_the_server_carries_on(serve_url, wait_until):
+    """RELIABILITY row 4: a stage that takes too long costs a 408; downstream calls are cancelled.
+    On an app of its own (text only: the LLM alone) whose deadline is 1 s."""
+    from ray import serve
+
+    from omnistage.cluster.config import OmnistageConfig, load_config
     from omnistage.pipelines.serve import deploy
 
-    hurried = serve_config.model_copy(update={"server": serve_config.server.model_copy(update={"request_timeout_s": 0.3})})
-    # Serve restarts every deployment on a redeploy, not only the ingress whose setting changed.
-    deploy(hurried)
+    data = load_config("tiny").model_dump()
+    data["stages"] = {"llm": data["stages"]["llm"]}
+    data["server"]["request_timeout_s"] = 1.0
+    deploy(OmnistageConfig.model_validate(data), name="hurried", route_prefix="/hurried")
     try:
+        llm = serve.get_deployment_handle("llm", "hurried")
+        aborted = llm.stats.remote().result()["aborted"]
         slow = {"messages": [{"role": "user", "content": "write a long story"}], "max_tokens": 1024, "temperature": 0}
         start = time.monotonic()
-        response = client.post("/v1/chat/completions", json=slow)
+        response = _chat(f"{serve_url}/hurried", slow)
         assert response.status_code == 408 and response.json()["error"]["type"] == "timeout_error"
         assert time.monotonic() - start < 10
+        # The request was decoding when its deadline came: the LLM dropped its sequence.
+        assert wait_until(lambda: (s := llm.stats.remote().result())["aborted"] == aborted + 1 and s["running"] == 0, 30)
+        quick = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert _chat(f"{serve_url}/hurried", quick).status_code == 200
     finally:
-        deploy(serve_config)
-    quick = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    assert client.post("/v1/chat/completions", json=quick).status_code == 200
-
+        serve.delete("hurried")
 
 
 def test_a_worker_stuck_past_its_limit_fails_the_health_check(ray_session, tiny_preset):
@@ -436,26 +505,3 @@ def test_a_worker_stuck_past_its_limit_fails_the_health_check(ray_session, tiny_
         server.check_health()
 
     asyncio.run(scenario())
-
-
-def test_a_failing_health_check_replaces_that_replica_and_no_other(serve_url, serve_config, running_replicas, wait_until):
-    """RELIABILITY row 3, the replacement: the audio encoder's checks (every 1 s, 2 s to answer in
-    the session config) fail while its process is stopped; Serve replaces that replica, every other
-    pool keeps its replicas, and an audio question succeeds."""
-    from omnistage.actors.media import encode_wav
-    from omnistage.pipelines.demo import sample_audio
-
-    assert serve_config.stages.audio_encoder.health.timeout_s <= 2
-    before = _replica_actors()
-    ((victim, pid),) = before["audio_encoder"].items()
-    with _paused(pid):
-        assert wait_until(lambda: _replica_actors().get("audio_encoder", {}).keys() - {victim} and running_replicas("audio_encoder") == 1, 60)
-    assert wait_until(lambda: victim not in _replica_actors().get("audio_encoder", {}), 60)
-    after = _replica_actors()
-    assert len(after["audio_encoder"]) == 1
-    assert {name: replicas for name, replicas in after.items() if name != "audio_encoder"} == {
-        name: replicas for name, replicas in before.items() if name != "audio_encoder"
-    }
-    audio = base64.b64encode(encode_wav(*sample_audio())).decode()
-    body = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}], "max_tokens": 2}
-    assert _chat(serve_url, body).status_code == 200
