@@ -376,10 +376,21 @@ def _video_stream(container: av.container.InputContainer, max_frames: int, max_p
     return stream
 
 
+def _upright(frame: av.VideoFrame, **size: int) -> np.ndarray:
+    """The frame as ``(H, W, 3)`` uint8 RGB, turned the way its container says it is shown.
+
+    Phones store a portrait clip as landscape frames plus a display matrix that rotates them, as
+    EXIF does for photos; players apply it, so the encoder must see what a person saw. PyAV reads
+    the matrix as a counter-clockwise angle, which ``np.rot90`` turns by in quarter turns."""
+    array = frame.to_ndarray(format="rgb24", **size)
+    quarters = round(frame.rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(array, quarters)) if quarters else array
+
+
 def decode_video(
     data: bytes, *, max_frames: int = 3600, max_pixels_per_frame: int = 16_777_216
 ) -> np.ndarray:
-    """Decode the first video stream to ``(T, H, W, 3)`` uint8 RGB.
+    """Decode the first video stream to ``(T, H, W, 3)`` uint8 RGB, upright.
 
     Frames whose size changes mid-stream are scaled to the first frame's size.
     """
@@ -391,8 +402,9 @@ def decode_video(
             if len(frames) == max_frames:
                 raise PayloadTooLargeError(f"expected a video of at most {max_frames} frames, got more")
             _check_frame_size(frame.width, frame.height, max_pixels_per_frame)
-            size = {"height": frames[0].shape[0], "width": frames[0].shape[1]} if frames else {}
-            frames.append(frame.to_ndarray(format="rgb24", **size))
+            if not frames:
+                first = frame
+            frames.append(_upright(frame, height=first.height, width=first.width))
     if not frames:
         raise InvalidInputError(f"expected a video with at least one frame, got 0 frames in {len(data)} bytes")
     return np.stack(frames)
@@ -407,7 +419,7 @@ def decode_video_frames(
     data: bytes, n_samples: int, *, max_frames: int = 3600, max_pixels_per_frame: int = 16_777_216
 ) -> np.ndarray:
     """Decode only the ``n_samples`` frames spread evenly over the video -> ``(n_samples, H, W, 3)``
-    uint8 RGB: the same frames as ``decode_video(data)[sample_frame_indices(T, n_samples)]``.
+    uint8 RGB, upright: the same frames as ``decode_video(data)[sample_frame_indices(T, n_samples)]``.
 
     The frames are counted from the demuxed packets, without decoding; then the decoder seeks to
     the keyframe before each sampled frame and decodes up to it, so memory holds one frame at a time
@@ -437,7 +449,7 @@ def decode_video_frames(
         first = frames[0]
         for frame in frames:
             _check_frame_size(frame.width, frame.height, max_pixels_per_frame)
-        return np.stack([f.to_ndarray(format="rgb24", height=first.height, width=first.width) for f in frames])
+        return np.stack([_upright(f, height=first.height, width=first.width) for f in frames])
 
 
 def _frame_at(container: av.container.InputContainer, stream: av.video.stream.VideoStream, pts: int) -> av.VideoFrame:

@@ -31,8 +31,9 @@ on this machine so the generation/decode ratio holds. The report prints the rati
     .venv/bin/python benchmarks/goodput.py --json goodput.json --plot goodput.png
 """
 
-from __future__ import annotations
 
+# No `from __future__ import annotations`: FastAPI reads the route's `Request` annotation in the
+# replica, where the class arrives pickled by value without this module's globals.
 import argparse
 import asyncio
 import base64
@@ -46,6 +47,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from omnistage.actors.media import encode_png, encode_video, encode_wav
 from omnistage.pipelines.demo import sample_audio, sample_image, sample_video
@@ -217,8 +220,6 @@ def deploy_monolith(config: Any, name: str, *, one_at_a_time: bool, replicas: in
     ``monolith`` takes one request at a time; the ``batched`` one lets its requests share the
     engine's batch, while encoders and generators run one call at a time on one worker thread.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
     from ray import serve
 
     api = FastAPI()
@@ -263,7 +264,7 @@ def deploy_monolith(config: Any, name: str, *, one_at_a_time: bool, replicas: in
                     media = await self._on_worker(self.pipeline.generate_media, signals, body.get("seed"))
                     if media:
                         yield _event({"choices": [{"index": 0, "delta": {"media": [m.mime_type for m in media]}}]})
-                    yield _event({"choices": [], "usage": {"completion_tokens": reply.completion_tokens}})
+                    yield _event({"choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]})
                 except Exception as exc:  # the stream's headers are sent: errors travel as an event
                     yield _event({"error": {"message": f"{type(exc).__name__}: {exc}"}})
             yield "data: [DONE]\n\n"
@@ -284,13 +285,14 @@ def _event(data: dict[str, Any]) -> str:
 
 @dataclass
 class Outcome:
-    """One request: when it was due, its first token, its end, its tokens, its error."""
+    """One request: when it was due, its first and last text chunks, how many, its end, its error."""
 
     kind: str
     due: float
     first: float | None = None
+    last: float | None = None
+    chunks: int = 0
     end: float | None = None
-    tokens: int = 0
     error: str | None = None
 
     @property
@@ -299,9 +301,11 @@ class Outcome:
 
     @property
     def tpot(self) -> float | None:
-        if self.first is None or self.end is None or self.tokens < 2:
+        """The mean gap between text chunks after the first: each decode step streams one chunk
+        (vLLM's inter-token latency); a generation's media, after the text, are not in it."""
+        if self.first is None or self.chunks < 2:
             return None
-        return (self.end - self.first) / (self.tokens - 1)
+        return (self.last - self.first) / (self.chunks - 1)
 
     @property
     def e2e(self) -> float | None:
@@ -310,7 +314,7 @@ class Outcome:
 
 async def _send(client: httpx.AsyncClient, url: str, kind: str, due: float, seed: int) -> Outcome:
     outcome = Outcome(kind, due)
-    body = {**KINDS[kind], "temperature": 0, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    body = {**KINDS[kind], "temperature": 0, "seed": seed, "stream": True}
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -323,10 +327,10 @@ async def _send(client: httpx.AsyncClient, url: str, kind: str, due: float, seed
                 if "error" in event:
                     outcome.error = str(event["error"].get("message", ""))[:200]
                 for choice in event.get("choices", []):
-                    if choice.get("delta", {}).get("content") and outcome.first is None:
-                        outcome.first = time.perf_counter()
-                if event.get("usage"):
-                    outcome.tokens = event["usage"]["completion_tokens"]
+                    if choice.get("delta", {}).get("content"):
+                        outcome.last = time.perf_counter()
+                        outcome.first = outcome.first or outcome.last
+                        outcome.chunks += 1
             outcome.end = time.perf_counter()
     except httpx.HTTPError as exc:
         outcome.error = type(exc).__name__
@@ -482,7 +486,9 @@ def main() -> None:
     print(json.dumps({"stage_costs_vs_decode_step": costs, "reference": REFERENCE}), flush=True)
     config = bench_config(root, int(costs["generation_steps"]))
 
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # Logical CPUs are scheduling tokens: the three systems are deployed at once but take turns
+    # at the load, so each runs on the machine's real cores while the others idle.
+    ray.init(address="local", num_cpus=16, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     urls = {}
     for system in args.systems:
