@@ -421,7 +421,7 @@ def solo_costs(url: str, kinds: list[str], runs: int) -> dict[str, dict[str, flo
                     if o.error:
                         raise SystemExit(f"{kind} failed alone on {url}: {o.error}")
                     samples.append(o)
-                samples = samples[1:]  # the first warms caches
+                samples = samples[1:] or samples  # the first warms the stages up
                 out[kind] = {
                     "ttft_s": float(np.median([o.ttft for o in samples])),
                     "tpot_s": float(np.median([o.tpot for o in samples if o.tpot is not None] or [0.0])),
@@ -498,8 +498,12 @@ def main() -> None:
             deploy_monolith(config, system, one_at_a_time=system == "monolith", replicas=args.replicas)
         urls[system] = f"http://127.0.0.1:{PORT}/{system}/v1/chat/completions"
 
-    # SLOs from what each kind costs alone on the monolith (or the first system deployed).
+    # SLOs from what each kind costs alone on the monolith (or the first system deployed); each
+    # system first answers every kind once, so no first call's warm-up lands in the ladder.
     baseline = "monolith" if "monolith" in urls else args.systems[0]
+    for system, url in urls.items():
+        if system != baseline:
+            solo_costs(url, list(args.mix), runs=0)
     solo = solo_costs(urls[baseline], list(args.mix), args.solo_runs)
     slos = {
         kind: SLO(

@@ -536,8 +536,13 @@ class Ingress:
         for its pool to come back. Otherwise ``exc`` as it is (a timeout stays a 408: a hang)."""
         if not isinstance(exc, TimeoutError):
             return exc
-        app = serve.get_replica_context().app_name
-        deployments = (await asyncio.to_thread(serve.status)).applications[app].deployments
+        try:
+            app = serve.get_replica_context().app_name
+            deployments = (await asyncio.to_thread(serve.status)).applications[app].deployments
+        except Exception:
+            # The controller cannot say (busy, restarting): answer for the timeout as it is.
+            log.warning("deadline_cause_unknown", exc_info=True)
+            return exc
         recovering = sorted(name for name, d in deployments.items() if d.status != "HEALTHY")
         if recovering:
             log.info("deadline_while_recovering", pools=recovering)
