@@ -296,30 +296,34 @@ def test_image_generation_load_scales_only_its_path(client, serve_url, serve_con
     assert wait_until(lambda: _running("image_generator") == 1, 60), "the image generator pool did not scale back down"
 
 
-def test_api_keys_guard_v1_routes_only(client, serve_config, monkeypatch, tmp_path):
+def test_api_keys_guard_v1_routes_only(serve_url, monkeypatch, tmp_path):
     import hashlib
 
+    from ray import serve
+
+    from omnistage.cluster.config import OmnistageConfig, load_config
     from omnistage.pipelines.serve import deploy
 
     digests = tmp_path / "keys"
     digests.write_text(f"# ops team\n{hashlib.sha256(b'from-file').hexdigest()}\n")
     monkeypatch.setenv("OMNISTAGE_API_KEYS", "key-one, key-two")
-    keyed = serve_config.model_copy(
-        update={"server": serve_config.server.model_copy(update={"api_key_hashes_file": str(digests)})}
-    )
-    deploy(keyed)  # only the ingress changes, so only it restarts
+    # An app of its own (text only, so it starts quickly): a failure here leaves the shared app alone.
+    data = load_config("tiny").model_dump()
+    data["stages"] = {"llm": data["stages"]["llm"]}
+    data["server"]["api_key_hashes_file"] = str(digests)
+    deploy(OmnistageConfig.model_validate(data), name="keyed", route_prefix="/keyed")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     try:
-        assert client.get("/healthz").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic key-one"}):
-            refused = client.get("/v1/models", headers=headers)
-            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
-            assert refused.json()["error"]["message"] == "invalid or missing API key"
-        assert client.post("/v1/chat/completions", json=_chat(IMAGE)).status_code == 401
-        for key in ("key-one", "key-two", "from-file"):
-            assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-        answer = client.post("/v1/chat/completions", json=_chat(IMAGE), headers={"Authorization": "Bearer key-two"})
-        assert answer.status_code == 200
+        with httpx.Client(base_url=f"{serve_url}/keyed", timeout=120) as keyed:
+            assert keyed.get("/healthz").status_code == 200
+            for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic key-one"}):
+                refused = keyed.get("/v1/models", headers=headers)
+                assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+                assert refused.json()["error"]["message"] == "invalid or missing API key"
+            assert keyed.post("/v1/chat/completions", json=chat).status_code == 401
+            for key in ("key-one", "key-two", "from-file"):
+                assert keyed.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            answer = keyed.post("/v1/chat/completions", json=chat, headers={"Authorization": "Bearer key-two"})
+            assert answer.status_code == 200, answer.text
     finally:
-        monkeypatch.delenv("OMNISTAGE_API_KEYS")
-        deploy(serve_config)
-    assert client.get("/v1/models").status_code == 200
+        serve.delete("keyed")
