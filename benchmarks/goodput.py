@@ -184,7 +184,9 @@ def calibrate(root: Path, steps_hint: int = 25) -> dict[str, float]:
             times.append(time.perf_counter() - start)
         return min(times) * 1e3
 
-    image_request = lambda: pipeline.llm_request(KINDS["image_question"]["messages"])  # noqa: E731
+    def image_request():  # decode, encode and project the question's picture
+        return pipeline.llm_request(KINDS["image_question"]["messages"])
+
     encode_ms = best(image_request)
     request = image_request()
     prefill_ms = best(lambda: pipeline.llm([_with(request, max_tokens=1)]))
