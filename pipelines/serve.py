@@ -648,6 +648,24 @@ def metrics_url() -> str:
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
+def free_metrics_port(port: int) -> int | None:
+    """``port`` if nothing listens on it, else None (Ray then picks one) with a warning: Ray's
+    node start times out, saying nothing of the port, when its metrics port is taken."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            print(
+                f"omnistage: server.metrics_port {port} is in use; Prometheus metrics go to a port Ray picks "
+                f"(printed below). Set server.metrics_port to a free port to keep it fixed.",
+                flush=True,
+            )
+            return None
+    return port
+
+
 def serving_message(name: str, host: str, port: int, metrics: str) -> str:
     # Browsers refuse to open the wildcard address; the server is reachable on loopback too.
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -670,7 +688,7 @@ def run_server(config: OmnistageConfig, host: str | None = None, port: int | Non
     ray.init(
         address=address or "local",
         include_dashboard=False if address is None else None,
-        _metrics_export_port=config.server.metrics_port if address is None else None,
+        _metrics_export_port=free_metrics_port(config.server.metrics_port) if address is None else None,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -121,6 +121,22 @@ def test_serve_prints_where_its_metrics_are():
     )
 
 
+def test_a_taken_metrics_port_falls_back_to_one_ray_picks(capsys):
+    """Ray's node start times out without naming the port when its metrics port is taken, so
+    `omnistage serve` checks it first."""
+    import socket
+
+    from omnistage.pipelines.serve import free_metrics_port
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert free_metrics_port(port) is None
+        assert f"server.metrics_port {port} is in use" in capsys.readouterr().out
+    assert free_metrics_port(port) == port
+
+
 @pytest.mark.slow
 def test_the_live_app_exports_the_dashboards_series(serve_url, client, dashboard, metrics_port, wait_until):
     """Scraped from the session's metrics port (``server.metrics_port`` as `omnistage serve` sets it)
