@@ -356,7 +356,7 @@ def _paths(value, prefix=()):
         yield from _paths(child, (*prefix, key))
 
 
-def _replaced(body, path, value):
+def _with_value(body, path, value):
     body = json.loads(json.dumps(body))
     *parents, last = path
     target = body
@@ -376,7 +376,7 @@ def test_a_wrong_value_at_any_field_is_a_4xx(client, field, value):
     """Every field of a valid chat and generation body, down to each content part's URL, replaced
     by a value of any type (huge integers, NaN, bytes, nested lists), in JSON and in msgpack."""
     route, path = field
-    body = _replaced(_ROUTES[route], path, value)
+    body = _with_value(_ROUTES[route], path, value)
     for content, content_type in _encodings(body):
         _assert_clean(client.post(route, content=content, headers={"Content-Type": content_type}))
 
