@@ -214,7 +214,7 @@ def test_chaos_under_mixed_load_loses_no_request(chaos_app):
     # The faults happened while requests were in flight. Whether a kill cuts one of them depends
     # on where each is at that moment; the SDK's retries count those it did.
     assert report["kills"] == 4 == report["kills_with_requests_in_flight"], summary
-    assert report["lost"] == 0, summary
+    assert report["lost"] == 0, (report["lost_reasons"], summary)
     # Whatever failed or was retried failed clearly: a 503 with Retry-After.
     assert all(cause.startswith("503 with Retry-After") for cause in [*report["failures"], *report["retry_causes"]]), summary
     assert report["answered"] + report["failed"] == report["sent"] and report["answered"] >= report["sent"] // 2, summary
