@@ -91,6 +91,8 @@ KINDS: dict[str, dict[str, Any]] = {
     "image_question": {"messages": _parts(IMAGE, text="What is in this image?"), "max_tokens": 16},
     "audio_question": {"messages": _parts(AUDIO, text="What do you hear?"), "max_tokens": 16},
     "video_question": {"messages": _parts(VIDEO, text="What happens in this video?"), "max_tokens": 16},
+    # Captioning: the encoder's work with little of the LLM's (autoscale_mix.py's question phases).
+    "video_caption": {"messages": _parts(VIDEO, text="Caption this video."), "max_tokens": 4},
     "long_chat": {"messages": [{"role": "user", "content": "Tell me a long story about a red circle."}], "max_tokens": 128},
     "image_generation": {"messages": [{"role": "user", "content": "Draw a red circle."}], "max_tokens": 8, "modalities": ["text", "image"]},
 }

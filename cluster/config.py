@@ -41,7 +41,18 @@ class Batching(_Strict):
 class Scaling(_Strict):
     min_replicas: int = Field(1, ge=0, description="Replicas kept even when idle, so the first request does not wait for a model load.")
     max_replicas: int = Field(1, ge=1, description="Upper bound for the autoscaler.")
-    target_ongoing_requests: float = Field(2, gt=0, description="Autoscaler target per replica.")
+    policy: Literal["ongoing_requests", "utilisation"] = Field(
+        "ongoing_requests",
+        description=(
+            "'ongoing_requests': Serve's default, replicas = requests in flight / target_ongoing_requests. "
+            "'utilisation': replicas = the seconds of model work the pool did per second, plus its backlog, "
+            "over target_utilisation (omnistage.pipelines.autoscaling), which counts a request by what it costs."
+        ),
+    )
+    target_ongoing_requests: float = Field(2, gt=0, description="Autoscaler target per replica (policy 'ongoing_requests').")
+    target_utilisation: float = Field(
+        0.7, gt=0, le=1, description="Share of each replica's time spent on model work that the autoscaler aims for (policy 'utilisation')."
+    )
     upscale_delay_s: float = Field(30, ge=0, description="Load must persist this long before replicas are added (Serve's default).")
     downscale_delay_s: float = Field(600, ge=0, description="Idleness must persist this long before replicas are removed (Serve's default).")
     metrics_interval_s: float = Field(10, gt=0, description="How often replicas report load to the autoscaler (Serve's default).")
@@ -119,7 +130,14 @@ class AudioEncoderConfig(BatchedStageConfig):
 
 
 class InputProjectorConfig(BatchedStageConfig):
-    pass
+    placement: Literal["pool", "encoders"] = Field(
+        "pool",
+        description=(
+            "'pool': a pool of its own, scaled on its own. 'encoders': every encoder replica loads it too and "
+            "projects each batch it encodes, which saves a request one hop per medium; its scaling, resources "
+            "and queue settings then do not apply (the encoders' do)."
+        ),
+    )
 
 
 class EngineConfig(_Strict):

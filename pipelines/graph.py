@@ -36,10 +36,14 @@ class Graph:
 
     encoders: tuple[str, ...]
     generators: tuple[str, ...]
+    # The input projector runs inside the encoders' replicas rather than in a pool of its own.
+    projector_with_encoders: bool = False
 
     @classmethod
     def of(cls, config: OmnistageConfig) -> Graph:
-        return cls(tuple(config.stages.input_modalities()), tuple(config.stages.output_modalities()))
+        projector = config.stages.input_projector
+        fused = projector is not None and projector.placement == "encoders"
+        return cls(tuple(config.stages.input_modalities()), tuple(config.stages.output_modalities()), fused)
 
     @property
     def stages(self) -> list[str]:
@@ -49,6 +53,17 @@ class Graph:
         names += ["llm"]
         names += ["output_projector"] if self.generators else []
         return names + [f"{m}_generator" for m in self.generators]
+
+    @property
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        """Each pool of replicas a distributed executor deploys, named after its first stage, and
+        the stages one replica runs on each batch, in order. A stage fused into its neighbour's
+        pool keeps its own class, config and hop contract; only the hop's transfer disappears."""
+        if not self.projector_with_encoders:
+            return {name: (name,) for name in self.stages}
+        pools = {name: (name, "input_projector") if name.endswith("_encoder") else (name,) for name in self.stages}
+        del pools["input_projector"]
+        return pools
 
     @property
     def hops(self) -> list[Hop]:

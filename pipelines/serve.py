@@ -233,6 +233,7 @@ class Ingress:
         stages = self.config.stages
         self.encoders = {m: handles[f"{m}_encoder"] for m in stages.input_modalities()}
         self.generators = {m: handles[f"{m}_generator"] for m in stages.output_modalities()}
+        # None where each encoder pool projects its own features (input_projector.placement).
         self.input_projector = handles.get("input_projector")
         self.output_projector = handles.get("output_projector")
         self.llm = handles["llm"]
@@ -398,6 +399,8 @@ class Ingress:
     async def _embed(self, modality: str, item: Any, rid: str) -> Any:
         """One medium -> its encoder -> the input projector; the projected features' ref."""
         features = await _ready(self.encoders[modality].remote(item, request_id=rid))
+        if self.input_projector is None:
+            return features  # projected in the encoder's replica
         return await _ready(self.input_projector.remote(features, request_id=rid))
 
     async def _generate(self, signal_refs: list[tuple[str, Any]], seed: int | None, rid: str) -> list:
@@ -412,14 +415,14 @@ class Ingress:
             *(one(index, modality, ref) for index, (modality, ref) in enumerate(signal_refs) if modality in self.generators)
         )
 
-    async def _llm_steps(self, llm_request: LLMRequest, embeds: list, rid: str):
-        """The LLM's stream: yields each text delta, then ``(reply, signal_refs)``.
+    async def _llm_steps(self, llm_request: LLMRequest, embeds: list, rid: str, deltas: bool = True):
+        """The LLM's stream: yields each text delta (with ``deltas``), then ``(reply, signal_refs)``.
 
         The LLM yields its signal groups after its reply, and the caller of a stream owns what it
         yields: once yielded, a group outlives the LLM replica. Only their refs are taken here,
         never their hidden states, for the output projector to read.
         """
-        response = self.llm.options(stream=True).stream.remote(llm_request, *embeds, request_id=rid)
+        response = self.llm.options(stream=True).stream.remote(llm_request, *embeds, request_id=rid, deltas=deltas)
         try:
             refs = await response._to_object_ref_gen()
             while not isinstance(item := self._received(await (await refs.__anext__())), LLMReply):
@@ -431,8 +434,9 @@ class Ingress:
 
     async def _answer(self, llm_request: LLMRequest, embeds: list, rid: str) -> tuple[LLMReply, list]:
         """The LLM's whole answer: ``(reply, signal_refs)``."""
-        steps = [step async for step in self._llm_steps(llm_request, embeds, rid)]
-        return steps[-1]  # after the text deltas
+        # Without its text deltas: each would be one more object in the store to fetch here.
+        [answer] = [step async for step in self._llm_steps(llm_request, embeds, rid, deltas=False)]
+        return answer
 
     async def _stream_chat(self, llm_request: LLMRequest, embeds: list, req: ChatCompletionRequest, rid: str) -> Response:
         steps = self._llm_steps(llm_request, embeds, rid)
@@ -582,9 +586,16 @@ _SERVER_CLASSES = {"llm": LLMServer, "image_generator": GeneratorServer, "video_
 def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
     """Serve options of one pool from its config section."""
     scaling, resources, queue, health = pool.scaling, pool.resources, pool.queue, pool.health
+    policy = {}
+    if scaling.policy == "utilisation":
+        policy["policy"] = {
+            "policy_function": "omnistage.pipelines.autoscaling:UtilisationPolicy",
+            "policy_kwargs": {"target_utilisation": scaling.target_utilisation},
+        }
     return {
         "name": name,
         "autoscaling_config": {
+            **policy,
             "min_replicas": scaling.min_replicas,
             "initial_replicas": max(scaling.min_replicas, 1),
             "max_replicas": scaling.max_replicas,
@@ -605,11 +616,14 @@ def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
 def build_app(config: OmnistageConfig) -> serve.Application:
     """The Serve application: one deployment per stage of the config's graph, bound into the ingress."""
     pools = {}
-    for name in Graph.of(config).stages:
+    for name, (_, *fused) in Graph.of(config).pools.items():
         stage_config = getattr(config.stages, name)
         server = serve.deployment(_SERVER_CLASSES.get(name, StageServer))
         pools[name] = server.options(**deployment_options(stage_config, name)).bind(
-            name, stage_config.model_dump(mode="json"), config.cache.model_dump(mode="json")
+            name,
+            stage_config.model_dump(mode="json"),
+            config.cache.model_dump(mode="json"),
+            **({"fused": {f: getattr(config.stages, f).model_dump(mode="json") for f in fused}} if fused else {}),
         )
     ingress = Ingress.options(**deployment_options(config.server.ingress, "ingress"))
     return ingress.bind(config.model_dump(mode="json"), api_key_hashes(config), **pools)
@@ -631,7 +645,11 @@ def deploy(config: OmnistageConfig, *, name: str = APP_NAME, route_prefix: str =
     graph = Graph.of(config)
     try:
         graph.check(
-            {stage: serve.get_deployment_handle(stage, name).ports.remote().result(timeout_s=120) for stage in graph.stages}
+            {
+                stage: stage_ports
+                for pool in graph.pools
+                for stage, stage_ports in serve.get_deployment_handle(pool, name).ports.remote().result(timeout_s=120).items()
+            }
         )
     except ValueError:
         serve.delete(name)

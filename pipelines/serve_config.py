@@ -25,6 +25,7 @@ import yaml
 from ray import serve
 
 from omnistage.cluster.config import ConfigError, OmnistageConfig, PoolConfig, load_config
+from omnistage.pipelines.graph import Graph
 from omnistage.pipelines.serve import APP_NAME, build_app, deployment_options
 
 SERVE_IMPORT_PATH = "omnistage.pipelines.serve_config:app_builder"
@@ -63,13 +64,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 
 def pools(config: OmnistageConfig) -> dict[str, PoolConfig]:
-    """Deployment name -> its pool config, every configured stage then the ingress, as ``build_app``
-    names them."""
-    from omnistage.actors.registry import STAGES
-
-    found: dict[str, PoolConfig] = {
-        name: getattr(config.stages, name) for name in STAGES if getattr(config.stages, name) is not None
-    }
+    """Deployment name -> its pool config, every pool of the graph then the ingress, as ``build_app``
+    names them (a stage fused into its neighbour's pool has none)."""
+    found: dict[str, PoolConfig] = {name: getattr(config.stages, name) for name in Graph.of(config).pools}
     found["ingress"] = config.server.ingress
     return found
 

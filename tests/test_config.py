@@ -18,6 +18,52 @@ def test_tiny_preset_loads_with_every_stage():
     assert config.stages.video_encoder.num_frames == 5
 
 
+def test_the_input_projector_can_run_in_the_encoder_pools():
+    from omnistage.pipelines.graph import Graph
+    from omnistage.pipelines.serve_config import pools
+
+    config = load_config("tiny")
+    assert Graph.of(config).pools["input_projector"] == ("input_projector",)
+    stages = config.stages.model_copy(
+        update={"input_projector": config.stages.input_projector.model_copy(update={"placement": "encoders"})}
+    )
+    fused = config.model_copy(update={"stages": stages})
+    graph = Graph.of(fused)
+    assert "input_projector" not in graph.pools and "input_projector" not in pools(fused)
+    assert graph.pools["video_encoder"] == ("video_encoder", "input_projector")
+    # The hops and their contract stay the same: only where the projector runs changes.
+    assert graph.hops == Graph.of(config).hops and graph.stages == Graph.of(config).stages
+
+
+def test_the_utilisation_policy_counts_work_not_requests():
+    from types import SimpleNamespace
+
+    from omnistage.pipelines.autoscaling import UtilisationPolicy
+    from omnistage.pipelines.serve import deployment_options
+
+    config = load_config("tiny")
+    pool = config.stages.image_generator.model_copy(
+        update={"scaling": config.stages.image_generator.scaling.model_copy(update={"policy": "utilisation", "target_utilisation": 0.5})}
+    )
+    policy = deployment_options(pool, "image_generator")["autoscaling_config"]["policy"]
+    assert policy == {"policy_function": "omnistage.pipelines.autoscaling:UtilisationPolicy", "policy_kwargs": {"target_utilisation": 0.5}}
+    assert "policy" not in deployment_options(config.stages.llm, "llm")["autoscaling_config"]
+
+    decide = UtilisationPolicy(target_utilisation=0.5, drain_s=2.0)
+
+    def ctx(busy, backlog_s, cost_s, queued_at_handles=0):
+        metrics = {"busy": busy, "backlog_s": backlog_s, "cost_s": cost_s}
+        return SimpleNamespace(aggregated_metrics=metrics, total_queued_requests=queued_at_handles, target_num_replicas=3)
+
+    # Two replicas each busy 0.9 of the time want 0.9 * 2 / 0.5 = 3.6 replicas; idle ones want none.
+    assert decide(ctx({"a": 0.9, "b": 0.9}, {"a": 0, "b": 0}, {"a": 0.1, "b": 0.1}))[0] == pytest.approx(3.6)
+    assert decide(ctx({"a": 0.0}, {"a": 0.0}, {"a": 0.1}))[0] == 0
+    # Work queued in the replicas and at the handles counts at its cost, drained over drain_s.
+    assert decide(ctx({"a": 0.5}, {"a": 1.0}, {"a": 0.2}, queued_at_handles=10))[0] == pytest.approx((0.5 + (1.0 + 2.0) / 2) / 0.5)
+    # Before any replica reports, the pool keeps its size.
+    assert decide(SimpleNamespace(aggregated_metrics={}, total_queued_requests=0, target_num_replicas=3))[0] == 3
+
+
 def _write(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)

@@ -327,3 +327,78 @@ def test_api_keys_guard_v1_routes_only(serve_url, monkeypatch, tmp_path):
             assert answer.status_code == 200, answer.text
     finally:
         serve.delete("keyed")
+
+
+def test_a_projector_placed_in_the_encoder_pool_answers_the_same(serve_url, pipeline):
+    from ray import serve
+
+    from omnistage.cluster.config import OmnistageConfig, load_config
+    from omnistage.pipelines.serve import deploy
+
+    # An app of its own: image in, text out, the input projector inside the image encoder's replicas.
+    data = load_config("tiny").model_dump()
+    data["stages"] = {name: data["stages"][name] for name in ("image_encoder", "input_projector", "llm")}
+    data["stages"]["input_projector"]["placement"] = "encoders"
+    deploy(OmnistageConfig.model_validate(data), name="fused", route_prefix="/fused")
+    try:
+        deployments = serve.status().applications["fused"].deployments
+        assert set(deployments) == {"ingress", "image_encoder", "llm"}
+        ports = serve.get_deployment_handle("image_encoder", "fused").ports.remote().result()
+        assert set(ports) == {"image_encoder", "input_projector"}
+        with httpx.Client(base_url=f"{serve_url}/fused", timeout=120) as fused:
+            served = fused.post("/v1/chat/completions", json=_chat(IMAGE)).json()
+        local = pipeline.chat(_chat(IMAGE)["messages"], max_tokens=6, seed=0)
+        assert served["choices"][0]["message"]["content"] == local.text
+        assert served["usage"]["prompt_tokens"] == local.usage["prompt_tokens"]
+    finally:
+        serve.delete("fused")
+
+
+def test_pools_follow_a_shifting_mix_under_the_utilisation_policy(serve_url, running_replicas, wait_until):
+    """Video questions, then image generations: the video encoder pool grows, then the image
+    generator pool grows while the encoder pool shrinks back."""
+    from ray import serve
+
+    from omnistage.cluster.config import OmnistageConfig, load_config
+    from omnistage.pipelines.serve import deploy
+
+    data = load_config("tiny").model_dump()
+    names = ("video_encoder", "input_projector", "llm", "output_projector", "image_generator")
+    data["stages"] = {name: data["stages"][name] for name in names}
+    for name in ("video_encoder", "image_generator"):
+        data["stages"][name]["scaling"].update(
+            policy="utilisation", min_replicas=1, max_replicas=2, target_utilisation=0.5,
+            upscale_delay_s=0.5, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
+        )
+    deploy(OmnistageConfig.model_validate(data), name="mix", route_prefix="/mix")
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load(body):
+        with httpx.Client(base_url=f"{serve_url}/mix", timeout=120) as c:
+            while not stop.is_set():
+                statuses.append(c.post("/v1/chat/completions", json=body).status_code)
+
+    def phase(body, condition):
+        stop.clear()
+        threads = [threading.Thread(target=load, args=(body,)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            return wait_until(condition, 90)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+    def running():
+        return {name: running_replicas(name, "mix") for name in ("video_encoder", "image_generator")}
+
+    question = _chat(VIDEO, max_tokens=2)
+    draw = {"messages": [{"role": "user", "content": "Draw a red circle."}], "max_tokens": 4, "seed": 0, "modalities": ["text", "image"]}
+    try:
+        assert phase(question, lambda: running()["video_encoder"] == 2), f"video questions: {running()}"
+        assert phase(draw, lambda: running() == {"video_encoder": 1, "image_generator": 2}), f"generations: {running()}"
+        assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    finally:
+        serve.delete("mix")
