@@ -1,8 +1,9 @@
 """Autoscaling that follows the mix: a load that shifts from video captions to image generations
 and back, under each autoscaling policy, with every pool's replica count recorded over time.
 
-The staged app (tiny preset) is deployed once per policy (``scaling.policy`` of the video encoder,
-LLM and image generator pools, each between 1 and ``--max-replicas``):
+The staged app (tiny preset) is deployed once per policy (``scaling.policy`` of the video encoder
+and image generator pools; the LLM pool scales on sequences in flight in both; each of the three
+between 1 and ``--max-replicas``):
 
     ongoing_requests  Serve's default: replicas = requests in flight / target_ongoing_requests
     utilisation       omnistage.pipelines.autoscaling: seconds of model work per second, plus the
@@ -49,7 +50,9 @@ def config_for(policy: str, max_replicas: int) -> Any:
     data["cache"]["enabled"] = False
     for name in SCALED:
         data["stages"][name]["scaling"].update(
-            policy=policy, min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2, target_utilisation=0.7,
+            # The LLM pool always scales on sequences in flight (the config refuses anything else).
+            policy="ongoing_requests" if name == "llm" else policy,
+            min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2, target_utilisation=0.7,
             upscale_delay_s=2, downscale_delay_s=10, metrics_interval_s=1, look_back_period_s=5,
         )
     return OmnistageConfig.model_validate(data)

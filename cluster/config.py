@@ -46,7 +46,8 @@ class Scaling(_Strict):
         description=(
             "'ongoing_requests': Serve's default, replicas = requests in flight / target_ongoing_requests. "
             "'utilisation': replicas = the seconds of model work the pool did per second, plus its backlog, "
-            "over target_utilisation (omnistage.pipelines.autoscaling), which counts a request by what it costs."
+            "over target_utilisation (omnistage.pipelines.autoscaling), which counts a request by what it costs; "
+            "not for the LLM pool."
         ),
     )
     target_ongoing_requests: float = Field(2, gt=0, description="Autoscaler target per replica (policy 'ongoing_requests').")
@@ -219,6 +220,17 @@ class LLMConfig(StageConfig):
             raise ValueError(
                 f"queue.max_ongoing_requests ({self.queue.max_ongoing_requests}) must be at least "
                 f"engine.max_running_seqs ({self.engine.max_running_seqs}), or the engine can never fill its batch"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scales_on_sequences(self) -> LLMConfig:
+        # An engine steps back to back whenever it has one sequence, so seconds of work say nothing
+        # of its spare capacity; sequences in flight do (what Serve's default policy counts).
+        if self.scaling.policy != "ongoing_requests":
+            raise ValueError(
+                f"the LLM pool scales on sequences in flight: expected scaling.policy 'ongoing_requests' "
+                f"(with target_ongoing_requests), got {self.scaling.policy!r}"
             )
         return self
 

@@ -16,7 +16,10 @@ pool wants::
     replicas = (sum of busy + (backlog in the replicas + backlog at the handles) / drain_s) / target_utilisation
 
 Serve applies ``min_replicas``, ``max_replicas`` and the up- and downscale delays on top, as for
-its own policy. Choose it per pool with ``scaling.policy: utilisation``.
+its own policy. Choose it per pool with ``scaling.policy: utilisation``, for encoder, projector and
+generator pools. Not for the LLM pool: its engine steps back to back whenever it holds a single
+sequence, so its seconds of work say nothing of its spare capacity; sequences in flight
+(``target_ongoing_requests``) do.
 """
 
 from __future__ import annotations

@@ -119,7 +119,6 @@ class _Replica:
         self._call_started: float | None = None
         self._metrics = _Metrics(stage_name)
         self._counts = {"batches": 0, "items": 0, "largest_batch": 0}
-        self._load = _Load()
 
     async def _on_worker(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the stage's worker thread, which records when it started the call."""
@@ -195,6 +194,7 @@ class StageServer(_Replica):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self._load = _Load()
         batching = self.stage.config.batching
         self._batched.set_max_batch_size(batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
@@ -429,21 +429,12 @@ class LLMServer(_Replica):
             outputs = self.engine.step()
             loop.call_soon_threadsafe(self._deliver, outputs, time.monotonic() - start, EngineState.of(self.engine))
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve calls this every ``metrics_interval_s``; the ``utilisation`` autoscaling policy
-        (``omnistage.pipelines.autoscaling``) reads it. An engine steps whenever it has one
-        sequence, so its work is counted in sequence slots: a step with a quarter of
-        ``max_running_seqs`` running counts a quarter of its seconds."""
-        return self._load.read(self.engine.num_waiting)
-
     def _deliver(self, outputs: list[Any], seconds: float, state: EngineState) -> None:
         """On the event loop: one step's outputs to their requests, and its metrics."""
         for out in outputs:
             queue = self._outputs.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
-        slots = self.stage.config.engine.max_running_seqs
-        self._load.add(seconds * min(state.running, slots) / slots, sum(out.result is not None for out in outputs))
         self._count_batch(state.running)
         self._metrics.latency.observe(seconds)
         self._engine_metrics.record(state, outputs)

@@ -48,6 +48,10 @@ def test_the_utilisation_policy_counts_work_not_requests():
     policy = deployment_options(pool, "image_generator")["autoscaling_config"]["policy"]
     assert policy == {"policy_function": "omnistage.pipelines.autoscaling:UtilisationPolicy", "policy_kwargs": {"target_utilisation": 0.5}}
     assert "policy" not in deployment_options(config.stages.llm, "llm")["autoscaling_config"]
+    llm = config.stages.llm.model_dump()
+    llm["scaling"]["policy"] = "utilisation"
+    with pytest.raises(ValueError, match="LLM pool scales on sequences in flight.*got 'utilisation'"):
+        type(config.stages.llm).model_validate(llm)
 
     decide = UtilisationPolicy(target_utilisation=0.5, drain_s=2.0)
 
