@@ -117,6 +117,7 @@ def plot(report: dict[str, Any], path: str) -> None:
         attained = ", ".join(f"{row['attainment']:.0%}" for row in report["policies"][policy]["phases"])
         ax.set(title=f"{policy} (SLOs met per phase: {attained})", xlabel="seconds", ylabel="running replicas")
         ax.set_ylim(0, report["max_replicas"] + 0.6)
+        ax.set_yticks(range(report["max_replicas"] + 1))
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
