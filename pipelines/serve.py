@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnistage.actors.errors import InvalidInputError, OverloadedError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.payloads import LLMRequest
-from omnistage.cluster.config import OmnistageConfig, PoolConfig
+from omnistage.cluster.config import LLMConfig, OmnistageConfig, PoolConfig
 from omnistage.pipelines.deployments import GeneratorServer, LLMReply, LLMServer, StageServer
 from omnistage.pipelines.graph import Graph
 from omnistage.pipelines.logs import configure_logging
@@ -582,6 +582,13 @@ _SERVER_CLASSES = {"llm": LLMServer, "image_generator": GeneratorServer, "video_
 def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
     """Serve options of one pool from its config section."""
     scaling, resources, queue, health = pool.scaling, pool.resources, pool.queue, pool.health
+    actor = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)}
+    if isinstance(pool, LLMConfig) and pool.engine.backend == "vllm" and pool.engine.vllm.python is not None:
+        # The vLLM pool runs under its own interpreter (vLLM pins older transformers and fastapi);
+        # Ray starts its replicas with it. The same Ray release must be installed there. Made
+        # absolute without resolving links: a virtual environment's python is a link that only
+        # finds its packages when started under the environment's own path.
+        actor["runtime_env"] = {"py_executable": str(Path(pool.engine.vllm.python).absolute())}
     return {
         "name": name,
         "autoscaling_config": {
@@ -594,7 +601,7 @@ def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
             "metrics_interval_s": scaling.metrics_interval_s,
             "look_back_period_s": scaling.look_back_period_s,
         },
-        "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)},
+        "ray_actor_options": actor,
         "max_ongoing_requests": queue.max_ongoing_requests,
         "max_queued_requests": queue.max_queued_requests,
         "health_check_period_s": health.period_s,
