@@ -63,15 +63,15 @@ class _SignalRow:
     order), ``banned``, ``eos``, ``stop`` (stop strings) and ``temperature``.
     """
 
-    def __init__(self, args: dict, output_ids: list[int], tokenizer_of):
+    def __init__(self, args: dict, output_ids: list[int], device: torch.device, tokenizer_of):
         self.out = output_ids  # vLLM's own list, extended in place as tokens are sampled
         self.seen = 0
         self.max_text = args["max_text"]
         self.groups = {ids[0]: ids for ids in args["groups"]}
         self.signal_ids = {t for ids in args["groups"] for t in ids}
         self.pending = list(args["pending"])
-        self.banned = torch.tensor(args["banned"], dtype=torch.long)
-        self.eos = torch.tensor(args["eos"], dtype=torch.long)
+        self.banned = torch.tensor(args["banned"], dtype=torch.long, device=device)
+        self.eos = torch.tensor(args["eos"], dtype=torch.long, device=device)
         self.temperature = args["temperature"]
         self.forced: deque[int] = deque()
         self.text_tokens = 0
@@ -126,6 +126,7 @@ def _signal_processor():
     class SignalTokens(LogitsProcessor):
         def __init__(self, vllm_config, device, is_pin_memory):
             self.rows: dict[int, _SignalRow] = {}
+            self.device = device
             self.tokenizer_path = vllm_config.model_config.model
 
         @functools.cached_property
@@ -146,7 +147,7 @@ def _signal_processor():
                 args = (params.extra_args or {}).get(_ARGS_KEY) if params is not None else None
                 self.rows.pop(index, None)
                 if args is not None:
-                    self.rows[index] = _SignalRow(args, output_ids, lambda: self.tokenizer)
+                    self.rows[index] = _SignalRow(args, output_ids, self.device, lambda: self.tokenizer)
             for a, b, direction in batch_update.moved:
                 row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
                 if row_a is not None:

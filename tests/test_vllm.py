@@ -188,7 +188,7 @@ def test_what_vllm_cannot_serve_is_refused_at_load(on_vllm):
 def test_the_vllm_pool_runs_under_its_own_interpreter():
     from omnistage.cluster.config import LLMConfig, OmnistageConfig, load_config
     from omnistage.pipelines.serve import deployment_options
-    from omnistage.pipelines.serve_config import export_serve_config
+    from omnistage.pipelines.serve_config import config_from_serve_config, export_serve_config
 
     data = load_config("tiny").model_dump()
     data["stages"]["llm"]["engine"] = VLLM_ENGINE
@@ -196,7 +196,8 @@ def test_the_vllm_pool_runs_under_its_own_interpreter():
     options = deployment_options(config.stages.llm, "llm")
     assert options["ray_actor_options"]["runtime_env"] == {"py_executable": str(VLLM_PYTHON)}
     assert "runtime_env" not in deployment_options(config.stages.input_projector, "input_projector")["ray_actor_options"]
-    export_serve_config(config)  # Ray's own schema takes it
+    # Ray's own schema takes the export, and the pool's interpreter comes back from args.config.
+    assert config_from_serve_config(export_serve_config(config)) == config
     with pytest.raises(ValueError, match=r"\['max_running_seqs'\] bound the built-in engine; with backend vllm set engine.vllm"):
         LLMConfig(engine={"backend": "vllm", "max_running_seqs": 4})
     with pytest.raises(ValueError, match=r"must be at least engine.vllm.max_num_seqs \(32\)"):
