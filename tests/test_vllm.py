@@ -1,6 +1,6 @@
 """The LLM pool on vLLM (``engine.backend: vllm``): the built-in engine's greedy answers, which are
-transformers' ``generate``'s, the same signal-token states, refusals at load, and a LLaVA-layout
-checkpoint split across pools through the Serve app.
+transformers' ``generate``'s, the same signal-token states, refusals at load, and through the Serve
+app a LLaVA-layout checkpoint split across pools and a Qwen2 LLM pool.
 
 vLLM lives in its own environment (``make vllm-env`` builds .venv-vllm; this one has no vLLM), so
 the in-process cases run in one worker process under that interpreter (tests/vllm_worker.py),
@@ -220,3 +220,33 @@ def test_llava_split_across_pools_on_vllm_matches_transformers_generate(ray_sess
 
     _require_vllm_env()
     _check_through_serve(llava_head64, "vllm-llava", n_image_tokens=225, engine=VLLM_ENGINE)
+
+
+@pytest.mark.slow
+def test_qwen2_pool_on_vllm_through_serve_answers_as_the_builtin_engine(ray_session, checkpoints, builtin):
+    import httpx
+    from conftest import SERVE_PORT
+    from ray import serve
+
+    from omnistage.cluster.config import OmnistageConfig
+    from omnistage.pipelines.serve import deploy
+
+    _require_vllm_env()
+    _, requests, expected = builtin["qwen2"]
+    name = "vllm-qwen2"
+    config = OmnistageConfig.model_validate(
+        {"name": name, "stages": {"llm": {"model": str(checkpoints / "qwen2"), "engine": VLLM_ENGINE}}}
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    deploy(config, name=name, route_prefix=f"/{name}")
+    try:
+        plain = requests["plain"]
+        body = {"model": name, "messages": plain.messages, "max_tokens": plain.max_tokens, "temperature": 0}
+        with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}/{name}", timeout=120) as client:
+            reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()
+        assert answer["choices"][0]["message"]["content"] == expected["plain"].text
+        assert answer["usage"]["completion_tokens"] == len(expected["plain"].token_ids)
+    finally:
+        serve.delete(name)
