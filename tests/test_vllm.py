@@ -190,6 +190,7 @@ def test_what_vllm_cannot_serve_is_refused_at_load(on_vllm):
 
 def test_the_vllm_pool_runs_under_its_own_interpreter():
     from omnistage.cluster.config import LLMConfig, OmnistageConfig, load_config
+    from omnistage.pipelines.batch import caption
     from omnistage.pipelines.serve import deployment_options
     from omnistage.pipelines.serve_config import config_from_serve_config, export_serve_config
 
@@ -201,6 +202,9 @@ def test_the_vllm_pool_runs_under_its_own_interpreter():
     assert "runtime_env" not in deployment_options(config.stages.input_projector, "input_projector")["ray_actor_options"]
     # Ray's own schema takes the export, and the pool's interpreter comes back from args.config.
     assert config_from_serve_config(export_serve_config(config)) == config
+    # Batch jobs' actor pools run in this environment: they refuse the vLLM backend, saying so.
+    with pytest.raises(ValueError, match="expected stages.llm.engine.backend builtin .* got vllm"):
+        caption("unused.parquet", config=config)
     with pytest.raises(ValueError, match=r"\['max_running_seqs'\] bound the built-in engine; with backend vllm set engine.vllm"):
         LLMConfig(engine={"backend": "vllm", "max_running_seqs": 4})
     with pytest.raises(ValueError, match=r"must be at least engine.vllm.max_num_seqs \(32\)"):
