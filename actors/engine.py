@@ -45,6 +45,76 @@ def signal_states(hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Ten
     return hidden + token_embeds
 
 
+def forward_to_head(model, **inputs) -> tuple[object, torch.Tensor]:
+    """``model(**inputs)`` and its LM head's input: the last layer's (normed) hidden states at the
+    positions whose logits are kept, caught by a hook for this call only, so no forward returns
+    the hidden states of every layer."""
+    caught = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: caught.append(args[0]))
+    try:
+        out = model(**inputs)
+    finally:
+        hook.remove()
+    return out, caught[-1]
+
+
+class TextStream:
+    """One sequence's text, detokenised incrementally (as in TGI and vLLM) and cut at its first
+    stop string: only the window of ``decode_ids`` (text tokens less special ones) from
+    ``prefix_offset`` is decoded each time, never the whole text. The tokens before
+    ``read_offset`` in the window give the decoder context (a SentencePiece word-start space, a
+    UTF-8 character split across byte tokens), and ``window_text`` is what they decoded to."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.text = ""
+        self.decode_ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.window_text = ""
+        self.emitted = 0  # characters of ``text`` already returned as deltas
+
+    def update(self, final: bool = False) -> bool:
+        """Extend ``text`` by the newly decodable characters; True when that reached a stop string
+        (``text`` then ends before it)."""
+        decode_ids = self.decode_ids
+        window = self._text_of(decode_ids[self.prefix_offset :])
+        # A window ending in U+FFFD is an incomplete multi-byte character: wait for its last byte.
+        if len(window) > len(self.window_text) and (final or not window.endswith("\ufffd")):
+            start = len(self.text)
+            self.text += window[len(self.window_text) :]
+            self.read_offset, self.window_text = len(decode_ids), window
+            if self.read_offset - self.prefix_offset > 2 * _DETOKENIZE_CONTEXT:
+                self.prefix_offset = self.read_offset - _DETOKENIZE_CONTEXT
+                self.window_text = self._text_of(decode_ids[self.prefix_offset : self.read_offset])
+            if self.stop:
+                longest = max(len(s) for s in self.stop)
+                hits = [i for s in self.stop if s and (i := self.text.find(s, max(0, start - longest + 1))) >= 0]
+                if hits:
+                    self.text = self.text[: min(hits)]
+                    return True
+        return False
+
+    def flush(self) -> None:
+        """Decode what is left once the sequence is done (an incomplete character included)."""
+        if self.read_offset < len(self.decode_ids):
+            self.update(final=True)
+
+    def delta(self, done: bool) -> str:
+        """The text not returned yet, holding back a possible stop-string prefix until it is clear."""
+        end = len(self.text)
+        if not done and self.stop:
+            end = max(self.emitted, end - max(len(s) for s in self.stop) + 1)
+        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return delta
+
+    def _text_of(self, ids: list[int]) -> str:
+        # Special tokens are left out of ``decode_ids`` already: asking the tokenizer to skip them
+        # makes slow tokenizers rebuild their special-token list on every call.
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
 @dataclass
 class StepOutput:
     """What one step did for one request: its new text (``""`` when none is ready) and, once the
@@ -78,14 +148,7 @@ class _Sequence:
     forced: deque[int] = field(default_factory=deque)
     group: list[np.ndarray] = field(default_factory=list)
     signals: list[SignalGroup] = field(default_factory=list)
-    # Incremental detokenisation (as in TGI and vLLM): only the window of ``decode_ids`` (text
-    # tokens less special ones) from prefix_offset is decoded each step, never the whole text.
-    text: str = ""
-    decode_ids: list[int] = field(default_factory=list)
-    prefix_offset: int = 0
-    read_offset: int = 0
-    window_text: str = ""
-    emitted: int = 0  # characters of ``text`` already returned as deltas
+    stream: TextStream | None = None
     text_done: bool = False
     finish_reason: str = "length"
     done: bool = False
@@ -124,7 +187,32 @@ class _Batch:
         return self.mask.shape[1]
 
 
-class Engine:
+class EngineBase:
+    """What both LLM engines (this one and ``VLLMEngine``) share: running a list of requests to
+    completion through ``_enqueue``, ``step`` and ``abort``."""
+
+    def generate(self, requests: list[LLMRequest]) -> list[LLMResult]:
+        """Run ``requests`` to completion (batch jobs and in-process use): the engine keeps as many
+        of them decoding as its bounds allow, admitting the next as one finishes. A request the
+        model cannot take raises before any of them runs."""
+        ids = [f"generate-{id(self)}-{i}" for i in range(len(requests))]
+        results: dict[str, LLMResult] = {}
+        try:
+            # A caller that waits for its whole list is not an online client to push back on:
+            # the waiting bound does not apply.
+            for rid, request in zip(ids, requests):
+                self._enqueue(rid, request)
+            while len(results) < len(ids):
+                for out in self.step():
+                    if out.result is not None:
+                        results[out.request_id] = out.result
+        finally:
+            for rid in ids:
+                self.abort(rid)
+        return [results[rid] for rid in ids]
+
+
+class Engine(EngineBase):
     """Continuous batching for an ``LLM`` stage; see the module docstring.
 
     Bounds (``EngineConfig``): at most ``max_running_seqs`` sequences decode at once; a sequence is
@@ -198,6 +286,7 @@ class Engine:
             generator=generator,
             pending=list(dict.fromkeys(request.force_modalities)),
             arrival=time.perf_counter(),
+            stream=TextStream(self.llm.tokenizer, request.stop),
         )
         self.sequences[request_id] = seq
         self.waiting.append(seq)
@@ -223,26 +312,6 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.chunking or self.batch)
-
-    def generate(self, requests: list[LLMRequest]) -> list[LLMResult]:
-        """Run ``requests`` to completion (batch jobs and in-process use): the engine keeps up to
-        ``max_running_seqs`` of them decoding, admitting the next as one finishes. A request the
-        model cannot take raises before any of them runs."""
-        ids = [f"generate-{id(self)}-{i}" for i in range(len(requests))]
-        results: dict[str, LLMResult] = {}
-        try:
-            # A caller that waits for its whole list is not an online client to push back on:
-            # the waiting bound does not apply.
-            for rid, request in zip(ids, requests):
-                self._enqueue(rid, request)
-            while len(results) < len(ids):
-                for out in self.step():
-                    if out.result is not None:
-                        results[out.request_id] = out.result
-        finally:
-            for rid in ids:
-                self.abort(rid)
-        return [results[rid] for rid in ids]
 
     @property
     def num_running(self) -> int:
@@ -315,17 +384,10 @@ class Engine:
         return len(seqs) * (width + grow) <= self.config.max_kv_tokens
 
     def _forward(self, **inputs) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """Logits and LM-head input at each row's last position, and the updated cache.
-
-        The LM head's input at the kept position is the last layer's (normed) hidden state, caught
-        by a hook for this call only, so no forward returns the hidden states of every layer."""
-        caught = []
-        hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda module, args: caught.append(args[0]))
-        try:
-            out = self.model(**inputs, use_cache=True, **({} if self.llm.is_encoder_decoder else {"logits_to_keep": 1}))
-        finally:
-            hook.remove()
-        return out.logits[:, -1], caught[-1][:, -1], out.cache
+        """Logits and LM-head input (``forward_to_head``) at each row's last position, and the updated cache."""
+        keep = {} if self.llm.is_encoder_decoder else {"logits_to_keep": 1}
+        out, head_input = forward_to_head(self.model, **inputs, use_cache=True, **keep)
+        return out.logits[:, -1], head_input[:, -1], out.cache
 
     def _prefill(self, seqs: list[_Sequence], lengths: list[int]) -> list[_Batch]:
         """Prefill the next ``lengths[i]`` prompt tokens of each sequence (left-padded together);
@@ -468,7 +530,7 @@ class Engine:
         if modality is None:
             seq.text_ids.append(token)
             if token not in self.special_ids:
-                seq.decode_ids.append(token)
+                seq.stream.decode_ids.append(token)
             self._detokenize(seq)
         elif token == groups[modality][0]:
             seq.forced = deque(groups[modality][1:])
@@ -484,37 +546,12 @@ class Engine:
         if len(seq.group) == self.group_sizes[modality]:
             seq.signals.append(SignalGroup(modality=modality, hidden=np.stack(seq.group)))
 
-    def _detokenize(self, seq: _Sequence, final: bool = False) -> None:
-        """Extend ``seq.text`` by the newly decodable characters, then check stop strings and length.
-
-        Only a window of the last few tokens is decoded (one call per step): the tokens before
-        ``read_offset`` in it give the decoder context (a SentencePiece word-start space, a UTF-8
-        character split across byte tokens), and ``window_text`` is what they decoded to."""
-        decode_ids = seq.decode_ids
-        window = self._text_of(decode_ids[seq.prefix_offset :])
-        # A window ending in U+FFFD is an incomplete multi-byte character: wait for its last byte.
-        if len(window) > len(seq.window_text) and (final or not window.endswith("\ufffd")):
-            start = len(seq.text)
-            seq.text += window[len(seq.window_text) :]
-            seq.read_offset, seq.window_text = len(decode_ids), window
-            if seq.read_offset - seq.prefix_offset > 2 * _DETOKENIZE_CONTEXT:
-                seq.prefix_offset = seq.read_offset - _DETOKENIZE_CONTEXT
-                seq.window_text = self._text_of(decode_ids[seq.prefix_offset : seq.read_offset])
-            stops = seq.request.stop
-            if stops:
-                longest = max(len(s) for s in stops)
-                hits = [i for s in stops if s and (i := seq.text.find(s, max(0, start - longest + 1))) >= 0]
-                if hits:
-                    seq.text = seq.text[: min(hits)]
-                    seq.text_done, seq.finish_reason = True, "stop"
-                    return
-        if len(seq.text_ids) >= seq.request.max_tokens:
+    def _detokenize(self, seq: _Sequence) -> None:
+        """Extend the text by the newly decodable characters, then check stop strings and length."""
+        if seq.stream.update():
+            seq.text_done, seq.finish_reason = True, "stop"
+        elif len(seq.text_ids) >= seq.request.max_tokens:
             seq.text_done, seq.finish_reason = True, "length"
-
-    def _text_of(self, ids: list[int]) -> str:
-        # Special tokens are left out of ``decode_ids`` already: asking the tokenizer to skip them
-        # makes slow tokenizers rebuild their special-token list on every call.
-        return self.llm.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _next_input(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.llm.is_encoder_decoder:
@@ -529,12 +566,9 @@ class Engine:
         for seq in batch.seqs:
             if seq.aborted:
                 continue
-            if seq.done and seq.read_offset < len(seq.decode_ids):
-                self._detokenize(seq, final=True)
-            end = len(seq.text)
-            if not seq.done and seq.request.stop:
-                end = max(seq.emitted, end - max(len(s) for s in seq.request.stop) + 1)
-            delta, seq.emitted = seq.text[seq.emitted : end], max(seq.emitted, end)
+            if seq.done:
+                seq.stream.flush()
+            delta = seq.stream.delta(seq.done)
             if not seq.done:
                 if delta:
                     outputs.append(StepOutput(seq.request_id, delta))
@@ -546,7 +580,7 @@ class Engine:
                     seq.request_id,
                     delta,
                     LLMResult(
-                        text=seq.text,
+                        text=seq.stream.text,
                         finish_reason=seq.finish_reason,
                         prompt_tokens=seq.prompt_len,
                         token_ids=seq.token_ids,

@@ -47,8 +47,9 @@ class LLM(Stage):
     Output: ``LLMResult`` (text without signal tokens, and a ``SignalGroup`` of shape
     (n_signal_tokens, d_llm) per emitted group).
 
-    ``engine`` schedules the decoding (continuous batching); servers submit to it directly, and
-    ``__call__`` runs a list of requests through it to completion.
+    ``engine`` schedules the decoding (continuous batching): the built-in ``Engine`` or, with
+    ``engine.backend: vllm``, ``VLLMEngine``; servers submit to it directly, and ``__call__`` runs a
+    list of requests through it to completion.
 
     ``max_tokens`` bounds the text; forced signal groups come after the text and are not counted
     against it (they are counted in ``completion_tokens``).
@@ -101,7 +102,13 @@ class LLM(Stage):
         self.eos_ids.add(self.tokenizer.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_context = getattr(self.model.config, "max_position_embeddings", None)
-        self.engine = Engine(self, config.engine)
+        if config.engine.backend == "vllm":
+            # Imported here: only the vLLM pool's own environment (engine.vllm.python) has vLLM.
+            from omnistage.actors.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(self, config.engine)
+        else:
+            self.engine = Engine(self, config.engine)
 
     def _checkpoint_media_tokens(self, model_config) -> dict[str, str]:
         """The checkpoint's own media token per modality, checked against its tokenizer and template."""
@@ -131,6 +138,7 @@ class LLM(Stage):
         ]
         vocab = self.tokenizer.get_vocab()
         missing = [token for token in needed if token not in vocab]
+        self.added_tokens = missing
         if not missing:
             return
         self.tokenizer.add_tokens(missing, special_tokens=True)

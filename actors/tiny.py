@@ -174,18 +174,28 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def build_llm(path: Path, seed: int, **sizes: int) -> None:
+def build_llm(path: Path, seed: int, family: str = "llama", **sizes: int) -> None:
     """A 2-layer LLaMA (hidden 32) with a byte-level tokenizer, which needs no vocabulary file.
-    ``sizes`` override LlamaConfig's (a larger model for benchmarks, built the same way)."""
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+    ``family`` ``"qwen2"`` builds a Qwen2 of the same sizes instead. ``sizes`` override the config's
+    (a larger model for benchmarks, or a head size vLLM's attention takes, built the same way)."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    families = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if family not in families:
+        raise ValueError(f"expected a model family in {sorted(families)}, got {family!r}")
+    config_class, model_class = families[family]
 
     torch.manual_seed(seed)
-    tokenizer = ByT5Tokenizer()
-    tokenizer.add_tokens(list(PLACEHOLDERS.values()), special_tokens=True)
-    for modality, count in NEXTGPT_SIGNAL_TOKENS.items():
-        tokenizer.add_tokens(signal_token_names(modality, count), special_tokens=True)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    config = LlamaConfig(
+    extra = list(PLACEHOLDERS.values()) + [t for m, n in NEXTGPT_SIGNAL_TOKENS.items() for t in signal_token_names(m, n)]
+    if family == "llama":
+        tokenizer = ByT5Tokenizer()
+        tokenizer.add_tokens(extra, special_tokens=True)
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    else:
+        # transformers loads a Qwen2 checkpoint's tokenizer as its own class, which reads a
+        # tokenizer.json (a ByT5 tokenizer has none).
+        tokenizer = _byte_tokenizer(extra, TINY_CHAT_TEMPLATE)
+    config = config_class(
         vocab_size=len(tokenizer),
         **{
             "hidden_size": TINY_DIMS["llm"],
@@ -200,7 +210,7 @@ def build_llm(path: Path, seed: int, **sizes: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
@@ -409,9 +419,10 @@ def _byte_tokenizer(extra: list[str], chat_template: str):
     return tokenizer
 
 
-def build_llava(path: str | Path, seed: int = 0) -> Path:
+def build_llava(path: str | Path, seed: int = 0, **text_sizes: int) -> Path:
     """A LLaVA-1.5-shaped model: CLIP ViT (30x30, 2x2 patches, 225 tokens) -> 2-layer GELU MLP ->
-    2-layer LLaMA, with a byte-level tokenizer whose ``<image>`` is the config's image token."""
+    2-layer LLaMA, with a byte-level tokenizer whose ``<image>`` is the config's image token.
+    ``text_sizes`` override the LLaMA's (e.g. a head size vLLM's attention takes)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     path = Path(path)
@@ -421,9 +432,10 @@ def build_llava(path: str | Path, seed: int = 0) -> Path:
         image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=37, projection_dim=32,
     )
+    sizes = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, **text_sizes}
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(tokenizer), **sizes, max_position_embeddings=512,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     config = LlavaConfig(

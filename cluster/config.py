@@ -141,9 +141,62 @@ class InputProjectorConfig(BatchedStageConfig):
     )
 
 
-class EngineConfig(_Strict):
-    """Bounds of the LLM's continuous-batching engine (actors/engine.py)."""
+class VLLMConfig(_Strict):
+    """vLLM's own settings for an LLM pool with ``engine.backend: vllm`` (actors/vllm_engine.py),
+    passed to its engine under vLLM's names."""
 
+    max_num_seqs: int = Field(32, ge=1, description="Sequences vLLM decodes together (its scheduler's batch bound).")
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="Context length vLLM plans its KV cache for; None takes the checkpoint's max_position_embeddings. "
+        "Smaller values let more sequences share the cache.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory vLLM takes for weights and KV cache (vLLM's default). On the CPU "
+        "build it is the share of the host's memory instead: set it low (e.g. 0.1) where other pools share the node.",
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache size, exactly; None sizes it from gpu_memory_utilization. On CPU an explicit size also "
+        "skips the warm-up pass that the automatic sizing measures with.",
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of a shared prompt prefix (a system prompt) across requests (vLLM's default)."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="Weights and activations in vLLM; auto takes the stage's dtype, which the transformers copy that "
+        "embeds prompts and computes signal-token states also uses, so both sides agree.",
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="Run the model eagerly, without torch.compile and CUDA graphs: a faster start, slower steps. "
+        "None: eager on CPU (compiling there takes minutes of start-up on a few cores), compiled on GPU.",
+    )
+    python: str | None = Field(
+        ".venv-vllm/bin/python",
+        description="Interpreter the pool's replicas run under (Ray's runtime_env py_executable): an environment with "
+        "vLLM and omnistage (`make vllm-env` builds .venv-vllm). A relative path is taken from the directory the "
+        "app is deployed from. None: the node's own interpreter, for a worker image that already has vLLM.",
+    )
+
+
+class EngineConfig(_Strict):
+    """The LLM's engine: the backend, and the bounds of the built-in continuous-batching engine
+    (actors/engine.py) or vLLM's settings (``vllm``)."""
+
+    backend: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description="builtin: omnistage's own engine over transformers (any decoder-only or encoder-decoder model, "
+        "any device). vllm: vLLM (paged attention, prefix caching, CUDA graphs), in its own environment; "
+        "decoder-only models whose head size vLLM's attention takes.",
+    )
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM's settings; read only with backend vllm.")
     max_running_seqs: int = Field(
         32,
         ge=1,
@@ -169,6 +222,25 @@ class EngineConfig(_Strict):
         description="Requests queued for admission per replica; beyond it new ones get 503 with Retry-After, so a "
         "client backs off instead of waiting past its deadline.",
     )
+
+    @model_validator(mode="after")
+    def _bounds_of_the_backend(self) -> EngineConfig:
+        # Compared with the defaults, not the fields set: a dumped config sets every field.
+        fields = type(self).model_fields
+        builtin_only = [
+            name for name in ("max_kv_tokens", "max_prefill_tokens", "max_running_seqs") if getattr(self, name) != fields[name].default
+        ]
+        if self.backend == "vllm" and builtin_only:
+            raise ValueError(
+                f"{builtin_only} bound the built-in engine; with backend vllm set engine.vllm (max_num_seqs, "
+                "max_model_len, gpu_memory_utilization) instead"
+            )
+        return self
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences one step decodes together, whichever backend runs them."""
+        return self.vllm.max_num_seqs if self.backend == "vllm" else self.max_running_seqs
 
 
 class SamplingDefaults(_Strict):
@@ -216,10 +288,11 @@ class LLMConfig(StageConfig):
 
     @model_validator(mode="after")
     def _queue_fills_the_batch(self) -> LLMConfig:
-        if self.queue.max_ongoing_requests < self.engine.max_running_seqs:
+        if self.queue.max_ongoing_requests < self.engine.max_batch:
+            bound = "engine.vllm.max_num_seqs" if self.engine.backend == "vllm" else "engine.max_running_seqs"
             raise ValueError(
                 f"queue.max_ongoing_requests ({self.queue.max_ongoing_requests}) must be at least "
-                f"engine.max_running_seqs ({self.engine.max_running_seqs}), or the engine can never fill its batch"
+                f"{bound} ({self.engine.max_batch}), or the engine can never fill its batch"
             )
         return self
 
@@ -237,7 +310,7 @@ class LLMConfig(StageConfig):
     def rows_per_call(self) -> int:
         """Rows a batch job hands the engine at once: twice what it decodes together, so that a
         finished row's place is taken at the next step."""
-        return 2 * self.engine.max_running_seqs
+        return 2 * self.engine.max_batch
 
 
 class OutputProjectorConfig(BatchedStageConfig):

@@ -510,6 +510,13 @@ def _stage_config(config: OmnistageConfig, name: str, job: str) -> StageConfig:
     stage = getattr(config.stages, name)
     if stage is None:
         raise ValueError(f"the {job} job needs stages.{name}, but config {config.name!r} has none")
+    if name == "llm" and stage.engine.backend != "builtin":
+        # Batch actor pools run in this environment, which has no vLLM (the Serve app starts the
+        # vLLM pool under its own interpreter).
+        raise ValueError(
+            f"the {job} job runs the LLM on the built-in engine; expected stages.llm.engine.backend builtin "
+            f"in config {config.name!r}, got {stage.engine.backend} (served by the Serve app only)"
+        )
     return stage
 
 

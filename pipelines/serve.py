@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnistage.actors.errors import InvalidInputError, OverloadedError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.payloads import LLMRequest
-from omnistage.cluster.config import OmnistageConfig, PoolConfig
+from omnistage.cluster.config import LLMConfig, OmnistageConfig, PoolConfig
 from omnistage.pipelines.deployments import GeneratorServer, LLMReply, LLMServer, StageServer
 from omnistage.pipelines.graph import Graph
 from omnistage.pipelines.logs import configure_logging
@@ -592,6 +592,13 @@ def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
             "policy_function": "omnistage.pipelines.autoscaling:UtilisationPolicy",
             "policy_kwargs": {"target_utilisation": scaling.target_utilisation},
         }
+    actor = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)}
+    if isinstance(pool, LLMConfig) and pool.engine.backend == "vllm" and pool.engine.vllm.python is not None:
+        # The vLLM pool runs under its own interpreter (vLLM pins older transformers and fastapi);
+        # Ray starts its replicas with it. The same Ray release must be installed there. Made
+        # absolute without resolving links: a virtual environment's python is a link that only
+        # finds its packages when started under the environment's own path.
+        actor["runtime_env"] = {"py_executable": str(Path(pool.engine.vllm.python).absolute())}
     return {
         "name": name,
         "autoscaling_config": {
@@ -605,7 +612,7 @@ def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:
             "metrics_interval_s": scaling.metrics_interval_s,
             "look_back_period_s": scaling.look_back_period_s,
         },
-        "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)},
+        "ray_actor_options": actor,
         "max_ongoing_requests": queue.max_ongoing_requests,
         "max_queued_requests": queue.max_queued_requests,
         "health_check_period_s": health.period_s,

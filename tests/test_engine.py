@@ -184,21 +184,19 @@ def test_a_long_prompt_is_prefilled_in_chunks_without_stalling_the_others(llm, e
     assert results["long"].token_ids == whole[0].token_ids and results["running"].token_ids == whole[1].token_ids
 
 
-def test_incremental_detokenisation_equals_decoding_the_whole_text(llm, engine):
-    from omnistage.actors.engine import _Sequence
+def test_incremental_detokenisation_equals_decoding_the_whole_text(llm):
+    from omnistage.actors.engine import TextStream
 
     text = "héllo wörld ✓ 日本"  # multi-byte characters arrive one byte token at a time
     ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    e = engine()
-    seq = _Sequence("x", LLMRequest(messages=_user("x"), max_tokens=100), [], 0, None, [], 0.0)
+    stream = TextStream(llm.tokenizer, stop=[])
     pieces = []
     for token in ids:
-        seq.text_ids.append(token)
-        seq.decode_ids.append(token)
-        before = len(seq.text)
-        e._detokenize(seq)
-        pieces.append(seq.text[before:])
-    assert "".join(pieces) == seq.text == text
+        stream.decode_ids.append(token)
+        before = len(stream.text)
+        stream.update()
+        pieces.append(stream.text[before:])
+    assert "".join(pieces) == stream.text == text
     assert "\ufffd" not in "".join(pieces)
 
 

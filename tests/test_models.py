@@ -679,9 +679,10 @@ def test_multimodal_stages_honour_dtype(llava_dir):
 # Through the Serve app: the LLaVA and BLIP-2 splits as their own pools, answering over HTTP
 
 
-def _check_through_serve(path, name, n_image_tokens=None):
+def _check_through_serve(path, name, n_image_tokens=None, engine=None):
     """Deploy ``path`` split into encoder, projector and LLM pools as its own app under ``/name``, on
-    the session's Serve instance, and compare its greedy answer over HTTP with transformers' generate."""
+    the session's Serve instance, and compare its greedy answer over HTTP with transformers' generate.
+    ``engine``: the LLM pool's engine section, when not the built-in engine's defaults."""
     import base64
 
     import httpx
@@ -690,9 +691,12 @@ def _check_through_serve(path, name, n_image_tokens=None):
 
     from omnistage.actors.media import encode_png
     from omnistage.actors.multimodal import pretrained_config
+    from omnistage.cluster.config import EngineConfig
     from omnistage.pipelines.serve import build_app
 
     config = pretrained_config(path, name=name)
+    if engine is not None:
+        config.stages.llm.engine = EngineConfig.model_validate(engine)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     serve.run(build_app(config), name=name, route_prefix=f"/{name}")
     try:
