@@ -127,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--caption-rate", type=float, default=16, help="video captions per second in the caption phases")
-    parser.add_argument("--generation-rate", type=float, default=3, help="image generations per second in the generation phase")
+    parser.add_argument("--generation-rate", type=float, default=6, help="image generations per second in the generation phase")
     parser.add_argument("--phase-s", type=float, default=40)
     parser.add_argument("--max-replicas", type=int, default=2)
     parser.add_argument("--slo-scale", type=float, default=5)
