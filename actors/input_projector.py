@@ -84,10 +84,11 @@ class InputProjector(HeadStage):
     out_field = "embeds"
 
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
-        """A LLaVA or BLIP-2 checkpoint gives its image projector as the ``image`` head."""
-        from omnistage.actors.multimodal import is_multimodal_checkpoint, load_multimodal, projector_part
+        """A LLaVA or BLIP-2 checkpoint gives its projector as the ``image`` head, a Qwen2-Audio
+        checkpoint as the ``audio`` head."""
+        from omnistage.actors.multimodal import is_multimodal_checkpoint, load_projector
 
         if not is_multimodal_checkpoint(self.checkpoint):
             return super().load_heads()
-        module, spec = projector_part(load_multimodal(self.checkpoint, self.dtype))
-        return {"heads": {"image": spec}}, nn.ModuleDict({"image": module})
+        modality, module, spec = load_projector(self.checkpoint, self.dtype)
+        return {"heads": {modality: spec}}, nn.ModuleDict({modality: module})

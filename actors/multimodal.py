@@ -1,4 +1,4 @@
-"""Published end-to-end checkpoints (LLaVA, BLIP-2) split across the stage pools.
+"""Published end-to-end checkpoints (LLaVA, BLIP-2, Qwen2-Audio) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model:
@@ -9,9 +9,13 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
 - ``blip-2``: image encoder ``vision_model`` (``last_hidden_state``, after its post-layernorm);
   input projector ``query_tokens`` + ``qformer`` + ``language_projection``; LLM
   ``language_model`` (OPT; Flan-T5 as encoder-decoder).
+- ``qwen2_audio``: audio encoder ``audio_tower`` (its ``last_hidden_state``: average-pooled, then
+  layer-normed); input projector ``multi_modal_projector``; LLM ``language_model`` as a causal LM.
 
-The whole model is loaded (``AutoModelForImageTextToText``, class chosen from the checkpoint's
-config) and the unused parts are dropped, so each pool briefly holds the full weights while loading.
+LLaVA and BLIP-2 are loaded whole (``AutoModelForImageTextToText``, class chosen from the
+checkpoint's config) and the unused parts dropped, so each pool briefly holds the full weights
+while loading. A Qwen2-Audio pool reads only its part's tensors from the safetensors files and
+builds only that part.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from torch import nn
 
 from omnistage.actors.payloads import MODALITIES
 
-MULTIMODAL_TYPES = ("llava", "blip-2")
+MULTIMODAL_TYPES = ("llava", "blip-2", "qwen2_audio")
+# The medium each type takes in: the encoder pool it needs and the input projector's head.
+INPUT_MODALITY = {"llava": "image", "blip-2": "image", "qwen2_audio": "audio"}
+# Types loaded whole and split in memory; the others are loaded part by part.
+WHOLE_TYPES = ("llava", "blip-2")
+# Where each part of a Qwen2-Audio checkpoint keeps its tensors, in the published layout (the one
+# transformers' save_pretrained writes too).
+QWEN2_AUDIO_PREFIXES = {"audio": "audio_tower.", "projector": "multi_modal_projector.", "language": "language_model."}
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:
@@ -48,9 +59,56 @@ def load_multimodal(path: str | Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForImageTextToText
 
     model_type = checkpoint_model_type(path)
-    if model_type not in MULTIMODAL_TYPES:
-        raise ValueError(f"expected a checkpoint with model_type in {MULTIMODAL_TYPES} at {str(path)!r}, got {model_type!r}")
+    if model_type not in WHOLE_TYPES:
+        raise ValueError(f"expected a checkpoint with model_type in {WHOLE_TYPES} at {str(path)!r}, got {model_type!r}")
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
+
+
+def read_part(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors named ``prefix...``, under their names without it, read from the
+    safetensors shards that hold them and no others; nothing else is read into memory."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards: dict[str, list[str]] = {}
+        for key, shard in json.loads(index.read_text())["weight_map"].items():
+            if key.startswith(prefix):
+                shards.setdefault(shard, []).append(key)
+    else:
+        shards = {"model.safetensors": None}
+    part = {}
+    for shard, keys in shards.items():
+        with safe_open(str(path / shard), framework="pt") as f:
+            for key in keys or [k for k in f.keys() if k.startswith(prefix)]:
+                part[key.removeprefix(prefix)] = f.get_tensor(key)
+    if not part:
+        raise ValueError(f"expected tensors named {prefix}* in the safetensors files of {str(path)!r}, found none")
+    return part
+
+
+def _from_part(cls: Any, config: Any, path: Path, prefix: str, dtype: torch.dtype) -> nn.Module:
+    """A ``PreTrainedModel`` of class ``cls`` built from its sub-config and the tensors under ``prefix``."""
+    model, info = cls.from_pretrained(None, config=config, state_dict=read_part(path, prefix), dtype=dtype, output_loading_info=True)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if missing or unexpected:
+        raise ValueError(
+            f"expected the tensors under {prefix!r} in {str(path)!r} to be exactly {cls.__name__}'s, got "
+            f"{len(missing)} missing (first: {missing[:5]}) and {len(unexpected)} unexpected (first: {unexpected[:5]})"
+        )
+    return model.eval()
+
+
+def audio_part(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """Qwen2-Audio's audio tower alone (``Qwen2AudioEncoder``, the class its audio config names)."""
+    from transformers import MODEL_MAPPING, AutoConfig
+
+    model_type = checkpoint_model_type(path)
+    if model_type != "qwen2_audio":
+        raise ValueError(f"no audio part known for model_type {model_type!r} at {str(path)!r}")
+    config = AutoConfig.from_pretrained(path).audio_config
+    return _from_part(MODEL_MAPPING[type(config)], config, Path(path), QWEN2_AUDIO_PREFIXES["audio"], dtype)
 
 
 def vision_part(model: nn.Module) -> tuple[nn.Module, int | list[int] | None, bool]:
@@ -102,6 +160,39 @@ def projector_part(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     raise ValueError(f"no projector part known for model_type {config.model_type!r}")
 
 
+def load_projector(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module, dict[str, Any]]:
+    """(modality, the checkpoint's input projector, its head spec)."""
+    model_type = checkpoint_model_type(path)
+    if model_type != "qwen2_audio":
+        return INPUT_MODALITY[model_type], *projector_part(load_multimodal(path, dtype))
+    from transformers import AutoConfig
+    from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioMultiModalProjector
+
+    config = AutoConfig.from_pretrained(path)
+    # One linear map per audio token: the tower has already pooled and normed its states.
+    projector = Qwen2AudioMultiModalProjector(config)
+    projector.load_state_dict(read_part(path, QWEN2_AUDIO_PREFIXES["projector"]), strict=True)
+    spec = {"type": "qwen2_audio", "in_dim": config.audio_config.d_model, "out_dim": config.text_config.hidden_size}
+    return "audio", projector.eval(), spec
+
+
+def load_language_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """(the language model as a causal LM, the whole checkpoint's config)."""
+    if checkpoint_model_type(path) != "qwen2_audio":
+        whole = load_multimodal(path, dtype)
+        return language_part(whole), whole.config
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+    lm = _from_part(causal_lm, config.text_config, path, QWEN2_AUDIO_PREFIXES["language"], dtype)
+    if (path / "generation_config.json").is_file():
+        # Its EOS ids (the instruct checkpoint's <|im_end|>) are the whole model's, not the text config's.
+        lm.generation_config = GenerationConfig.from_pretrained(path)
+    return lm, config
+
+
 def language_part(model: nn.Module) -> nn.Module:
     """The language model as a causal LM (embeddings in, logits and a KV cache out)."""
     from transformers import AutoModelForCausalLM
@@ -142,16 +233,16 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 
 def pretrained_config(path: str | Path, name: str | None = None):
-    """An ``OmnistageConfig`` serving a LLaVA or BLIP-2 directory as image encoder, input projector
-    and LLM pools (image in, text out; no generators, no signal tokens). The same dict works as the
-    ``stages`` section of a YAML file for the Serve app."""
+    """An ``OmnistageConfig`` serving a LLaVA, BLIP-2 or Qwen2-Audio directory as encoder, input
+    projector and LLM pools (image or audio in, text out; no generators, no signal tokens). The same
+    dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
 
     path = Path(path).expanduser().resolve()
     model_type = checkpoint_model_type(path)
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
-            f"expected a LLaVA or BLIP-2 checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
+            f"expected a LLaVA, BLIP-2 or Qwen2-Audio checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
     model = str(path)
@@ -159,7 +250,7 @@ def pretrained_config(path: str | Path, name: str | None = None):
         {
             "name": name or path.name,
             "stages": {
-                "image_encoder": {"model": model},
+                f"{INPUT_MODALITY[model_type]}_encoder": {"model": model},
                 "input_projector": {"model": model},
                 "llm": {"model": model, "signal_tokens": {}},
             },

@@ -7,6 +7,7 @@ seeded: building twice gives identical files. The stage modules know nothing of 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -381,7 +382,7 @@ TINY_BUILDERS: dict[str, Callable[[Path, int], None]] = {
 }
 
 
-# --- end-to-end checkpoints (LLaVA, BLIP-2) --------------------------------------------------------
+# --- end-to-end checkpoints (LLaVA, BLIP-2, Qwen2-Audio) -------------------------------------------
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: {{ message['content'] }}\n"
@@ -402,7 +403,7 @@ BLIP2_CHAT_TEMPLATE = (
 )
 
 
-def _byte_tokenizer(extra: list[str], chat_template: str):
+def _byte_tokenizer(extra: list[str], chat_template: str | None):
     """A byte-level fast tokenizer (``tokenizer.json``, no merges), built offline: 256 byte tokens,
     then ``<pad>``, ``</s>``, ``<s>`` and ``extra`` as special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -506,4 +507,66 @@ def build_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8, lang
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     BlipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(path)
+    return path
+
+
+# Qwen/Qwen2-Audio-7B-Instruct's chat_template.json, verbatim: each audio part (told by its key)
+# becomes "Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>".
+QWEN2_AUDIO_CHAT_TEMPLATE = "{% set audio_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if 'audio' in content or 'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"  # noqa: E501 - verbatim
+QWEN2_AUDIO_TOKENS = ["<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>"]
+
+
+def build_qwen2_audio(path: str | Path, seed: int = 0) -> Path:
+    """A Qwen2-Audio-shaped model in the published checkpoint's layout: Whisper-style audio tower
+    over 1 s windows (100 mel frames of 16 bins -> 50 positions, average-pooled to 25) -> linear
+    projector -> 2-layer Qwen2, with a byte-level tokenizer carrying Qwen's chat and audio tokens.
+    As Qwen/Qwen2-Audio-7B-Instruct ships them: the feature extractor in preprocessor_config.json,
+    the processor's template in chat_template.json, ``<|im_end|>`` among the EOS ids."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2Config, WhisperFeatureExtractor
+
+    path = Path(path)
+    # The template lives in chat_template.json only, where the published checkpoint keeps it.
+    tokenizer = _byte_tokenizer(QWEN2_AUDIO_TOKENS, None)
+    # Listed as the published tokenizer lists them, so decoding leaves them out of the text.
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2_AUDIO_TOKENS})
+    audio = {
+        "num_mel_bins": 16,
+        "d_model": 32,
+        "encoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "encoder_ffn_dim": 37,
+        # The tower takes exactly 2 * max_source_positions mel frames: the extractor's 1 s window.
+        "max_source_positions": 50,
+        # Ten times the default spread: at 0.02 the random tower's states hardly depend on the
+        # sound, and every clip would get the same greedy answer.
+        "initializer_range": 0.2,
+    }
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # In shards, as published: each pool then reads only the shards that hold its part.
+    model.save_pretrained(path, max_shard_size="50KB")
+    tokenizer.save_pretrained(path)
+    extractor = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400, return_attention_mask=True)
+    extractor.save_pretrained(path)
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        # What lets AutoProcessor assemble the processor from the two, as in the published files.
+        settings = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**settings, "processor_class": "Qwen2AudioProcessor"}, indent=2) + "\n")
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_AUDIO_CHAT_TEMPLATE}, indent=2) + "\n")
     return path

@@ -61,7 +61,8 @@ class LocalPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str | None = None) -> LocalPipeline:
-        """Serve a LLaVA or BLIP-2 checkpoint directory, split into encoder, projector and LLM stages."""
+        """Serve a LLaVA, BLIP-2 or Qwen2-Audio checkpoint directory, split into encoder, projector
+        and LLM stages."""
         from omnistage.actors.multimodal import pretrained_config
 
         return cls(pretrained_config(path, name))

@@ -32,9 +32,9 @@ from omnistage.pipelines.batch_io import (
 CONFIG = load_config("tiny")
 
 
-def _caption_in_process(table, modality, **options):
+def _caption_in_process(table, modality, config=CONFIG, **options):
     """The caption job's steps, called directly on one Arrow table (no Ray)."""
-    stages = CONFIG.stages
+    stages = config.stages
     encoder = getattr(stages, f"{modality}_encoder")
     prepared = batch.prepare_caption(
         table,
@@ -52,7 +52,7 @@ def _caption_in_process(table, modality, **options):
     answered = batch.LLMUDF(
         stages.llm, modality=modality, force=None, max_tokens=8, temperature=0.0, answer_column="answer"
     )(projected)
-    constants = {"modality": modality, "model": CONFIG.name, "run_id": "test"}
+    constants = {"modality": modality, "model": config.name, "run_id": "test"}
     return batch.finish(answered, id_column="id", schema=batch.CAPTION_SCHEMA, constants=constants)
 
 

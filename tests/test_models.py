@@ -143,7 +143,7 @@ def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
 def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
     from omnistage.pipelines.local import LocalPipeline
 
-    with pytest.raises(ValueError, match=r"LLaVA or BLIP-2.*model_type 'llama'"):
+    with pytest.raises(ValueError, match=r"LLaVA, BLIP-2 or Qwen2-Audio.*model_type 'llama'"):
         LocalPipeline.from_pretrained(tiny_preset / "llm")
 
 
@@ -183,6 +183,126 @@ def test_blip2_image_changes_the_answer(blip2_dir):
         query = model.qformer(query_embeds=model.query_tokens, encoder_hidden_states=image_embeds).last_hidden_state
         expected = model.language_projection(query)[0].numpy()
     np.testing.assert_allclose(embeds[0], expected, rtol=1e-5, atol=1e-6)
+
+
+# Qwen2-Audio
+
+# (seconds, tone in Hz): shorter than the 1 s window (17 audio tokens), the window (25), longer (cut to 25).
+QWEN2_AUDIO_CLIPS = ((0.7, 220), (1.0, 1800), (1.5, 5000))
+
+
+@pytest.fixture(scope="module")
+def qwen2_audio_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_qwen2_audio
+
+    return build_qwen2_audio(tmp_path_factory.mktemp("qwen2-audio") / "tiny-qwen2-audio", seed=0)
+
+
+def _sound(seconds, hz):
+    """A tone in noise at 16 kHz: distinct sounds give the random tiny model distinct answers."""
+    t = np.arange(int(16000 * seconds)) / 16000
+    wave = 0.5 * np.sin(2 * np.pi * hz * t) + 0.1 * np.random.default_rng(0).standard_normal(t.size)
+    return wave.astype(np.float32)
+
+
+def _audio_chat(wave):
+    return [{"role": "user", "content": [{"type": "input_audio", "input_audio": (wave, 16000)}, {"type": "text", "text": QUESTION}]}]
+
+
+def _qwen2_audio_reference(path, waves, max_new_tokens):
+    """Per 16 kHz clip, from transformers' generate on the whole model with the inputs its own
+    processor builds from the chat (the checkpoint's template, audio tokens expanded): the greedy
+    ids up to the first EOS, their text, the number of audio tokens and of prompt tokens."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(path).eval()
+    chat = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip.wav"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    references = []
+    for wave in waves:
+        inputs = processor(text=prompt, audio=[wave], sampling_rate=16000, return_tensors="pt")
+        n_prompt = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, n_prompt:].tolist()
+        ends = [i for i, t in enumerate(out) if t in model.generation_config.eos_token_id]
+        new = out[: ends[0]] if ends else out
+        n_audio = int((inputs["input_ids"] == model.config.audio_token_index).sum())
+        references.append((new, processor.tokenizer.decode(new, skip_special_tokens=True), n_audio, n_prompt))
+    return references
+
+
+def test_qwen2_audio_split_matches_transformers_generate_token_for_token(qwen2_audio_dir):
+    from omnistage.pipelines.local import LocalPipeline
+
+    pipeline = LocalPipeline.from_pretrained(qwen2_audio_dir)
+    assert list(pipeline.encoders) == ["audio"] and not pipeline.generators
+    assert pipeline.input_projector.head_spec("audio") == {"type": "qwen2_audio", "in_dim": 32, "out_dim": 32}
+    waves = [_sound(*clip) for clip in QWEN2_AUDIO_CLIPS]
+    references = _qwen2_audio_reference(qwen2_audio_dir, waves, max_new_tokens=12)
+    # As many audio tokens as the processor writes: from the clip's length, at most the window's.
+    assert [n_audio for _, _, n_audio, _ in references] == [17, 25, 25]
+    for wave, (expected_ids, expected_text, n_audio, n_prompt) in zip(waves, references):
+        assert len(expected_ids) >= 4  # a real answer, not an immediate end of sequence
+        features = pipeline.encoders["audio"]([AudioClip(wave, 16000)])
+        assert features[0].features.shape == (n_audio, 32)
+        request = LLMRequest(messages=[{"role": "user", "content": f"<audio>\n{QUESTION}"}], media=pipeline.input_projector(features), max_tokens=12)
+        assert pipeline.llm([request])[0].token_ids == expected_ids
+        result = pipeline.chat(_audio_chat(wave), max_tokens=12)
+        assert result.text == expected_text and result.usage["prompt_tokens"] == n_prompt
+    # The sound reaches the answer.
+    assert len({tuple(ids) for ids, _, _, _ in references}) == 3
+    # A batch of clips of different lengths gives each clip's own features.
+    stage = pipeline.encoders["audio"].stage
+    batched = stage([AudioClip(w, 16000) for w in waves])
+    for wave, together in zip(waves, batched):
+        np.testing.assert_allclose(together.features, stage([AudioClip(wave, 16000)])[0].features, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen2_audio_stages_read_only_their_part(qwen2_audio_dir, tmp_path):
+    """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
+    holds exactly the whole model's weights for that part; an unsharded checkpoint gives the same parts."""
+    import json
+    import shutil
+
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from omnistage.actors.audio_encoder import AudioEncoder
+    from omnistage.actors.input_projector import InputProjector
+    from omnistage.actors.llm import LLM
+    from omnistage.actors.multimodal import read_part
+    from omnistage.cluster.config import AudioEncoderConfig, InputProjectorConfig, LLMConfig
+
+    whole = Qwen2AudioForConditionalGeneration.from_pretrained(qwen2_audio_dir).eval()
+    language = {f"model.{k}": v for k, v in whole.model.language_model.state_dict().items()}
+    parts = {
+        "audio_tower.": (lambda d: AudioEncoder(AudioEncoderConfig(model=d)).model, whole.model.audio_tower.state_dict()),
+        "multi_modal_projector.": (lambda d: InputProjector(InputProjectorConfig(model=d)).heads["audio"], whole.model.multi_modal_projector.state_dict()),
+        "language_model.": (lambda d: LLM(LLMConfig(model=d, signal_tokens={})).model, {**language, "lm_head.weight": whole.lm_head.weight}),
+    }
+    weight_map = json.loads((qwen2_audio_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    for prefix, (load, expected) in parts.items():
+        others = set(weight_map.values()) - {shard for key, shard in weight_map.items() if key.startswith(prefix)}
+        assert others, prefix
+        copy = tmp_path / prefix.rstrip(".")
+        shutil.copytree(qwen2_audio_dir, copy, ignore=shutil.ignore_patterns(*others))
+        state = load(str(copy)).state_dict()
+        assert state.keys() == expected.keys(), prefix
+        assert all(torch.equal(state[k], expected[k]) for k in state), prefix
+
+    whole.save_pretrained(tmp_path / "unsharded")
+    assert not (tmp_path / "unsharded" / "model.safetensors.index.json").exists()
+    for prefix in parts:
+        sharded, unsharded = read_part(qwen2_audio_dir, prefix), read_part(tmp_path / "unsharded", prefix)
+        assert sharded.keys() == unsharded.keys() and all(torch.equal(sharded[k], unsharded[k]) for k in sharded), prefix
+
+
+def test_qwen2_audio_encoder_refuses_another_feature_layer(qwen2_audio_dir):
+    from omnistage.actors.audio_encoder import AudioEncoder
+    from omnistage.cluster.config import AudioEncoderConfig
+
+    with pytest.raises(ValueError, match=r"expected feature_layer -1 for the Qwen2-Audio checkpoint .*, got -2"):
+        AudioEncoder(AudioEncoderConfig(model=str(qwen2_audio_dir), feature_layer=-2))
 
 
 # The survey's families, each built tiny, saved, and loaded through the stage's own loader
@@ -679,44 +799,53 @@ def test_multimodal_stages_honour_dtype(llava_dir):
 # Through the Serve app: the LLaVA and BLIP-2 splits as their own pools, answering over HTTP
 
 
-def _check_through_serve(path, name, n_image_tokens=None, engine=None):
+def _answer_through_serve(path, name, part, max_tokens, engine=None):
     """Deploy ``path`` split into encoder, projector and LLM pools as its own app under ``/name``, on
-    the session's Serve instance, and compare its greedy answer over HTTP with transformers' generate.
+    the session's Serve instance, ask it one chat (the medium's ``part``, then the question) over
+    HTTP with greedy decoding, delete the app, and give the reply's JSON.
     ``engine``: the LLM pool's engine section, when not the built-in engine's defaults."""
-    import base64
-
     import httpx
     from conftest import SERVE_PORT
     from ray import serve
 
-    from omnistage.actors.media import encode_png
     from omnistage.actors.multimodal import pretrained_config
     from omnistage.cluster.config import EngineConfig
-    from omnistage.pipelines.serve import build_app
+    from omnistage.pipelines.serve import deploy
 
     config = pretrained_config(path, name=name)
     if engine is not None:
         config.stages.llm.engine = EngineConfig.model_validate(engine)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
-    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    deploy(config, name=name, route_prefix=f"/{name}")
     try:
-        image = _image(1)
-        expected_ids, expected_text, _ = _reference(path, image, max_new_tokens=12, n_image_tokens=n_image_tokens)
-        assert len(expected_ids) >= 4  # a real answer, not an immediate end of sequence
-        url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
         body = {
-            "model": name, "max_tokens": 12, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": QUESTION}]}],
+            "model": name,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}],
         }
         with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}/{name}", timeout=120) as client:
             reply = client.post("/v1/chat/completions", json=body)
         assert reply.status_code == 200, reply.text
-        answer = reply.json()
-        assert answer["choices"][0]["message"]["content"] == expected_text
-        assert answer["usage"]["completion_tokens"] == len(expected_ids)
+        return reply.json()
     finally:
         serve.delete(name)
+
+
+def _check_through_serve(path, name, n_image_tokens=None, engine=None):
+    """An image chat through ``path``'s own app (``_answer_through_serve``) answers as transformers'
+    generate does."""
+    import base64
+
+    from omnistage.actors.media import encode_png
+
+    image = _image(1)
+    expected_ids, expected_text, _ = _reference(path, image, max_new_tokens=12, n_image_tokens=n_image_tokens)
+    assert len(expected_ids) >= 4  # a real answer, not an immediate end of sequence
+    url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
+    answer = _answer_through_serve(path, name, {"type": "image_url", "image_url": {"url": url}}, 12, engine)
+    assert answer["choices"][0]["message"]["content"] == expected_text
+    assert answer["usage"]["completion_tokens"] == len(expected_ids)
 
 
 @pytest.mark.slow
@@ -727,6 +856,41 @@ def test_llava_through_serve_matches_transformers_generate(ray_session, llava_di
 @pytest.mark.slow
 def test_blip2_through_serve_matches_transformers_generate(ray_session, blip2_dir):
     _check_through_serve(blip2_dir, "tiny-blip2")  # 8 query tokens, first in the prompt
+
+
+@pytest.mark.slow
+def test_qwen2_audio_through_serve_matches_transformers_generate(ray_session, qwen2_audio_dir):
+    import base64
+
+    from omnistage.actors.media import decode_audio, encode_wav
+
+    wav = encode_wav(_sound(*QWEN2_AUDIO_CLIPS[0]), 16000)
+    # The reference hears what the pools hear: the clip after its trip through 16-bit WAV.
+    ((expected_ids, expected_text, _, n_prompt),) = _qwen2_audio_reference(qwen2_audio_dir, [decode_audio(wav).samples], max_new_tokens=12)
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
+    answer = _answer_through_serve(qwen2_audio_dir, "tiny-qwen2-audio", part, 12)
+    assert answer["choices"][0]["message"]["content"] == expected_text
+    assert answer["usage"]["completion_tokens"] == len(expected_ids)
+    assert answer["usage"]["prompt_tokens"] == n_prompt
+
+
+def test_qwen2_audio_caption_as_a_batch_job(qwen2_audio_dir):
+    """The caption job's steps over a table of WAV clips, one batch through each of the stages split
+    from the checkpoint (as a Ray Data block goes through its pools): each answer is transformers' own."""
+    import pyarrow as pa
+    from test_batch import _caption_in_process
+
+    from omnistage.actors.media import decode_audio, encode_wav
+    from omnistage.actors.multimodal import pretrained_config
+
+    wavs = {f"clip-{i}": encode_wav(_sound(*clip), 16000) for i, clip in enumerate(QWEN2_AUDIO_CLIPS)}
+    table = pa.table({"id": list(wavs), "audio": list(wavs.values())})
+    out = _caption_in_process(table, "audio", pretrained_config(qwen2_audio_dir), prompt=QUESTION)
+    references = _qwen2_audio_reference(qwen2_audio_dir, [decode_audio(w).samples for w in wavs.values()], 8)
+    for row, (expected_ids, expected_text, _, n_prompt) in zip(out.to_pylist(), references):
+        assert row["error"] is None, row["error"]
+        assert (row["answer"], row["completion_tokens"], row["prompt_tokens"]) == (expected_text, len(expected_ids), n_prompt)
+    assert len({row["answer"] for row in out.to_pylist()}) == len(wavs)
 
 
 def test_llm_encoder_decoder_flan_t5(tmp_path):
