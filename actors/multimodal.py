@@ -64,9 +64,10 @@ def load_multimodal(path: str | Path, dtype: torch.dtype) -> nn.Module:
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
 
 
-def read_part(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+def read_part(path: str | Path, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors named ``prefix...``, under their names without it, read from the
-    safetensors shards that hold them and no others; nothing else is read into memory."""
+    safetensors shards that hold them and no others; nothing else is read into memory. With
+    ``dtype``, each floating tensor is cast as it is read, so the part is held once, in that dtype."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -82,7 +83,8 @@ def read_part(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     for shard, keys in shards.items():
         with safe_open(str(path / shard), framework="pt") as f:
             for key in keys or [k for k in f.keys() if k.startswith(prefix)]:
-                part[key.removeprefix(prefix)] = f.get_tensor(key)
+                tensor = f.get_tensor(key)
+                part[key.removeprefix(prefix)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     if not part:
         raise ValueError(f"expected tensors named {prefix}* in the safetensors files of {str(path)!r}, found none")
     return part
@@ -90,7 +92,7 @@ def read_part(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
 
 def _from_part(cls: Any, config: Any, path: Path, prefix: str, dtype: torch.dtype) -> nn.Module:
     """A ``PreTrainedModel`` of class ``cls`` built from its sub-config and the tensors under ``prefix``."""
-    model, info = cls.from_pretrained(None, config=config, state_dict=read_part(path, prefix), dtype=dtype, output_loading_info=True)
+    model, info = cls.from_pretrained(None, config=config, state_dict=read_part(path, prefix, dtype), dtype=dtype, output_loading_info=True)
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected:
         raise ValueError(

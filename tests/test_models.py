@@ -297,6 +297,25 @@ def test_qwen2_audio_stages_read_only_their_part(qwen2_audio_dir, tmp_path):
         assert sharded.keys() == unsharded.keys() and all(torch.equal(sharded[k], unsharded[k]) for k in sharded), prefix
 
 
+def test_qwen2_audio_stages_honour_dtype(qwen2_audio_dir):
+    from omnistage.actors.audio_encoder import AudioEncoder
+    from omnistage.actors.input_projector import InputProjector
+    from omnistage.actors.llm import LLM
+    from omnistage.cluster.config import AudioEncoderConfig, InputProjectorConfig, LLMConfig
+
+    model = str(qwen2_audio_dir)
+    encoder = AudioEncoder(AudioEncoderConfig(model=model, dtype="bfloat16"))
+    projector = InputProjector(InputProjectorConfig(model=model, dtype="bfloat16"))
+    llm = LLM(LLMConfig(model=model, dtype="bfloat16", signal_tokens={}))
+    for module in (encoder.model, projector.heads, llm.model):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    features = encoder([AudioClip(_sound(*QWEN2_AUDIO_CLIPS[0]), 16000)])
+    embeds = projector(features)
+    assert features[0].features.dtype == embeds[0].embeds.dtype == np.float32 and embeds[0].embeds.shape == (17, 32)
+    request = LLMRequest(messages=[{"role": "user", "content": f"<audio>\n{QUESTION}"}], media=embeds, max_tokens=4)
+    assert 1 <= len(llm([request])[0].token_ids) <= 4
+
+
 def test_qwen2_audio_encoder_refuses_another_feature_layer(qwen2_audio_dir):
     from omnistage.actors.audio_encoder import AudioEncoder
     from omnistage.cluster.config import AudioEncoderConfig
