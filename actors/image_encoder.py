@@ -32,23 +32,23 @@ class ImageEncoder(Stage):
         from transformers import AutoImageProcessor, AutoModel
 
         self.processor = AutoImageProcessor.from_pretrained(self.checkpoint)
-        # feature_layer None means last_hidden_state (after any post-layernorm, as BLIP-2 reads it).
-        self.feature_layer: int | list[int] | None = config.feature_layer
-        self.drop_cls: bool = config.drop_cls
+        # Without a choice of the checkpoint's or the config's: LLaVA's, the second to last layer
+        # without CLS. A feature layer of None means last_hidden_state (after any post-layernorm,
+        # as BLIP-2 reads it).
+        layer: int | list[int] | None = -2
+        drop_cls = True
         if is_multimodal_checkpoint(self.checkpoint):
-            # LLaVA / BLIP-2: keep the vision tower; the checkpoint's own feature layer and CLS
-            # choice apply unless this stage's config sets them explicitly.
-            tower, layer, drop_cls = vision_part(load_multimodal(self.checkpoint, self.dtype))
-            self.model = tower
-            if "feature_layer" not in config.model_fields_set:
-                self.feature_layer = layer
-            if "drop_cls" not in config.model_fields_set:
-                self.drop_cls = drop_cls
+            # LLaVA / BLIP-2: keep the vision tower, and the checkpoint's own feature layer and
+            # CLS choice.
+            self.model, layer, drop_cls = vision_part(load_multimodal(self.checkpoint, self.dtype))
         else:
             # The class comes from the checkpoint's model_type (CLIP, SigLIP, ViT, DINOv2, BEiT, ...).
             model = AutoModel.from_pretrained(self.checkpoint, dtype=self.dtype)
             # A full CLIP / SigLIP checkpoint also holds a text tower; only the vision side is used.
             self.model = getattr(model, "vision_model", model)
+        # The stage's config wins over both where it sets them.
+        self.feature_layer = layer if config.feature_layer is None else config.feature_layer
+        self.drop_cls: bool = drop_cls if config.drop_cls is None else config.drop_cls
         self.model = self.model.to(self.device).eval()
         vision_config = self.model.config
         n_layers = 1 if isinstance(self.feature_layer, int | None) else len(self.feature_layer)

@@ -118,8 +118,18 @@ class BatchedStageConfig(StageConfig):
 
 
 class ImageEncoderConfig(BatchedStageConfig):
-    feature_layer: int = Field(-2, description="Hidden-state layer to use; LLaVA takes the second to last.")
-    drop_cls: bool = Field(True, description="Drop the CLS token and keep patch tokens only, as LLaVA does.")
+    # None rather than a number: the config reaches Serve replicas and batch actors as a dict with
+    # every field filled, where "left unset" would be lost, but an explicit None survives.
+    feature_layer: int | None = Field(
+        None,
+        description="Hidden-state layer to use. None: the checkpoint's own choice (LLaVA's vision_feature_layer, "
+        "BLIP-2's last_hidden_state), else -2, the second to last, as LLaVA takes.",
+    )
+    drop_cls: bool | None = Field(
+        None,
+        description="Drop the CLS token and keep patch tokens only. None: the checkpoint's own choice (LLaVA's "
+        "'default' strategy drops it, BLIP-2 keeps it), else drop it, as LLaVA does.",
+    )
 
 
 class VideoEncoderConfig(ImageEncoderConfig):

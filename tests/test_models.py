@@ -185,6 +185,31 @@ def test_blip2_image_changes_the_answer(blip2_dir):
     np.testing.assert_allclose(embeds[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_blip2_encoder_as_serve_creates_it_reads_last_hidden_state(blip2_dir):
+    """Serve replicas and batch actors get the stage config as a dict with every field filled, and
+    a Serve config export goes through one more such dict: BLIP-2's own choice (last_hidden_state,
+    CLS kept) must survive both, for the features Blip2ForConditionalGeneration feeds its Q-Former."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from omnistage.actors.multimodal import pretrained_config
+    from omnistage.actors.registry import create_stage
+    from omnistage.pipelines.serve_config import config_from_serve_config, export_serve_config
+
+    config = config_from_serve_config(export_serve_config(pretrained_config(blip2_dir)))
+    encoder = create_stage("image_encoder", config.stages.image_encoder.model_dump(mode="json"))
+    features = encoder([_image()])[0].features
+    model = Blip2ForConditionalGeneration.from_pretrained(blip2_dir).eval()
+    pixels = encoder.processor(images=[_image()], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.vision_model(pixel_values=pixels).last_hidden_state[0]
+    assert features.shape == (226, 32)
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-6)
+    # A setting the stage config does make still wins over the checkpoint's, through the same dict.
+    explicit = pretrained_config(blip2_dir)
+    explicit.stages.image_encoder.feature_layer = -2
+    assert create_stage("image_encoder", explicit.stages.image_encoder.model_dump(mode="json")).feature_layer == -2
+
+
 # Qwen2-Audio
 
 # (seconds, tone in Hz): shorter than the 1 s window (17 audio tokens), the window (25), longer (cut to 25).
