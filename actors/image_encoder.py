@@ -9,7 +9,7 @@ import torch
 
 from omnistage.actors.base import Stage
 from omnistage.actors.media import decode, to_image_array
-from omnistage.actors.multimodal import is_multimodal_checkpoint, load_multimodal, vision_part
+from omnistage.actors.multimodal import is_multimodal_checkpoint, vision_part
 from omnistage.actors.payloads import EncodedMedia, Features
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class ImageEncoder(Stage):
         if is_multimodal_checkpoint(self.checkpoint):
             # LLaVA / BLIP-2: keep the vision tower, and the checkpoint's own feature layer and
             # CLS choice.
-            self.model, layer, drop_cls = vision_part(load_multimodal(self.checkpoint, self.dtype))
+            self.model, layer, drop_cls = vision_part(self.checkpoint, self.dtype)
         else:
             # The class comes from the checkpoint's model_type (CLIP, SigLIP, ViT, DINOv2, BEiT, ...).
             model = AutoModel.from_pretrained(self.checkpoint, dtype=self.dtype)

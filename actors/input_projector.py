@@ -86,9 +86,9 @@ class InputProjector(HeadStage):
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
         """A LLaVA or BLIP-2 checkpoint gives its projector as the ``image`` head, a Qwen2-Audio
         checkpoint as the ``audio`` head."""
-        from omnistage.actors.multimodal import is_multimodal_checkpoint, load_projector
+        from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_part
 
         if not is_multimodal_checkpoint(self.checkpoint):
             return super().load_heads()
-        modality, module, spec = load_projector(self.checkpoint, self.dtype)
+        modality, module, spec = projector_part(self.checkpoint, self.dtype)
         return {"heads": {modality: spec}}, nn.ModuleDict({modality: module})

@@ -21,7 +21,7 @@ from omnistage.actors.base import Stage
 from omnistage.actors.chat_template import ChatTemplate, checkpoint_chat_template, content_problem
 from omnistage.actors.engine import Engine
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
-from omnistage.actors.multimodal import is_multimodal_checkpoint, load_language_part, media_token_ids
+from omnistage.actors.multimodal import is_multimodal_checkpoint, language_part, media_token_ids
 from omnistage.actors.payloads import (
     MODALITIES,
     PLACEHOLDERS,
@@ -72,7 +72,7 @@ class LLM(Stage):
         self.placeholders: dict[str, str] = dict(PLACEHOLDERS)
         if is_multimodal_checkpoint(self.checkpoint):
             # LLaVA / BLIP-2 / Qwen2-Audio: serve the language model; the media tokens are the checkpoint's own.
-            self.model, model_config = load_language_part(self.checkpoint, self.dtype)
+            self.model, model_config = language_part(self.checkpoint, self.dtype)
             self.placeholders = self._checkpoint_media_tokens(model_config)
         elif _is_encoder_decoder(self.checkpoint):
             # Flan-T5 / UL2: the prompt (media spliced in) goes into the encoder; the decoder writes.

@@ -1,21 +1,19 @@
 """Published end-to-end checkpoints (LLaVA, BLIP-2, Qwen2-Audio) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
-``config.json`` and takes its own part of the model:
+``config.json`` and takes its own part of the model (named as in the checkpoint's files):
 
-- ``llava``: image encoder ``model.vision_tower`` (hidden states of ``vision_feature_layer``, CLS
-  dropped for the ``default`` strategy); input projector ``model.multi_modal_projector``; LLM
-  ``model.language_model`` + ``lm_head`` as a causal LM.
+- ``llava``: image encoder ``vision_tower`` (hidden states of ``vision_feature_layer``, CLS
+  dropped for the ``default`` strategy); input projector ``multi_modal_projector``; LLM
+  ``language_model`` (base model and ``lm_head``) as the text config's causal LM.
 - ``blip-2``: image encoder ``vision_model`` (``last_hidden_state``, after its post-layernorm);
   input projector ``query_tokens`` + ``qformer`` + ``language_projection``; LLM
   ``language_model`` (OPT; Flan-T5 as encoder-decoder).
 - ``qwen2_audio``: audio encoder ``audio_tower`` (its ``last_hidden_state``: average-pooled, then
   layer-normed); input projector ``multi_modal_projector``; LLM ``language_model`` as a causal LM.
 
-LLaVA and BLIP-2 are loaded whole (``AutoModelForImageTextToText``, class chosen from the
-checkpoint's config) and the unused parts dropped, so each pool briefly holds the full weights
-while loading. A Qwen2-Audio pool reads only its part's tensors from the safetensors files and
-builds only that part.
+Each pool reads only its part's tensors from the safetensors files (only the shards that hold
+them), cast to the stage's dtype as they are read, and builds only that part from its sub-config.
 """
 
 from __future__ import annotations
@@ -32,11 +30,17 @@ from omnistage.actors.payloads import MODALITIES
 MULTIMODAL_TYPES = ("llava", "blip-2", "qwen2_audio")
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
 INPUT_MODALITY = {"llava": "image", "blip-2": "image", "qwen2_audio": "audio"}
-# Types loaded whole and split in memory; the others are loaded part by part.
-WHOLE_TYPES = ("llava", "blip-2")
-# Where each part of a Qwen2-Audio checkpoint keeps its tensors, in the published layout (the one
-# transformers' save_pretrained writes too).
-QWEN2_AUDIO_PREFIXES = {"audio": "audio_tower.", "projector": "multi_modal_projector.", "language": "language_model."}
+# Where each part of a checkpoint keeps its tensors, in the published layout (the one transformers'
+# save_pretrained writes too): a prefix stripped from the names, or {prefix: the part's own prefix}.
+PART_PREFIXES: dict[str, dict[str, str | dict[str, str]]] = {
+    "llava": {"encoder": "vision_tower.", "projector": "multi_modal_projector.", "language": "language_model."},
+    "blip-2": {
+        "encoder": "vision_model.",
+        "projector": {"query_tokens": "query_tokens", "qformer.": "qformer.", "language_projection.": "language_projection."},
+        "language": "language_model.",
+    },
+    "qwen2_audio": {"encoder": "audio_tower.", "projector": "multi_modal_projector.", "language": "language_model."},
+}
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:
@@ -54,44 +58,44 @@ def is_multimodal_checkpoint(path: str | Path) -> bool:
     return checkpoint_model_type(path) in MULTIMODAL_TYPES
 
 
-def load_multimodal(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """The whole end-to-end model; its class comes from the checkpoint's own config."""
-    from transformers import AutoModelForImageTextToText
-
-    model_type = checkpoint_model_type(path)
-    if model_type not in WHOLE_TYPES:
-        raise ValueError(f"expected a checkpoint with model_type in {WHOLE_TYPES} at {str(path)!r}, got {model_type!r}")
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
-
-
-def read_part(path: str | Path, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors named ``prefix...``, under their names without it, read from the
+def read_part(path: str | Path, prefix: str | dict[str, str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors named ``prefix...``, under their names without it (or, for
+    ``{prefix: new prefix}``, those under each prefix, renamed to the new one), read from the
     safetensors shards that hold them and no others; nothing else is read into memory. With
     ``dtype``, each floating tensor is cast as it is read, so the part is held once, in that dtype."""
     from safetensors import safe_open
 
     path = Path(path)
+    renames = {prefix: ""} if isinstance(prefix, str) else prefix
+    wanted = tuple(renames)
+
+    def renamed(key: str) -> str:
+        old = next(p for p in wanted if key.startswith(p))
+        return renames[old] + key.removeprefix(old)
+
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards: dict[str, list[str]] = {}
+        shards: dict[str, list[str] | None] = {}
         for key, shard in json.loads(index.read_text())["weight_map"].items():
-            if key.startswith(prefix):
+            if key.startswith(wanted):
                 shards.setdefault(shard, []).append(key)
     else:
         shards = {"model.safetensors": None}
     part = {}
     for shard, keys in shards.items():
         with safe_open(str(path / shard), framework="pt") as f:
-            for key in keys or [k for k in f.keys() if k.startswith(prefix)]:
+            for key in keys or [k for k in f.keys() if k.startswith(wanted)]:
                 tensor = f.get_tensor(key)
-                part[key.removeprefix(prefix)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                part[renamed(key)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     if not part:
-        raise ValueError(f"expected tensors named {prefix}* in the safetensors files of {str(path)!r}, found none")
+        names = " or ".join(f"{p}*" for p in wanted)
+        raise ValueError(f"expected tensors named {names} in the safetensors files of {str(path)!r}, found none")
     return part
 
 
 def _from_part(cls: Any, config: Any, path: Path, prefix: str, dtype: torch.dtype) -> nn.Module:
-    """A ``PreTrainedModel`` of class ``cls`` built from its sub-config and the tensors under ``prefix``."""
+    """A ``PreTrainedModel`` of class ``cls`` built from its sub-config and the tensors under ``prefix``
+    (transformers renames older layouts inside the part, e.g. a CLIP tower's ``vision_model.``)."""
     model, info = cls.from_pretrained(None, config=config, state_dict=read_part(path, prefix, dtype), dtype=dtype, output_loading_info=True)
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected:
@@ -102,26 +106,45 @@ def _from_part(cls: Any, config: Any, path: Path, prefix: str, dtype: torch.dtyp
     return model.eval()
 
 
-def audio_part(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """Qwen2-Audio's audio tower alone (``Qwen2AudioEncoder``, the class its audio config names)."""
-    from transformers import MODEL_MAPPING, AutoConfig
+def _model_class(config: Any) -> type:
+    """The model class of a sub-config: transformers' own mapping, else the class named after the
+    config (``Blip2VisionConfig`` -> ``Blip2VisionModel``: parts that are never loaded alone upstream)."""
+    import transformers
+
+    try:
+        return transformers.MODEL_MAPPING[type(config)]
+    except KeyError:
+        return getattr(transformers, type(config).__name__.removesuffix("Config") + "Model")
+
+
+def _part_checkpoint(path: str | Path, part: str) -> tuple[Path, str, Any]:
+    """(directory, model_type, the whole checkpoint's config) of a checkpoint that has ``part``."""
+    from transformers import AutoConfig
 
     model_type = checkpoint_model_type(path)
-    if model_type != "qwen2_audio":
+    if model_type not in PART_PREFIXES:
+        raise ValueError(f"no {part} part known for model_type {model_type!r} at {str(path)!r}; expected one of {list(PART_PREFIXES)}")
+    return Path(path), model_type, AutoConfig.from_pretrained(path)
+
+
+def audio_part(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """Qwen2-Audio's audio tower alone (``Qwen2AudioEncoder``, the class its audio config names)."""
+    path, model_type, config = _part_checkpoint(path, "audio")
+    if INPUT_MODALITY[model_type] != "audio":
         raise ValueError(f"no audio part known for model_type {model_type!r} at {str(path)!r}")
-    config = AutoConfig.from_pretrained(path).audio_config
-    return _from_part(MODEL_MAPPING[type(config)], config, Path(path), QWEN2_AUDIO_PREFIXES["audio"], dtype)
+    return _from_part(_model_class(config.audio_config), config.audio_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
 
 
-def vision_part(model: nn.Module) -> tuple[nn.Module, int | list[int] | None, bool]:
+def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | list[int] | None, bool]:
     """(vision tower, hidden-state layer or None for ``last_hidden_state``, drop CLS)."""
-    config = model.config
-    if config.model_type == "llava":
-        return model.model.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
-    if config.model_type == "blip-2":
-        # BLIP-2's Q-Former reads the vision model's last_hidden_state: after post_layernorm, CLS kept.
-        return model.vision_model, None, False
-    raise ValueError(f"no vision part known for model_type {config.model_type!r}")
+    path, model_type, config = _part_checkpoint(path, "vision")
+    if INPUT_MODALITY[model_type] != "image":
+        raise ValueError(f"no vision part known for model_type {model_type!r} at {str(path)!r}")
+    tower = _from_part(_model_class(config.vision_config), config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
+    if model_type == "llava":
+        return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
+    # BLIP-2's Q-Former reads the vision model's last_hidden_state: after post_layernorm, CLS kept.
+    return tower, None, False
 
 
 class Blip2Bridge(nn.Module):
@@ -141,79 +164,51 @@ class Blip2Bridge(nn.Module):
         return self.language_projection(out.last_hidden_state.to(self.language_projection.weight.dtype))
 
 
-def projector_part(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """(image projector module, its head spec ``{"type", "in_dim", "out_dim", ...}``)."""
-    config = model.config
+def _bridge_parts(path: Path, model_type: str, config: Any, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Module, nn.Linear]:
+    """BLIP-2's query tokens, Q-Former (its class from the Q-Former config) and language projection."""
+    qformer = _from_part(_model_class(config.qformer_config), config.qformer_config, path, "qformer.", dtype)
+    rest = read_part(path, {k: v for k, v in PART_PREFIXES[model_type]["projector"].items() if k != "qformer."}, dtype)
+    projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size, dtype=dtype)
+    projection.load_state_dict({k.removeprefix("language_projection."): v for k, v in rest.items() if k != "query_tokens"}, strict=True)
+    return nn.Parameter(rest["query_tokens"]), qformer, projection
+
+
+def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module, dict[str, Any]]:
+    """(modality, the checkpoint's input projector, its head spec ``{"type", "in_dim", "out_dim", ...}``)."""
+    path, model_type, config = _part_checkpoint(path, "projector")
     text_width = config.text_config.hidden_size
-    if config.model_type == "llava":
+    if model_type == "blip-2":
+        spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.num_query_tokens}
+        return "image", Blip2Bridge(*_bridge_parts(path, model_type, config, dtype)), spec
+    if model_type == "llava":
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector as Projector
+
         layers = config.vision_feature_layer
-        n_layers = 1 if isinstance(layers, int) else len(layers)
-        in_dim = config.vision_config.hidden_size * n_layers
-        return model.model.multi_modal_projector, {"type": "llava", "in_dim": in_dim, "out_dim": text_width}
-    if config.model_type == "blip-2":
-        bridge = Blip2Bridge(model.query_tokens, model.qformer, model.language_projection)
-        spec = {
-            "type": "blip-2",
-            "in_dim": config.vision_config.hidden_size,
-            "out_dim": text_width,
-            "num_queries": config.num_query_tokens,
-        }
-        return bridge, spec
-    raise ValueError(f"no projector part known for model_type {config.model_type!r}")
+        in_dim = config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
+    else:
+        # One linear map per audio token: the tower has already pooled and normed its states.
+        from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioMultiModalProjector as Projector
+
+        in_dim = config.audio_config.d_model
+    projector = Projector(config)
+    projector.load_state_dict(read_part(path, PART_PREFIXES[model_type]["projector"], dtype), strict=True)
+    return INPUT_MODALITY[model_type], projector.eval(), {"type": model_type, "in_dim": in_dim, "out_dim": text_width}
 
 
-def load_projector(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module, dict[str, Any]]:
-    """(modality, the checkpoint's input projector, its head spec)."""
-    model_type = checkpoint_model_type(path)
-    if model_type != "qwen2_audio":
-        return INPUT_MODALITY[model_type], *projector_part(load_multimodal(path, dtype))
-    from transformers import AutoConfig
-    from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioMultiModalProjector
+def language_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """(the language model, embeddings in and logits and a KV cache out, the whole checkpoint's config):
+    a causal LM as the text config's class, or BLIP-2's Flan-T5 as encoder-decoder (the LLM stage
+    feeds the prompt to its encoder)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, GenerationConfig
 
-    config = AutoConfig.from_pretrained(path)
-    # One linear map per audio token: the tower has already pooled and normed its states.
-    projector = Qwen2AudioMultiModalProjector(config)
-    projector.load_state_dict(read_part(path, QWEN2_AUDIO_PREFIXES["projector"]), strict=True)
-    spec = {"type": "qwen2_audio", "in_dim": config.audio_config.d_model, "out_dim": config.text_config.hidden_size}
-    return "audio", projector.eval(), spec
-
-
-def load_language_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """(the language model as a causal LM, the whole checkpoint's config)."""
-    if checkpoint_model_type(path) != "qwen2_audio":
-        whole = load_multimodal(path, dtype)
-        return language_part(whole), whole.config
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
-    lm = _from_part(causal_lm, config.text_config, path, QWEN2_AUDIO_PREFIXES["language"], dtype)
+    path, model_type, config = _part_checkpoint(path, "language")
+    text = config.text_config
+    classes = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if text.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
+    lm = _from_part(classes[type(text)], text, path, PART_PREFIXES[model_type]["language"], dtype)
     if (path / "generation_config.json").is_file():
         # Its EOS ids (the instruct checkpoint's <|im_end|>) are the whole model's, not the text config's.
         lm.generation_config = GenerationConfig.from_pretrained(path)
     return lm, config
-
-
-def language_part(model: nn.Module) -> nn.Module:
-    """The language model as a causal LM (embeddings in, logits and a KV cache out)."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if config.model_type == "blip-2":
-        # OPT (causal) or Flan-T5 (encoder-decoder: the LLM stage feeds the prompt to its encoder).
-        lm = model.language_model
-    elif config.model_type == "llava":
-        # LLaVA keeps the base model and lm_head apart; put them back into the text config's
-        # causal-LM class. Built on the meta device so no weights are allocated twice.
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config.text_config)
-        lm.model = model.model.language_model
-        lm.lm_head = model.lm_head
-    else:
-        raise ValueError(f"no language part known for model_type {config.model_type!r}")
-    lm.generation_config = model.generation_config
-    return lm.eval()
 
 
 def media_token_ids(model_config: Any) -> dict[str, int]:

@@ -447,7 +447,8 @@ def build_llava(path: str | Path, seed: int = 0, **text_sizes: int) -> Path:
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
+    # In shards, as published: each pool then reads only the shards that hold its part.
+    model.save_pretrained(path, max_shard_size="50KB")
     tokenizer.save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
     return path
@@ -504,7 +505,7 @@ def build_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8, lang
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.save_pretrained(path)
+    model.save_pretrained(path, max_shard_size="50KB")
     tokenizer.save_pretrained(path)
     BlipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(path)
     return path

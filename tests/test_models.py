@@ -284,41 +284,74 @@ def test_qwen2_audio_split_matches_transformers_generate_token_for_token(qwen2_a
         np.testing.assert_allclose(together.features, stage([AudioClip(wave, 16000)])[0].features, rtol=1e-5, atol=1e-5)
 
 
-def test_qwen2_audio_stages_read_only_their_part(qwen2_audio_dir, tmp_path):
+def _whole(model_type, path):
+    """The whole model; Qwen2-Audio is no image-text-to-text model, so its own class."""
+    from transformers import AutoModelForImageTextToText, Qwen2AudioForConditionalGeneration
+
+    cls = Qwen2AudioForConditionalGeneration if model_type == "qwen2_audio" else AutoModelForImageTextToText
+    return cls.from_pretrained(path).eval()
+
+
+def _parts_of_the_whole(model_type, path):
+    """Each stage's loader by its part's name, with the whole model's weights for that part."""
+    from omnistage.actors.audio_encoder import AudioEncoder
+    from omnistage.actors.image_encoder import ImageEncoder
+    from omnistage.actors.input_projector import InputProjector
+    from omnistage.actors.llm import LLM
+    from omnistage.cluster.config import AudioEncoderConfig, ImageEncoderConfig, InputProjectorConfig, LLMConfig
+
+    whole = _whole(model_type, path)
+    modality = "audio" if model_type == "qwen2_audio" else "image"
+    stage, config = (AudioEncoder, AudioEncoderConfig) if modality == "audio" else (ImageEncoder, ImageEncoderConfig)
+
+    def encoder(d):
+        return stage(config(model=d)).model
+
+    def projector(d):
+        return InputProjector(InputProjectorConfig(model=d)).heads[modality]
+
+    def llm(d):
+        return LLM(LLMConfig(model=d, signal_tokens={})).model
+
+    if model_type == "blip-2":
+        bridge = {"query_tokens": whole.query_tokens, **{f"qformer.{k}": v for k, v in whole.qformer.state_dict().items()},
+                  **{f"language_projection.{k}": v for k, v in whole.language_projection.state_dict().items()}}
+        return {"encoder": (encoder, whole.vision_model.state_dict()), "projector": (projector, bridge),
+                "language": (llm, whole.language_model.state_dict())}
+    inner = whole.model
+    language = {**{f"model.{k}": v for k, v in inner.language_model.state_dict().items()}, "lm_head.weight": whole.lm_head.weight}
+    tower = inner.audio_tower if modality == "audio" else inner.vision_tower
+    return {"encoder": (encoder, tower.state_dict()), "projector": (projector, inner.multi_modal_projector.state_dict()),
+            "language": (llm, language)}
+
+
+@pytest.mark.parametrize("model_type, checkpoint", [("llava", "llava_dir"), ("blip-2", "blip2_dir"), ("qwen2_audio", "qwen2_audio_dir")])
+def test_stages_read_only_their_part(request, tmp_path, model_type, checkpoint):
     """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
     holds exactly the whole model's weights for that part; an unsharded checkpoint gives the same parts."""
     import json
     import shutil
 
-    from transformers import Qwen2AudioForConditionalGeneration
+    from omnistage.actors.multimodal import PART_PREFIXES, read_part
 
-    from omnistage.actors.audio_encoder import AudioEncoder
-    from omnistage.actors.input_projector import InputProjector
-    from omnistage.actors.llm import LLM
-    from omnistage.actors.multimodal import read_part
-    from omnistage.cluster.config import AudioEncoderConfig, InputProjectorConfig, LLMConfig
-
-    whole = Qwen2AudioForConditionalGeneration.from_pretrained(qwen2_audio_dir).eval()
-    language = {f"model.{k}": v for k, v in whole.model.language_model.state_dict().items()}
-    parts = {
-        "audio_tower.": (lambda d: AudioEncoder(AudioEncoderConfig(model=d)).model, whole.model.audio_tower.state_dict()),
-        "multi_modal_projector.": (lambda d: InputProjector(InputProjectorConfig(model=d)).heads["audio"], whole.model.multi_modal_projector.state_dict()),
-        "language_model.": (lambda d: LLM(LLMConfig(model=d, signal_tokens={})).model, {**language, "lm_head.weight": whole.lm_head.weight}),
-    }
-    weight_map = json.loads((qwen2_audio_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    for prefix, (load, expected) in parts.items():
-        others = set(weight_map.values()) - {shard for key, shard in weight_map.items() if key.startswith(prefix)}
-        assert others, prefix
-        copy = tmp_path / prefix.rstrip(".")
-        shutil.copytree(qwen2_audio_dir, copy, ignore=shutil.ignore_patterns(*others))
+    path = request.getfixturevalue(checkpoint)
+    parts = _parts_of_the_whole(model_type, path)
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    for part, (load, expected) in parts.items():
+        prefix = PART_PREFIXES[model_type][part]
+        prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+        others = set(weight_map.values()) - {shard for key, shard in weight_map.items() if key.startswith(prefixes)}
+        assert others, part
+        copy = tmp_path / part
+        shutil.copytree(path, copy, ignore=shutil.ignore_patterns(*others))
         state = load(str(copy)).state_dict()
-        assert state.keys() == expected.keys(), prefix
-        assert all(torch.equal(state[k], expected[k]) for k in state), prefix
+        assert state.keys() == expected.keys(), part
+        assert all(torch.equal(state[k], expected[k]) for k in state), part
 
-    whole.save_pretrained(tmp_path / "unsharded")
+    _whole(model_type, path).save_pretrained(tmp_path / "unsharded")
     assert not (tmp_path / "unsharded" / "model.safetensors.index.json").exists()
-    for prefix in parts:
-        sharded, unsharded = read_part(qwen2_audio_dir, prefix), read_part(tmp_path / "unsharded", prefix)
+    for prefix in PART_PREFIXES[model_type].values():
+        sharded, unsharded = read_part(path, prefix), read_part(tmp_path / "unsharded", prefix)
         assert sharded.keys() == unsharded.keys() and all(torch.equal(sharded[k], unsharded[k]) for k in sharded), prefix
 
 
@@ -827,17 +860,25 @@ def test_llm_runs_in_bfloat16_on_cpu(tiny_preset):
     assert llm.embed_prompt(request).dtype == torch.bfloat16
 
 
-def test_multimodal_stages_honour_dtype(llava_dir):
+@pytest.mark.parametrize("checkpoint, n_tokens", [("llava_dir", 225), ("blip2_dir", 226)])
+def test_multimodal_stages_honour_dtype(request, checkpoint, n_tokens):
     from omnistage.actors.image_encoder import ImageEncoder
     from omnistage.actors.input_projector import InputProjector
-    from omnistage.cluster.config import ImageEncoderConfig, InputProjectorConfig
+    from omnistage.actors.llm import LLM
+    from omnistage.cluster.config import ImageEncoderConfig, InputProjectorConfig, LLMConfig
 
-    encoder = ImageEncoder(ImageEncoderConfig(model=str(llava_dir), dtype="bfloat16"))
-    assert next(encoder.model.parameters()).dtype == torch.bfloat16
+    model = str(request.getfixturevalue(checkpoint))
+    encoder = ImageEncoder(ImageEncoderConfig(model=model, dtype="bfloat16"))
+    projector = InputProjector(InputProjectorConfig(model=model, dtype="bfloat16"))
+    llm = LLM(LLMConfig(model=model, dtype="bfloat16", signal_tokens={}))
+    for module in (encoder.model, projector.heads, llm.model):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
     features = encoder([_image()])
-    assert features[0].features.dtype == np.float32 and features[0].features.shape == (225, 32)
-    projector = InputProjector(InputProjectorConfig(model=str(llava_dir), dtype="bfloat16"))
-    assert projector(features)[0].embeds.dtype == np.float32
+    assert features[0].features.dtype == np.float32 and features[0].features.shape == (n_tokens, 32)
+    embeds = projector(features)
+    assert embeds[0].embeds.dtype == np.float32
+    request = LLMRequest(messages=[{"role": "user", "content": f"<image>\n{QUESTION}"}], media=embeds, max_tokens=4)
+    assert 1 <= len(llm([request])[0].token_ids) <= 4
 
 
 # Through the Serve app: the LLaVA and BLIP-2 splits as their own pools, answering over HTTP
