@@ -96,7 +96,11 @@ class HeadStage(Stage):
             groups.setdefault((item.modality, array.shape[0]), []).append(i)
         for (modality, _), indices in groups.items():
             batch = torch.from_numpy(np.stack([arrays[i] for i in indices])).to(self.device, self.dtype)
-            out = self.heads[modality](batch)
+            head = self.heads[modality]
+            if getattr(head, "reads_instruction", False):
+                out = head(batch, [items[i].instruction for i in indices])
+            else:
+                out = head(batch)
             # A head gives one tensor (for out_field) or, when it fills several payload fields,
             # a dict of field name to tensor.
             fields = out if isinstance(out, dict) else {self.out_field: out}

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from omnistage.actors.errors import InvalidInputError
 from omnistage.actors.heads import HeadStage
-from omnistage.actors.payloads import Embeddings
+from omnistage.actors.payloads import Embeddings, Features
 
 HEAD_TYPES = ("linear", "mlp2x_gelu", "qformer", "resampler")
 
@@ -73,8 +74,10 @@ def make_head(spec: dict[str, Any]) -> nn.Module:
 class InputProjector(HeadStage):
     """Features of any configured modality to LLM embeddings.
 
-    Input: ``Features`` (n_tokens, d_encoder). Output: ``Embeddings`` (n_out, d_llm), where n_out
-    is n_tokens for ``linear`` / ``mlp2x_gelu`` and the number of queries or latents otherwise.
+    Input: ``Features`` (n_tokens, d_encoder), with the text the medium came with
+    (``instruction``) for a head that reads it (InstructBLIP's). Output: ``Embeddings``
+    (n_out, d_llm), where n_out is n_tokens for ``linear`` / ``mlp2x_gelu`` and the number of
+    queries or latents otherwise.
     """
 
     component = "input_projector"
@@ -83,9 +86,17 @@ class InputProjector(HeadStage):
     output_type = Embeddings
     out_field = "embeds"
 
+    def check(self, item: Features) -> None:
+        super().check(item)
+        if self.head_spec(item.modality).get("reads_instruction") and not isinstance(item.instruction, str):
+            raise InvalidInputError(
+                f"InputProjector expected the text the {item.modality} came with (Features.instruction: its "
+                f"{self.head_spec(item.modality)['type']} head reads it), got {item.instruction!r}"
+            )
+
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
-        """A LLaVA or BLIP-2 checkpoint gives its projector as the ``image`` head, a Qwen2-Audio
-        checkpoint as the ``audio`` head."""
+        """A LLaVA, BLIP-2 or InstructBLIP checkpoint gives its projector as the ``image`` head, a
+        Qwen2-Audio checkpoint as the ``audio`` head."""
         from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_part
 
         if not is_multimodal_checkpoint(self.checkpoint):

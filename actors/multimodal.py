@@ -1,4 +1,4 @@
-"""Published end-to-end checkpoints (LLaVA, BLIP-2, Qwen2-Audio) split across the stage pools.
+"""Published end-to-end checkpoints (LLaVA, BLIP-2, InstructBLIP, Qwen2-Audio) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model (named as in the checkpoint's files):
@@ -9,6 +9,8 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
 - ``blip-2``: image encoder ``vision_model`` (``last_hidden_state``, after its post-layernorm);
   input projector ``query_tokens`` + ``qformer`` + ``language_projection``; LLM
   ``language_model`` (OPT; Flan-T5 as encoder-decoder).
+- ``instructblip``: as ``blip-2``; the Q-Former also reads the instruction, tokenized with the
+  checkpoint's ``qformer_tokenizer``, after its queries.
 - ``qwen2_audio``: audio encoder ``audio_tower`` (its ``last_hidden_state``: average-pooled, then
   layer-normed); input projector ``multi_modal_projector``; LLM ``language_model`` as a causal LM.
 
@@ -27,14 +29,19 @@ from torch import nn
 
 from omnistage.actors.payloads import MODALITIES
 
-MULTIMODAL_TYPES = ("llava", "blip-2", "qwen2_audio")
+MULTIMODAL_TYPES = ("llava", "blip-2", "instructblip", "qwen2_audio")
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
-INPUT_MODALITY = {"llava": "image", "blip-2": "image", "qwen2_audio": "audio"}
+INPUT_MODALITY = {"llava": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio"}
 # Where each part of a checkpoint keeps its tensors, in the published layout (the one transformers'
 # save_pretrained writes too): a prefix stripped from the names, or {prefix: the part's own prefix}.
 PART_PREFIXES: dict[str, dict[str, str | dict[str, str]]] = {
     "llava": {"encoder": "vision_tower.", "projector": "multi_modal_projector.", "language": "language_model."},
     "blip-2": {
+        "encoder": "vision_model.",
+        "projector": {"query_tokens": "query_tokens", "qformer.": "qformer.", "language_projection.": "language_projection."},
+        "language": "language_model.",
+    },
+    "instructblip": {
         "encoder": "vision_model.",
         "projector": {"query_tokens": "query_tokens", "qformer.": "qformer.", "language_projection.": "language_projection."},
         "language": "language_model.",
@@ -143,7 +150,7 @@ def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | 
     tower = _from_part(_model_class(config.vision_config), config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
     if model_type == "llava":
         return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
-    # BLIP-2's Q-Former reads the vision model's last_hidden_state: after post_layernorm, CLS kept.
+    # The (Instruct)BLIP Q-Former reads the vision model's last_hidden_state: after post_layernorm, CLS kept.
     return tower, None, False
 
 
@@ -164,8 +171,36 @@ class Blip2Bridge(nn.Module):
         return self.language_projection(out.last_hidden_state.to(self.language_projection.weight.dtype))
 
 
+class InstructBlipBridge(Blip2Bridge):
+    """InstructBLIP's input projector: as BLIP-2's, but the Q-Former reads each item's instruction
+    too (its own tokens after the queries, in self-attention only), and only the queries' outputs
+    go on, as in ``InstructBlipForConditionalGeneration.get_image_features``."""
+
+    # HeadStage passes each item's instruction (``Features.instruction``) to a head that says so.
+    reads_instruction = True
+
+    def __init__(self, query_tokens: nn.Parameter, qformer: nn.Module, language_projection: nn.Module, tokenizer: Any):
+        super().__init__(query_tokens, qformer, language_projection)
+        self.tokenizer = tokenizer
+
+    def forward(self, features: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        # Padded as the processor pads a batch; the mask keeps padding out of attention.
+        text = self.tokenizer(instructions, padding=True, return_tensors="pt").to(features.device)
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=features.device)
+        out = self.qformer(
+            input_ids=text["input_ids"],
+            attention_mask=torch.cat([query_mask, text["attention_mask"]], dim=1),
+            query_embeds=queries,
+            encoder_hidden_states=features,
+            encoder_attention_mask=torch.ones(features.shape[:-1], dtype=torch.long, device=features.device),
+        )
+        query_output = out.last_hidden_state[:, : queries.shape[1]]
+        return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+
+
 def _bridge_parts(path: Path, model_type: str, config: Any, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Module, nn.Linear]:
-    """BLIP-2's query tokens, Q-Former (its class from the Q-Former config) and language projection."""
+    """(Instruct)BLIP's query tokens, Q-Former (its class from the Q-Former config) and language projection."""
     qformer = _from_part(_model_class(config.qformer_config), config.qformer_config, path, "qformer.", dtype)
     rest = read_part(path, {k: v for k, v in PART_PREFIXES[model_type]["projector"].items() if k != "qformer."}, dtype)
     projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size, dtype=dtype)
@@ -177,9 +212,17 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
     """(modality, the checkpoint's input projector, its head spec ``{"type", "in_dim", "out_dim", ...}``)."""
     path, model_type, config = _part_checkpoint(path, "projector")
     text_width = config.text_config.hidden_size
-    if model_type == "blip-2":
+    if model_type in ("blip-2", "instructblip"):
         spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.num_query_tokens}
-        return "image", Blip2Bridge(*_bridge_parts(path, model_type, config, dtype)), spec
+        parts = _bridge_parts(path, model_type, config, dtype)
+        if model_type == "blip-2":
+            return "image", Blip2Bridge(*parts), spec
+        from transformers import AutoTokenizer
+
+        # The instruction reaches this stage as text (Features.instruction): the Q-Former's own
+        # tokenizer lives here, where the published checkpoint keeps it.
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="qformer_tokenizer")
+        return "image", InstructBlipBridge(*parts, tokenizer), {**spec, "reads_instruction": True}
     if model_type == "llava":
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector as Projector
 
@@ -230,7 +273,7 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 
 def pretrained_config(path: str | Path, name: str | None = None):
-    """An ``OmnistageConfig`` serving a LLaVA, BLIP-2 or Qwen2-Audio directory as encoder, input
+    """An ``OmnistageConfig`` serving a LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio directory as encoder, input
     projector and LLM pools (image or audio in, text out; no generators, no signal tokens). The same
     dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
@@ -239,7 +282,7 @@ def pretrained_config(path: str | Path, name: str | None = None):
     model_type = checkpoint_model_type(path)
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
-            f"expected a LLaVA, BLIP-2 or Qwen2-Audio checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
+            f"expected a LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
     model = str(path)

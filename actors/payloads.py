@@ -62,12 +62,18 @@ class EncodedMedia:
 class Features:
     """One media item's encoder output (F_X in the survey's notation).
 
+    ``instruction`` is the text the medium came with (its message's text), for input projectors
+    that read it (InstructBLIP's Q-Former). Encoders leave it None; whoever routes the features to
+    the input projector sets it (``LocalPipeline``, the HTTP ingress's call to the projector pool,
+    the caption job's ``instruction`` column).
+
     Dimensions:
         features: (n_tokens, d_encoder) float32
     """
 
     modality: Modality
     features: np.ndarray
+    instruction: str | None = None
 
 
 @dataclass

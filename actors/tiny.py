@@ -403,10 +403,11 @@ BLIP2_CHAT_TEMPLATE = (
 )
 
 
-def _byte_tokenizer(extra: list[str], chat_template: str | None):
+def _byte_tokenizer(extra: list[str], chat_template: str | None, add_bos: bool = False):
     """A byte-level fast tokenizer (``tokenizer.json``, no merges), built offline: 256 byte tokens,
-    then ``<pad>``, ``</s>``, ``<s>`` and ``extra`` as special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    then ``<pad>``, ``</s>``, ``<s>`` and ``extra`` as special tokens. With ``add_bos``, text
+    tokenized with special tokens starts with ``<s>``, as a LLaMA tokenizer's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "</s>", "<s>", *extra]
@@ -415,6 +416,10 @@ def _byte_tokenizer(extra: list[str], chat_template: str | None):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(specials)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
     tokenizer.chat_template = chat_template
     return tokenizer
@@ -570,4 +575,83 @@ def build_qwen2_audio(path: str | Path, seed: int = 0) -> Path:
         settings = json.loads((path / name).read_text())
         (path / name).write_text(json.dumps({**settings, "processor_class": "Qwen2AudioProcessor"}, indent=2) + "\n")
     (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_AUDIO_CHAT_TEMPLATE}, indent=2) + "\n")
+    return path
+
+
+# InstructBLIP's processor takes one prompt: the query tokens, BOS, then the instruction as it is
+# (no "Question: ... Answer:"). The template moves <image> to the front and joins the turns' texts.
+INSTRUCTBLIP_CHAT_TEMPLATE = (
+    "{% set ns = namespace(image=false, text='') %}"
+    "{% for message in messages %}{% if '<image>' in message['content'] %}{% set ns.image = true %}{% endif %}"
+    "{% set ns.text = (ns.text + ' ' + (message['content'] | replace('<image>', '') | trim)) | trim %}"
+    "{% endfor %}"
+    "{% if ns.image %}<image>{% endif %}{{ bos_token }}{{ ns.text }}"
+)
+
+
+def _wordpiece_tokenizer():
+    """A lower-cased BERT WordPiece tokenizer, built offline, that spells any ASCII word out of
+    letters and digits (``w ##h ##a ##t``): the Q-Former's tokenizer in miniature."""
+    import string
+
+    from transformers import BertTokenizerFast
+
+    chars = string.ascii_lowercase + string.digits
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *string.punctuation, *(f"##{c}" for c in chars)]
+    return BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+
+
+def build_instructblip(path: str | Path, seed: int = 0, num_query_tokens: int = 8) -> Path:
+    """An InstructBLIP-Vicuna-shaped model: BLIP ViT (30x30, 2x2 patches) -> a Q-Former that reads
+    ``num_query_tokens`` queries and the instruction's tokens -> linear projection -> 2-layer LLaMA.
+    Laid out as Salesforce/instructblip-vicuna-7b is: weights in shards, the LLaMA-style tokenizer
+    (BOS added, ``<image>`` the config's image token, ``INSTRUCTBLIP_CHAT_TEMPLATE``) at the top,
+    the Q-Former's BERT tokenizer in ``qformer_tokenizer/``, the image processor in
+    preprocessor_config.json and ``num_query_tokens`` in processor_config.json, so that
+    ``AutoProcessor`` assembles ``InstructBlipProcessor``."""
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+        LlamaConfig,
+    )
+
+    path = Path(path)
+    tokenizer = _byte_tokenizer(["<image>"], INSTRUCTBLIP_CHAT_TEMPLATE, add_bos=True)
+    qformer_tokenizer = _wordpiece_tokenizer()
+    vision = InstructBlipVisionConfig(
+        image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        # BLIP's default (1e-10) leaves the patch embedding at zero: every image would give the
+        # same features.
+        initializer_range=0.2,
+    )
+    qformer = InstructBlipQFormerConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, encoder_hidden_size=32,
+        cross_attention_frequency=1, vocab_size=len(qformer_tokenizer), pad_token_id=qformer_tokenizer.pad_token_id,
+        max_position_embeddings=128,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = InstructBlipConfig(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+    model.save_pretrained(path, max_shard_size="50KB")
+    tokenizer.save_pretrained(path)
+    qformer_tokenizer.save_pretrained(path / "qformer_tokenizer")
+    BlipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(path)
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        settings = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**settings, "processor_class": "InstructBlipProcessor"}, indent=2) + "\n")
+    processor = {"num_query_tokens": num_query_tokens, "processor_class": "InstructBlipProcessor"}
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return path

@@ -7,6 +7,7 @@ memory (ru_maxrss) rose above where it stood after its imports.
 
     .venv/bin/python benchmarks/part_memory.py llava --dir /tmp/mem-llava
     .venv/bin/python benchmarks/part_memory.py blip-2 --dir /tmp/mem-blip2
+    .venv/bin/python benchmarks/part_memory.py instructblip --dir /tmp/mem-instructblip
 """
 
 from __future__ import annotations
@@ -44,16 +45,17 @@ def build(model_type: str, path: Path) -> int:
 
     from omnistage.actors import tiny
 
-    builders = {"llava": tiny.build_llava, "blip-2": tiny.build_blip2, "instructblip": getattr(tiny, "build_instructblip", None)}
+    builders = {"llava": tiny.build_llava, "blip-2": tiny.build_blip2, "instructblip": tiny.build_instructblip}
     builders[model_type](path, seed=0)
     config = AutoConfig.from_pretrained(path)
     config.vision_config.update({**VISION, "image_size": 224, "patch_size": 14})
     ffn = 4 * TEXT["hidden_size"]
-    if model_type == "llava":
+    if config.text_config.model_type == "llama":  # LLaVA's, InstructBLIP's Vicuna
         head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
         config.text_config.update({**TEXT, "intermediate_size": ffn, "num_key_value_heads": TEXT["num_attention_heads"], "head_dim": head_dim})
-    else:  # OPT
+    else:  # BLIP-2's OPT
         config.text_config.update({**TEXT, "ffn_dim": ffn, "word_embed_proj_dim": TEXT["hidden_size"]})
+    if model_type != "llava":
         config.qformer_config.update({**QFORMER, "encoder_hidden_size": VISION["hidden_size"]})
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)

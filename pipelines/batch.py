@@ -213,7 +213,7 @@ def prepare_caption(
     reader = MediaReader(media_root)
     cells = table.column(media_column).to_pylist()
     prompts = table.column(prompt_column).to_pylist() if prompt_column else [prompt] * table.num_rows
-    errors, messages, decoded, rates, timings = [], [], [], [], []
+    errors, messages, instructions, decoded, rates, timings = [], [], [], [], [], []
     for cell, text in zip(cells, prompts):
         start = time.perf_counter()
         error = chat = medium = rate = None
@@ -228,6 +228,7 @@ def prepare_caption(
                 error = _error("decode", exc)
         errors.append(error)
         messages.append(None if chat is None else json.dumps(chat.messages))
+        instructions.append(None if chat is None else chat.instructions[0])
         decoded.append(medium)
         rates.append(rate)
         timings.append((time.perf_counter() - start) * 1000)
@@ -240,6 +241,8 @@ def prepare_caption(
             "error": pa.array(errors, pa.string()),
             "seed": pa.array([row_seed(seed, i) for i in ids.to_pylist()], pa.int64()),
             "messages": pa.array(messages, pa.string()),
+            # The prompt as the input projector reads it with the medium (Features.instruction).
+            "instruction": pa.array(instructions, pa.string()),
             "decoded": data,
             "decoded_shape": shapes,
             "decoded_rate": pa.array(rates, pa.int64()),
@@ -377,17 +380,20 @@ class EncoderUDF(StageUDF):
 
 
 class InputProjectorUDF(StageUDF):
-    """Features -> LLM embeddings (``embeds``: (n_tokens', d_llm) float32)."""
+    """Features, with the text the medium came with (``instruction``), -> LLM embeddings (``embeds``:
+    (n_tokens', d_llm) float32)."""
 
     step = "project"
-    consumes = ("features", "features_shape")
+    consumes = ("features", "features_shape", "instruction")
 
     def __init__(self, config: StageConfig, modality: Modality):
         super().__init__("input_projector", config)
         self.modality = modality
 
     def inputs(self, table: pa.Table, rows: list[int]) -> list[Features]:
-        return [Features(modality=self.modality, features=f) for f in _unpack(table, "features", np.float32, rows)]
+        instructions = table.column("instruction").to_pylist()
+        features = _unpack(table, "features", np.float32, rows)
+        return [Features(modality=self.modality, features=f, instruction=instructions[i]) for f, i in zip(features, rows)]
 
     def columns(self, table: pa.Table, outputs: dict[int, Embeddings], errors: list[str | None]) -> dict[str, pa.Array]:
         data, shapes = _pack([outputs[i].embeds if i in outputs else None for i in range(table.num_rows)])

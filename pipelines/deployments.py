@@ -17,7 +17,7 @@ import structlog
 from ray import serve
 
 from omnistage.actors.errors import OverloadedError
-from omnistage.actors.payloads import Conditioning, GeneratedMedia, GenerationRequest, LLMRequest
+from omnistage.actors.payloads import Conditioning, Embeddings, Features, GeneratedMedia, GenerationRequest, LLMRequest
 from omnistage.pipelines.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -451,3 +451,11 @@ class GeneratorServer(StageServer):
     async def __call__(self, conditioning: Conditioning, seed: int | None = None, request_id: str = "") -> GeneratedMedia:
         media = await self._submit(GenerationRequest(conditioning=conditioning, seed=seed), request_id)
         return dataclasses.replace(media, array=None)
+
+
+class InputProjectorServer(StageServer):
+    """The input projector's pool: the features arrive from the encoder's response (the ingress
+    holds only a reference to them), the text they came with from the ingress; they meet here."""
+
+    async def __call__(self, features: Features, request_id: str = "", instruction: str | None = None) -> Embeddings:
+        return await self._submit(dataclasses.replace(features, instruction=instruction), request_id)

@@ -9,6 +9,13 @@ not fit its generator fails there, naming both shapes, rather than on every requ
 
     modality file --EncodedMedia--> {m}_encoder --Features--> input_projector --Embeddings--> llm
     llm --SignalGroup--> output_projector --Conditioning--> {m}_generator --GeneratedMedia-->
+
+The ``Features`` hop also carries the text the medium came with (``Features.instruction``): an
+input projector may read the question as well as the medium (InstructBLIP's Q-Former). The
+encoder never sees it; the executor that routes the features to the projector adds it, from the
+parsed chat (``ParsedChat.instructions``): ``LocalPipeline`` in process, the HTTP ingress as an
+argument of its call to the projector pool (it holds only a reference to the features), the
+caption job from its ``instruction`` column.
 """
 
 from __future__ import annotations
@@ -77,6 +84,15 @@ class Graph:
         """Raise ``ValueError`` naming both sides unless every hop between two stages in ``ports``
         (stage name -> :func:`ports` of the loaded stage) fits. A job that runs part of the graph
         passes the ports of that part only."""
+        projector = ports.get("input_projector")
+        if self.projector_with_encoders and projector is not None:
+            reading = sorted(m for m, head in projector["heads"].items() if head.get("reads_instruction"))
+            if reading:
+                # An encoder's replica gets the medium only, never the text it came with.
+                raise ValueError(
+                    f"the input projector's {' and '.join(reading)} head reads the text each medium comes with, which "
+                    "reaches it only in a pool of its own: expected input_projector.placement 'pool', got 'encoders'"
+                )
         for hop in self.hops:
             if hop.producer in ports and hop.consumer in ports:
                 _CHECKS[hop.payload](hop.modality, ports[hop.producer], ports[hop.consumer])

@@ -6,7 +6,7 @@ use. The stages are the same classes the Serve deployments and Ray Data jobs run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ class LocalPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str | None = None) -> LocalPipeline:
-        """Serve a LLaVA, BLIP-2 or Qwen2-Audio checkpoint directory, split into encoder, projector
+        """Serve a LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio checkpoint directory, split into encoder, projector
         and LLM stages."""
         from omnistage.actors.multimodal import pretrained_config
 
@@ -134,7 +134,9 @@ class LocalPipeline:
                 for i, f in zip(indices, encoder([chat.media[i][1] for i in indices])):
                     features[i] = f
 
-        # 3. Project into the LLM's embedding space
+        # 3. Project into the LLM's embedding space, each medium's features with its question's
+        #    text (which InstructBLIP's projector reads)
+        features = [replace(f, instruction=text) for f, text in zip(features, chat.instructions)]
         embeddings: list[Embeddings] = self.input_projector(features) if features else []
         return LLMRequest(
             messages=chat.messages,

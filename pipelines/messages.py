@@ -38,10 +38,13 @@ class ParsedChat:
     ...}``, ``{"type": "image"}`` where an image stood: the LLM's ``LLMRequest`` form, which the LLM
     stage renders with the checkpoint's own chat template); ``media`` lists the media in part
     order: files as ``EncodedMedia`` (header checked), objects from Python callers as image
-    (H, W, 3) uint8, video (T, H, W, 3) uint8, audio AudioClip."""
+    (H, W, 3) uint8, video (T, H, W, 3) uint8, audio AudioClip. ``instructions`` holds, per medium,
+    the text of the message it came in (its text parts, stripped, joined by newlines): what an input
+    projector that reads the question gets with the medium's features (``Features.instruction``)."""
 
     messages: list[dict[str, Any]]
     media: list[tuple[Modality, EncodedMedia | np.ndarray | AudioClip]]
+    instructions: list[str]
 
 
 def parse_messages(
@@ -67,11 +70,13 @@ def parse_messages(
     )
     if n_media > limits.max_media_items:
         raise InvalidInputError(f"expected at most {limits.max_media_items} media items per request, got {n_media}")
-    out_messages, media = [], []
+    out_messages, media, instructions = [], [], []
     for index, message in enumerate(checked):
         if isinstance(message.content, str):
             out_messages.append({"role": message.role, "content": message.content})
             continue
+        # As a string chat template prints the message once its media are taken out.
+        text = "\n".join(part.text.strip() for part in message.content if isinstance(part, TextPart)).strip()
         parts = []
         for part_index, part in enumerate(message.content):
             if isinstance(part, TextPart):
@@ -82,9 +87,10 @@ def parse_messages(
             if modality not in accepted:
                 raise UnsupportedMediaError(f"{where} is {modality}, but this model accepts {accepted or 'text only'}")
             media.append((modality, _medium(modality, getattr(part, part.type), where, remote, limits)))
+            instructions.append(text)
             parts.append({"type": modality})
         out_messages.append({"role": message.role, "content": parts})
-    return ParsedChat(messages=out_messages, media=media)
+    return ParsedChat(messages=out_messages, media=media, instructions=instructions)
 
 
 def _medium(

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from omnistage.actors.errors import InvalidInputError, OverloadedError, PayloadTooLargeError, UnsupportedMediaError
 from omnistage.actors.payloads import LLMRequest
 from omnistage.cluster.config import LLMConfig, OmnistageConfig, PoolConfig
-from omnistage.pipelines.deployments import GeneratorServer, LLMReply, LLMServer, StageServer
+from omnistage.pipelines.deployments import GeneratorServer, InputProjectorServer, LLMReply, LLMServer, StageServer
 from omnistage.pipelines.graph import Graph
 from omnistage.pipelines.logs import configure_logging
 from omnistage.pipelines.messages import RemoteMedia, parse_messages
@@ -297,7 +297,9 @@ class Ingress:
                     parse_messages, req.messages, list(self.encoders), self.remote_media, self.config.server.limits
                 )
                 # 3. Route: encoder -> input projector -> the LLM call, each output as a ref
-                embeds = await asyncio.gather(*(self._embed(m, item, rid) for m, item in chat.media))
+                embeds = await asyncio.gather(
+                    *(self._embed(m, item, text, rid) for (m, item), text in zip(chat.media, chat.instructions))
+                )
                 llm_request = LLMRequest(
                     messages=chat.messages,
                     max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -396,12 +398,15 @@ class Ingress:
             raise UnsupportedMediaError(f"expected modalities among {['text', *self.generators]}, got {unknown}")
         return wanted
 
-    async def _embed(self, modality: str, item: Any, rid: str) -> Any:
-        """One medium -> its encoder -> the input projector; the projected features' ref."""
+    async def _embed(self, modality: str, item: Any, instruction: str, rid: str) -> Any:
+        """One medium -> its encoder -> the input projector, with the text the medium came with
+        (``Features.instruction``, which InstructBLIP's projector reads); the projected features' ref."""
         features = await _ready(self.encoders[modality].remote(item, request_id=rid))
         if self.input_projector is None:
-            return features  # projected in the encoder's replica
-        return await _ready(self.input_projector.remote(features, request_id=rid))
+            # Projected in the encoder's replica; the graph's check refuses this placement for a
+            # projector that reads the instruction.
+            return features
+        return await _ready(self.input_projector.remote(features, request_id=rid, instruction=instruction))
 
     async def _generate(self, signal_refs: list[tuple[str, Any]], seed: int | None, rid: str) -> list:
         """Each signal group (still in the object store) -> output projector -> its generator."""
@@ -580,7 +585,13 @@ class Ingress:
 
 # Building the application
 
-_SERVER_CLASSES = {"llm": LLMServer, "image_generator": GeneratorServer, "video_generator": GeneratorServer, "audio_generator": GeneratorServer}
+_SERVER_CLASSES = {
+    "input_projector": InputProjectorServer,
+    "llm": LLMServer,
+    "image_generator": GeneratorServer,
+    "video_generator": GeneratorServer,
+    "audio_generator": GeneratorServer,
+}
 
 
 def deployment_options(pool: PoolConfig, name: str) -> dict[str, Any]:

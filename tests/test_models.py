@@ -143,7 +143,7 @@ def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
 def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
     from omnistage.pipelines.local import LocalPipeline
 
-    with pytest.raises(ValueError, match=r"LLaVA, BLIP-2 or Qwen2-Audio.*model_type 'llama'"):
+    with pytest.raises(ValueError, match=r"LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio.*model_type 'llama'"):
         LocalPipeline.from_pretrained(tiny_preset / "llm")
 
 
@@ -208,6 +208,104 @@ def test_blip2_encoder_as_serve_creates_it_reads_last_hidden_state(blip2_dir):
     explicit = pretrained_config(blip2_dir)
     explicit.stages.image_encoder.feature_layer = -2
     assert create_stage("image_encoder", explicit.stages.image_encoder.model_dump(mode="json")).feature_layer == -2
+
+
+# InstructBLIP: the Q-Former reads the question too
+
+OTHER_QUESTION = "Describe the picture."
+
+
+@pytest.fixture(scope="module")
+def instructblip_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_instructblip
+
+    return build_instructblip(tmp_path_factory.mktemp("instructblip") / "tiny-instructblip", seed=0)
+
+
+def _instructblip_reference(path, image, question, max_new_tokens):
+    """From transformers' generate on the whole model, with the inputs its own processor builds
+    from the image and the question (the prompt of both tokenizers): the greedy ids up to the
+    first EOS, their text, the number of prompt tokens and the projected queries."""
+    from transformers import AutoProcessor, InstructBlipForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = InstructBlipForConditionalGeneration.from_pretrained(path).eval()
+    inputs = processor(images=[image], text=question, return_tensors="pt")
+    n_prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, n_prompt:].tolist()
+        queries = model.get_image_features(
+            inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"], qformer_attention_mask=inputs["qformer_attention_mask"]
+        ).pooler_output[0]
+    eos = model.generation_config.eos_token_id
+    new = out[: out.index(eos)] if eos in out else out
+    return new, processor.tokenizer.decode(new, skip_special_tokens=True), n_prompt, queries.numpy()
+
+
+def _question_chat(image, question):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": image}, {"type": "text", "text": question}]}]
+
+
+def test_instructblip_split_matches_transformers_generate_token_for_token(instructblip_dir):
+    from dataclasses import replace
+
+    from omnistage.actors.errors import InvalidInputError
+    from omnistage.pipelines.local import LocalPipeline
+
+    pipeline = LocalPipeline.from_pretrained(instructblip_dir)
+    projector, llm = pipeline.input_projector, pipeline.llm
+    assert projector.head_spec("image") == {"type": "instructblip", "in_dim": 32, "out_dim": 32, "num_queries": 8, "reads_instruction": True}
+    # The query tokens first, then BOS and the question as it is, as InstructBlipProcessor lays them out.
+    assert llm.render_prompt([{"role": "user", "content": f"<image>\n{QUESTION}"}]) == f"<image><s>{QUESTION}"
+    for seed, question in ((0, QUESTION), (1, QUESTION), (0, OTHER_QUESTION)):
+        image = _image(seed)
+        expected_ids, expected_text, n_prompt, queries = _instructblip_reference(instructblip_dir, image, question, 12)
+        assert len(expected_ids) >= 4  # a real answer, not an immediate end of sequence
+        # Stage by stage, as the pools pass the payloads on: the projector gets the question with the features.
+        (features,) = pipeline.encoders["image"]([image])
+        assert features.features.shape == (226, 32) and features.instruction is None
+        (embeds,) = projector([replace(features, instruction=question)])
+        np.testing.assert_allclose(embeds.embeds, queries, rtol=1e-5, atol=1e-6)
+        request = LLMRequest(messages=[{"role": "user", "content": f"<image>\n{question}"}], media=[embeds], max_tokens=12)
+        assert llm([request])[0].token_ids == expected_ids
+        result = pipeline.chat(_question_chat(image, question), max_tokens=12)
+        assert result.text == expected_text and result.usage["prompt_tokens"] == n_prompt
+    # Both the image and the question reach the queries; questions of different lengths share a batch.
+    features, other_image = pipeline.encoders["image"]([_image(0), _image(1)])
+    a, b, c = projector([replace(features, instruction=QUESTION), replace(features, instruction=OTHER_QUESTION),
+                         replace(other_image, instruction=QUESTION)])
+    assert not np.allclose(a.embeds, b.embeds) and not np.allclose(a.embeds, c.embeds)
+    np.testing.assert_allclose(b.embeds, projector([replace(features, instruction=OTHER_QUESTION)])[0].embeds, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidInputError, match=r"expected the text the image came with .*instructblip head reads it\), got None"):
+        projector([features])
+
+
+def test_a_projector_that_reads_the_question_needs_a_pool_of_its_own():
+    from omnistage.pipelines.graph import Graph
+
+    ports = {"image_encoder": {"feature_dim": 32}, "input_projector": {"heads": {"image": {
+        "type": "instructblip", "in_dim": 32, "out_dim": 32, "num_queries": 8, "reads_instruction": True}}}}
+    Graph(encoders=("image",), generators=()).check(ports)
+    with pytest.raises(ValueError, match=r"image head reads the text .* expected input_projector.placement 'pool', got 'encoders'"):
+        Graph(encoders=("image",), generators=(), projector_with_encoders=True).check(ports)
+
+
+def test_instructblip_caption_as_a_batch_job(instructblip_dir):
+    """The caption job's steps over a table of PNG images with one prompt, one batch through each of
+    the stages split from the checkpoint: the projector reads the prompt from the instruction column."""
+    import pyarrow as pa
+    from test_batch import _caption_in_process
+
+    from omnistage.actors.media import encode_png
+    from omnistage.actors.multimodal import pretrained_config
+
+    images = {f"img-{seed}": _image(seed) for seed in (0, 1)}
+    table = pa.table({"id": list(images), "image": [encode_png(image) for image in images.values()]})
+    out = _caption_in_process(table, "image", pretrained_config(instructblip_dir), prompt=OTHER_QUESTION)
+    for row, image in zip(out.to_pylist(), images.values()):
+        expected_ids, expected_text, n_prompt, _ = _instructblip_reference(instructblip_dir, image, OTHER_QUESTION, 8)
+        assert row["error"] is None, row["error"]
+        assert (row["answer"], row["completion_tokens"], row["prompt_tokens"]) == (expected_text, len(expected_ids), n_prompt)
 
 
 # Qwen2-Audio
@@ -313,7 +411,7 @@ def _parts_of_the_whole(model_type, path):
     def llm(d):
         return LLM(LLMConfig(model=d, signal_tokens={})).model
 
-    if model_type == "blip-2":
+    if model_type in ("blip-2", "instructblip"):
         bridge = {"query_tokens": whole.query_tokens, **{f"qformer.{k}": v for k, v in whole.qformer.state_dict().items()},
                   **{f"language_projection.{k}": v for k, v in whole.language_projection.state_dict().items()}}
         return {"encoder": (encoder, whole.vision_model.state_dict()), "projector": (projector, bridge),
@@ -325,7 +423,10 @@ def _parts_of_the_whole(model_type, path):
             "language": (llm, language)}
 
 
-@pytest.mark.parametrize("model_type, checkpoint", [("llava", "llava_dir"), ("blip-2", "blip2_dir"), ("qwen2_audio", "qwen2_audio_dir")])
+@pytest.mark.parametrize(
+    "model_type, checkpoint",
+    [("llava", "llava_dir"), ("blip-2", "blip2_dir"), ("instructblip", "instructblip_dir"), ("qwen2_audio", "qwen2_audio_dir")],
+)
 def test_stages_read_only_their_part(request, tmp_path, model_type, checkpoint):
     """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
     holds exactly the whole model's weights for that part; an unsharded checkpoint gives the same parts."""
@@ -941,6 +1042,21 @@ def test_llava_through_serve_matches_transformers_generate(ray_session, llava_di
 @pytest.mark.slow
 def test_blip2_through_serve_matches_transformers_generate(ray_session, blip2_dir):
     _check_through_serve(blip2_dir, "tiny-blip2")  # 8 query tokens, first in the prompt
+
+
+@pytest.mark.slow
+def test_instructblip_through_serve_matches_transformers_generate(ray_session, instructblip_dir):
+    """The question goes from the ingress to the projector pool beside the image's features."""
+    import base64
+
+    from omnistage.actors.media import encode_png
+
+    image = _image(1)
+    expected_ids, expected_text, n_prompt, _ = _instructblip_reference(instructblip_dir, image, QUESTION, 12)
+    url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
+    answer = _answer_through_serve(instructblip_dir, "tiny-instructblip", {"type": "image_url", "image_url": {"url": url}}, 12)
+    assert answer["choices"][0]["message"]["content"] == expected_text
+    assert answer["usage"]["completion_tokens"] == len(expected_ids) and answer["usage"]["prompt_tokens"] == n_prompt
 
 
 @pytest.mark.slow
