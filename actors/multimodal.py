@@ -41,13 +41,9 @@ PART_PREFIXES: dict[str, dict[str, str | dict[str, str]]] = {
         "projector": {"query_tokens": "query_tokens", "qformer.": "qformer.", "language_projection.": "language_projection."},
         "language": "language_model.",
     },
-    "instructblip": {
-        "encoder": "vision_model.",
-        "projector": {"query_tokens": "query_tokens", "qformer.": "qformer.", "language_projection.": "language_projection."},
-        "language": "language_model.",
-    },
     "qwen2_audio": {"encoder": "audio_tower.", "projector": "multi_modal_projector.", "language": "language_model."},
 }
+PART_PREFIXES["instructblip"] = PART_PREFIXES["blip-2"]
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:

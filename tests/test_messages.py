@@ -41,6 +41,21 @@ def test_parts_stay_typed_parts_in_order():
     np.testing.assert_array_equal(chat.media[2][1], sample_image())
 
 
+def test_each_medium_keeps_the_text_of_its_message():
+    """What an input projector that reads the question gets with the medium's features."""
+    image = {"type": "image_url", "image_url": sample_image()}
+    chat = parse_messages(
+        [
+            {"role": "user", "content": [image, {"type": "text", "text": " What is it? "}]},
+            {"role": "assistant", "content": "A circle."},
+            {"role": "user", "content": [{"type": "text", "text": "And this"}, image, {"type": "text", "text": "one?"}]},
+            {"role": "user", "content": [image]},
+        ],
+        accepted=["image"],
+    )
+    assert chat.instructions == ["What is it?", "And this\none?", ""]
+
+
 def test_media_files_are_checked_but_not_decoded():
     from omnistage.actors.media import encode_video, encode_wav
     from omnistage.pipelines.demo import sample_audio, sample_video
