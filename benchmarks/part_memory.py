@@ -92,10 +92,18 @@ def main() -> None:
     parser.add_argument("model_type", choices=["llava", "blip-2", "instructblip"])
     parser.add_argument("--dir", required=True, type=Path, help="the checkpoint; built here when it has no config.json")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--build-only", action="store_true", help="build the checkpoint, print its parameter count")
     args = parser.parse_args()
+    if args.build_only:
+        print(build(args.model_type, args.dir))
+        return
     report = {"model_type": args.model_type, "dtype": args.dtype}
     if not (args.dir / "config.json").is_file():
-        report["parameters_m"] = round(build(args.model_type, args.dir) / 1e6, 1)
+        # In a process of its own: Linux keeps a process's peak memory across fork and exec, so
+        # building here would raise every measuring child's starting peak to the builder's.
+        command = [sys.executable, __file__, args.model_type, "--dir", str(args.dir), "--build-only"]
+        built = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        report["parameters_m"] = round(int(built.strip().splitlines()[-1]) / 1e6, 1)
     report["shards"] = len(list(args.dir.glob("*.safetensors")))
     for way in WAYS:
         report[f"{way}_mib"] = round(measure(way, args.dir, args.dtype))
