@@ -291,19 +291,22 @@ def test_a_projector_that_reads_the_question_needs_a_pool_of_its_own():
 
 
 def test_instructblip_caption_as_a_batch_job(instructblip_dir):
-    """The caption job's steps over a table of PNG images with one prompt, one batch through each of
-    the stages split from the checkpoint: the projector reads the prompt from the instruction column."""
+    """The caption job's steps over a table of PNG images, each row with its own question, one block
+    through each of the stages split from the checkpoint (as a Ray Data block goes through its pools):
+    the projector reads each row's question from the instruction column."""
     import pyarrow as pa
     from test_batch import _caption_in_process
 
     from omnistage.actors.media import encode_png
     from omnistage.actors.multimodal import pretrained_config
 
-    images = {f"img-{seed}": _image(seed) for seed in (0, 1)}
-    table = pa.table({"id": list(images), "image": [encode_png(image) for image in images.values()]})
-    out = _caption_in_process(table, "image", pretrained_config(instructblip_dir), prompt=OTHER_QUESTION)
-    for row, image in zip(out.to_pylist(), images.values()):
-        expected_ids, expected_text, n_prompt, _ = _instructblip_reference(instructblip_dir, image, OTHER_QUESTION, 8)
+    rows = {"a": (0, QUESTION), "b": (1, OTHER_QUESTION), "c": (0, OTHER_QUESTION)}
+    table = pa.table({"id": list(rows), "image": [encode_png(_image(seed)) for seed, _ in rows.values()],
+                      "question": [question for _, question in rows.values()]})
+    out = _caption_in_process(table, "image", pretrained_config(instructblip_dir), prompt_column="question")
+    for row in out.to_pylist():
+        seed, question = rows[row["id"]]
+        expected_ids, expected_text, n_prompt, _ = _instructblip_reference(instructblip_dir, _image(seed), question, 8)
         assert row["error"] is None, row["error"]
         assert (row["answer"], row["completion_tokens"], row["prompt_tokens"]) == (expected_text, len(expected_ids), n_prompt)
 
