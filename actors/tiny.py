@@ -403,10 +403,11 @@ BLIP2_CHAT_TEMPLATE = (
 )
 
 
-def _byte_tokenizer(extra: list[str], chat_template: str | None, add_bos: bool = False):
+def _byte_tokenizer(extra: list[str], chat_template: str | None, special: str | None = None):
     """A byte-level fast tokenizer (``tokenizer.json``, no merges), built offline: 256 byte tokens,
-    then ``<pad>``, ``</s>``, ``<s>`` and ``extra`` as special tokens. With ``add_bos``, text
-    tokenized with special tokens starts with ``<s>``, as a LLaMA tokenizer's does."""
+    then ``<pad>``, ``</s>``, ``<s>`` and ``extra`` as special tokens. ``special`` lays out text
+    tokenized with special tokens: ``"<s> $A"`` as a LLaMA tokenizer does, ``"$A </s>"`` as T5's;
+    None adds none."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -416,10 +417,9 @@ def _byte_tokenizer(extra: list[str], chat_template: str | None, add_bos: bool =
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(specials)
-    if add_bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-        )
+    if special is not None:
+        used = [token for token in ("<s>", "</s>") if token in special.split()]
+        backend.post_processor = processors.TemplateProcessing(single=special, special_tokens=[(t, vocab[t]) for t in used])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
     tokenizer.chat_template = chat_template
     return tokenizer
@@ -459,6 +459,18 @@ def build_llava(path: str | Path, seed: int = 0, **text_sizes: int) -> Path:
     return path
 
 
+def _flan_t5_config(tokenizer):
+    """A 2-layer Flan-T5 (gated GELU, untied head) over ``tokenizer``'s vocabulary."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8, language: str = "opt") -> Path:
     """A BLIP-2-shaped model: BLIP ViT (30x30, 2x2 patches) -> Q-Former with ``num_query_tokens``
     queries -> linear projection -> 2-layer OPT (or Flan-T5 with ``language="t5"``), with a byte
@@ -487,14 +499,7 @@ def build_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 8, lang
         encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=99,
     )
     if language == "t5":
-        from transformers import T5Config
-
-        text = T5Config(
-            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
+        text = _flan_t5_config(tokenizer)
     else:
         text = OPTConfig(
             vocab_size=len(tokenizer), hidden_size=32, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
@@ -601,10 +606,11 @@ def _wordpiece_tokenizer():
     return BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
 
 
-def build_instructblip(path: str | Path, seed: int = 0, num_query_tokens: int = 8) -> Path:
+def build_instructblip(path: str | Path, seed: int = 0, num_query_tokens: int = 8, language: str = "llama") -> Path:
     """An InstructBLIP-Vicuna-shaped model: BLIP ViT (30x30, 2x2 patches) -> a Q-Former that reads
-    ``num_query_tokens`` queries and the instruction's tokens -> linear projection -> 2-layer LLaMA.
-    Laid out as Salesforce/instructblip-vicuna-7b is: weights in shards, the LLaMA-style tokenizer
+    ``num_query_tokens`` queries and the instruction's tokens -> linear projection -> 2-layer LLaMA
+    (or Flan-T5 with ``language="t5"``, as instructblip-flan-t5: its tokenizer ends the text with
+    EOS instead of starting it with BOS). Laid out as Salesforce/instructblip-vicuna-7b is: weights in shards, the LLaMA-style tokenizer
     (BOS added, ``<image>`` the config's image token, ``INSTRUCTBLIP_CHAT_TEMPLATE``) at the top,
     the Q-Former's BERT tokenizer in ``qformer_tokenizer/``, the image processor in
     preprocessor_config.json and ``num_query_tokens`` in processor_config.json, so that
@@ -619,7 +625,11 @@ def build_instructblip(path: str | Path, seed: int = 0, num_query_tokens: int = 
     )
 
     path = Path(path)
-    tokenizer = _byte_tokenizer(["<image>"], INSTRUCTBLIP_CHAT_TEMPLATE, add_bos=True)
+    if language == "t5":
+        template = INSTRUCTBLIP_CHAT_TEMPLATE.replace("{{ bos_token }}{{ ns.text }}", "{{ ns.text }}{{ eos_token }}")
+        tokenizer = _byte_tokenizer(["<image>"], template, special="$A </s>")
+    else:
+        tokenizer = _byte_tokenizer(["<image>"], INSTRUCTBLIP_CHAT_TEMPLATE, special="<s> $A")
     qformer_tokenizer = _wordpiece_tokenizer()
     vision = InstructBlipVisionConfig(
         image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -632,11 +642,14 @@ def build_instructblip(path: str | Path, seed: int = 0, num_query_tokens: int = 
         cross_attention_frequency=1, vocab_size=len(qformer_tokenizer), pad_token_id=qformer_tokenizer.pad_token_id,
         max_position_embeddings=128,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    if language == "t5":
+        text = _flan_t5_config(tokenizer)
+    else:
+        text = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
     config = InstructBlipConfig(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
         num_query_tokens=num_query_tokens, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),

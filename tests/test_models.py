@@ -233,7 +233,9 @@ def _instructblip_reference(path, image, question, max_new_tokens):
     inputs = processor(images=[image], text=question, return_tensors="pt")
     n_prompt = inputs["input_ids"].shape[1]
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, n_prompt:].tolist()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
+        # After the decoder start token (Flan-T5), or after the prompt.
+        out = out[1:] if model.config.text_config.is_encoder_decoder else out[n_prompt:]
         queries = model.get_image_features(
             inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"], qformer_attention_mask=inputs["qformer_attention_mask"]
         ).pooler_output[0]
@@ -278,6 +280,23 @@ def test_instructblip_split_matches_transformers_generate_token_for_token(instru
     np.testing.assert_allclose(b.embeds, projector([replace(features, instruction=OTHER_QUESTION)])[0].embeds, rtol=1e-5, atol=1e-6)
     with pytest.raises(InvalidInputError, match=r"expected the text the image came with .*instructblip head reads it\), got None"):
         projector([features])
+
+
+def test_instructblip_flan_t5_split_matches_transformers_generate(tmp_path):
+    """InstructBLIP with Flan-T5: the projected queries and the question go into T5's encoder."""
+    from omnistage.actors.tiny import build_instructblip
+    from omnistage.pipelines.local import LocalPipeline
+
+    path = build_instructblip(tmp_path / "tiny-instructblip-t5", seed=0, language="t5")
+    pipeline = LocalPipeline.from_pretrained(path)
+    assert type(pipeline.llm.model).__name__ == "T5ForConditionalGeneration"
+    assert pipeline.llm.render_prompt([{"role": "user", "content": f"<image>\n{QUESTION}"}]) == f"<image>{QUESTION}</s>"
+    for seed, question in ((0, QUESTION), (1, OTHER_QUESTION)):
+        expected_ids, expected_text, n_prompt, _ = _instructblip_reference(path, _image(seed), question, 8)
+        assert len(expected_ids) >= 2
+        result = pipeline.chat(_question_chat(_image(seed), question), max_tokens=8)
+        assert result.text == expected_text and result.usage["prompt_tokens"] == n_prompt
+        assert result.usage["completion_tokens"] == len(expected_ids)
 
 
 def test_a_projector_that_reads_the_question_needs_a_pool_of_its_own():
