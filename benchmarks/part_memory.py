@@ -1,7 +1,7 @@
 """Peak memory of loading each pool's part of an end-to-end checkpoint (LLaVA, BLIP-2,
 InstructBLIP), against loading the whole model once.
 
-A random model of about 190M parameters (float32 files, 4 shards, ``--dir``; built once) is loaded
+A random model of 180M to 235M parameters (float32 files in 5 shards, ``--dir``; built once) is loaded
 in ``--dtype`` on the CPU, each way in a fresh process, which reports how far its peak resident
 memory (ru_maxrss) rose above where it stood after its imports.
 
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Vision tower and language model widths: about 21M and 170M parameters.
+# Vision tower, language model and Q-Former sizes: about 19M, 150M (OPT) to 200M (LLaMA), 9M to 13M.
 VISION = {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "intermediate_size": 2048}
 TEXT = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 16}
 QFORMER = {"hidden_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8, "intermediate_size": 2048}
