@@ -7,8 +7,9 @@ scale drew the shape in a random third (34.8%, chance), and did as badly with th
 4x4. These subclasses add what DiT and Stable Diffusion 3 give their transformers, a learned
 position embedding: one (channels, height, width) map added after ``conv_in``, and for the 3D UNet
 one vector per frame, added before its first temporal transformer. Nothing else changes: same
-config, same forward, same ``save_pretrained`` layout; a checkpoint's ``model_index.json`` names
-this module, so ``DiffusionPipeline.from_pretrained`` imports it like any diffusers class.
+config, same forward, same ``save_pretrained`` layout. A checkpoint's ``model_index.json`` names
+this module; diffusers loads classes only from modules already imported, so import it before
+``DiffusionPipeline.from_pretrained`` (the generator stages do).
 """
 
 from __future__ import annotations
