@@ -90,21 +90,21 @@ class Phase:
 # Steps, batch (split across the workers) and learning rate of each phase: sized to finish in
 # minutes on 2 cores.
 PHASES: dict[str, Phase] = {
-    "image_encoder": Phase(steps=1000, batch=64, lr=2e-3),
-    "audio_encoder": Phase(steps=500, batch=32, lr=2e-3),
-    "llm": Phase(steps=1200, batch=64, lr=3e-3),
-    "vae": Phase(steps=1200, batch=16, lr=2e-3),
-    "generator": Phase(steps=1200, batch=32, lr=1e-3),
-    "video_generator": Phase(steps=800, batch=16, lr=1e-3),
-    "mel_vae": Phase(steps=500, batch=16, lr=2e-3),
-    "vocoder": Phase(steps=800, batch=8, lr=2e-3),
-    "audio_generator": Phase(steps=800, batch=32, lr=1e-3),
-    "image_projector": Phase(steps=500, batch=32, lr=2e-3),
-    "video_projector": Phase(steps=600, batch=32, lr=2e-3),
-    "audio_projector": Phase(steps=500, batch=32, lr=2e-3),
-    "image_signals": Phase(steps=600, batch=64, lr=2e-3),
-    "video_signals": Phase(steps=400, batch=64, lr=2e-3),
-    "audio_signals": Phase(steps=400, batch=64, lr=2e-3),
+    "image_encoder": Phase(steps=800, batch=64, lr=2e-3),
+    "audio_encoder": Phase(steps=400, batch=32, lr=2e-3),
+    "llm": Phase(steps=900, batch=64, lr=3e-3),
+    "vae": Phase(steps=800, batch=16, lr=2e-3),
+    "generator": Phase(steps=800, batch=32, lr=1e-3),
+    "video_generator": Phase(steps=400, batch=16, lr=1e-3),
+    "mel_vae": Phase(steps=300, batch=16, lr=2e-3),
+    "vocoder": Phase(steps=500, batch=8, lr=2e-3),
+    "audio_generator": Phase(steps=500, batch=32, lr=1e-3),
+    "image_projector": Phase(steps=400, batch=32, lr=2e-3),
+    "video_projector": Phase(steps=500, batch=32, lr=2e-3),
+    "audio_projector": Phase(steps=400, batch=32, lr=2e-3),
+    "image_signals": Phase(steps=500, batch=64, lr=2e-3),
+    "video_signals": Phase(steps=300, batch=64, lr=2e-3),
+    "audio_signals": Phase(steps=300, batch=64, lr=2e-3),
 }
 
 

@@ -145,9 +145,7 @@ def test_caption_the_attached_sample_picture(open_page, shapes_url):
 
 def test_drawing_example_shows_a_png(open_page, shapes_url):
     page = open_page(shapes_url, key=API_KEY)
-    assert page.locator("button.example:disabled").all_inner_texts() == [
-        "What do you hear? (sample sound)", "What happens in this video? (sample video)", "Make a sound", "Make a video",
-    ]
+    assert not page.locator("button.example:disabled").count()  # the default preset has every modality
     page.get_by_role("button", name="Caption the sample picture").click()
     assert _answer(page, 0).locator(".text").inner_text() == "a big red circle on the left"
     page.get_by_role("button", name="Draw a blue square").click()
