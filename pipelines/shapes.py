@@ -56,7 +56,11 @@ MOTION_PHRASES = {
 }
 # Audio: one to three beeps of a pitch, a length and a timbre. Pitches an octave apart, so a
 # spectrum names them without doubt; lengths three times apart, so an envelope does.
-PITCHES = {"low": 220.0, "middle": 440.0, "high": 880.0}
+# Whole cycles in every 10 ms (the audio generator's mel hop): a tone's phase at each frame's start
+# is then the same, so the vocoder can learn each frame's waveform from that frame's spectrum. At
+# 220/440/880 Hz the phase drifts from frame to frame and is not in the spectrum: trained on them,
+# the vocoder learned to stay nearly silent.
+PITCHES = {"low": 200.0, "middle": 400.0, "high": 800.0}
 LENGTHS = {"short": 0.08, "long": 0.22}
 COUNTS = ("one", "two", "three")
 TIMBRES = ("whistle", "buzz")

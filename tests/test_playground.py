@@ -183,7 +183,9 @@ def test_bad_upload_shows_the_api_message(open_page, shapes_url):
     assert _answer(page, 1).locator(".text").inner_text() == "a big red circle on the left"
 
 
-def test_generated_sound_and_video_play_and_the_microphone_records(open_page, serve_url):
+# serve_url first: the session app deploys through handles, which refuse to run while Playwright's
+# sync API (started by open_page) holds an event loop on this thread.
+def test_generated_sound_and_video_play_and_the_microphone_records(serve_url, open_page):
     page = open_page(f"{serve_url}/")
     assert page.inner_text("#model-name") == "omnistage-tiny"
     assert not page.locator("button.example:disabled").count()
