@@ -25,7 +25,7 @@ BUILD_VERSION = 1
 
 BUILTIN_PRESETS: dict[str, str] = {
     "tiny": "random weights from tiny configs (CPU, seconds to build); its answers and media are noise",
-    "shapes": "trained on the shapes world (captions and draws coloured shapes); ships with the package",
+    "shapes": "trained on the shapes world (captions and makes pictures of coloured shapes, clips of them moving, and beeps); ships with the package",
 }
 # Presets whose weights ship inside the package (trained, not built), in omnistage.cluster/presets/.
 SHIPPED_PRESETS = ("shapes",)

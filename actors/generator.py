@@ -16,6 +16,9 @@ import torch
 from diffusers import AudioLDM2Pipeline, AudioLDMPipeline, DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
+# The shapes preset's UNets (position-aware subclasses) are named by its model_index.json files;
+# diffusers loads classes only from modules already imported, never imports one itself.
+from omnistage.actors import unets  # noqa: F401
 from omnistage.actors.base import Stage
 from omnistage.actors.errors import InvalidInputError
 from omnistage.actors.media import MIME_TYPES, encode_png, encode_video, encode_wav

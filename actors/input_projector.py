@@ -39,9 +39,17 @@ class QFormerHead(nn.Module):
 
 
 class ResamplerHead(nn.Module):
-    """A Perceiver resampler: ``num_latents`` latents attend to the features, then a linear map."""
+    """A Perceiver resampler: ``num_latents`` latents attend to the features, then a linear map.
 
-    def __init__(self, in_dim: int, out_dim: int, num_latents: int, depth: int, num_heads: int, head_dim: int):
+    With ``num_frames`` (a video's frames, concatenated in time order by the video encoder), a
+    learned embedding per frame is added to that frame's features first, as Flamingo's resampler
+    does: attention alone does not see order, and without it a shape moving right reads the same
+    as one moving left.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, num_latents: int, depth: int, num_heads: int, head_dim: int, num_frames: int | None = None
+    ):
         from transformers import IdeficsConfig
         from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
@@ -50,8 +58,21 @@ class ResamplerHead(nn.Module):
         config = IdeficsConfig(vision_config={"embed_dim": in_dim}, perceiver_config={"qk_layer_norms_perceiver": True})
         self.resampler = IdeficsPerceiverResampler(config, in_dim, depth, num_heads, head_dim, num_latents)
         self.proj = nn.Linear(in_dim, out_dim)
+        self.num_frames = num_frames
+        if num_frames:
+            self.frame_embeds = nn.Parameter(torch.zeros(num_frames, in_dim))
+            nn.init.normal_(self.frame_embeds, std=0.02)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.num_frames:
+            batch, n_tokens, width = features.shape
+            if n_tokens % self.num_frames:
+                raise ValueError(
+                    f"expected features of {self.num_frames} frames (a multiple of {self.num_frames} tokens), "
+                    f"got {n_tokens} tokens"
+                )
+            frames = features.view(batch, self.num_frames, n_tokens // self.num_frames, width)
+            features = (frames + self.frame_embeds[:, None]).flatten(1, 2)
         return self.proj(self.resampler(features))
 
 
@@ -66,7 +87,7 @@ def make_head(spec: dict[str, Any]) -> nn.Module:
         return QFormerHead(in_dim, out_dim, spec["num_queries"], spec["qformer"])
     if kind == "resampler":
         return ResamplerHead(
-            in_dim, out_dim, spec["num_latents"], spec["depth"], spec["num_heads"], spec["head_dim"]
+            in_dim, out_dim, spec["num_latents"], spec["depth"], spec["num_heads"], spec["head_dim"], spec.get("num_frames")
         )
     raise ValueError(f"expected a projector type in {HEAD_TYPES}, got {kind!r}")
 

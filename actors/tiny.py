@@ -58,24 +58,27 @@ def build_image_encoder(path: Path, seed: int, **sizes: int) -> None:
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(path)
 
 
-def build_audio_encoder(path: Path, seed: int) -> None:
-    """A Whisper encoder over 1 s windows: 100 mel frames (80 bins) -> (B, 50, 16) features."""
+def whisper_encoder(**sizes: Any) -> tuple[Any, Any]:
+    """A Whisper model over 1 s windows, 100 mel frames (80 bins) -> (B, 50, d_model) features,
+    and its feature extractor. Only the encoder is used: the decoder is one small layer over a
+    64-token vocabulary, which keeps the checkpoint small. ``sizes`` override WhisperConfig's."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
-    torch.manual_seed(seed)
     config = WhisperConfig(
-        d_model=16,
-        encoder_layers=2,
-        encoder_attention_heads=4,
-        encoder_ffn_dim=37,
-        decoder_layers=1,
-        decoder_attention_heads=4,
-        decoder_ffn_dim=37,
+        **{
+            "d_model": 16,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 37,
+            "decoder_layers": 1,
+            "decoder_attention_heads": 4,
+            "decoder_ffn_dim": 37,
+            "max_target_positions": 32,
+            **sizes,
+        },
         num_mel_bins=80,
         # Whisper's encoder halves the mel frames: 100 frames (1 s at hop 160) -> 50 positions.
         max_source_positions=50,
-        max_target_positions=32,
-        # The decoder is never run; a small vocabulary keeps the checkpoint small.
         vocab_size=64,
         pad_token_id=0,
         bos_token_id=1,
@@ -84,10 +87,16 @@ def build_audio_encoder(path: Path, seed: int) -> None:
         suppress_tokens=None,
         begin_suppress_tokens=None,
     )
-    WhisperModel(config).save_pretrained(path)
-    WhisperFeatureExtractor(
-        feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400
-    ).save_pretrained(path)
+    extractor = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400)
+    return WhisperModel(config), extractor
+
+
+def build_audio_encoder(path: Path, seed: int) -> None:
+    """A Whisper encoder over 1 s windows: 100 mel frames (80 bins) -> (B, 50, 16) features."""
+    torch.manual_seed(seed)
+    model, extractor = whisper_encoder()
+    model.save_pretrained(path)
+    extractor.save_pretrained(path)
 
 
 # --- projectors --------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def _train_shapes(args: argparse.Namespace) -> None:
     start = time.monotonic()
     out = train_shapes(args.dir, TrainSettings(seed=args.seed, scale=args.scale), workers=args.workers)
     print(f"wrote the shapes preset to {out} in {time.monotonic() - start:.0f} s")
-    print(f"to serve it, copy cluster/presets/shapes.yaml and set each stage's `model:` to {out}/<stage>")
+    print(f"to serve it, copy cluster/presets/shapes.yaml and set each stage's `model:` to {out}/<stage> (the video encoder's to {out}/image_encoder)")
 
 
 def _batch_caption(args: argparse.Namespace) -> None:
@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_commands = train.add_subparsers(dest="train_command", required=True)
     shapes = train_commands.add_parser(
         "shapes", help="train the shapes preset (minutes on a laptop CPU)",
-        description="Pretrain the encoder, LLM and generator on the shapes world, then the projectors, "
-        "and write the preset to DIR (replaced if it exists).",
+        description="Pretrain the image and audio encoders, the LLM and the image, video and audio generators "
+        "on the shapes world, then the projectors, and write the preset to DIR (replaced if it exists).",
     )
     shapes.add_argument("dir", help="output directory")
     shapes.add_argument("--seed", type=int, default=0)
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         job = batch_commands.add_parser(name, help=help_text)
         job.add_argument("--input", required=True, help="Parquet or Arrow IPC file, folder or URI (s3://...)")
         job.add_argument("--output", required=True, help="Parquet output folder or URI; ids already there are skipped")
-        job.add_argument("--config", default="tiny", help="preset name or YAML path (default: tiny)")
+        job.add_argument("--config", default="shapes", help="preset name or YAML path (default: shapes)")
         job.add_argument("--modality", choices=("image", "video", "audio"), default="image", help="default: image")
         job.add_argument("--id-column", default="id", help="unique row id, the resume key (default: id)")
         job.add_argument("--max-tokens", type=int, help="text tokens per answer (default: the model's, llm.defaults)")

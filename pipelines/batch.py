@@ -592,7 +592,7 @@ def _source(source: str | ray.data.Dataset, columns: dict[str, str | None]) -> r
 def caption(
     source: str | ray.data.Dataset,
     *,
-    config: str | OmnistageConfig = "tiny",
+    config: str | OmnistageConfig = "shapes",
     modality: Modality = "image",
     id_column: str = "id",
     media_column: str | None = None,
@@ -664,7 +664,7 @@ def caption(
 def generate(
     source: str | ray.data.Dataset,
     *,
-    config: str | OmnistageConfig = "tiny",
+    config: str | OmnistageConfig = "shapes",
     modality: Modality = "image",
     id_column: str = "id",
     prompt_column: str = "prompt",
@@ -818,7 +818,7 @@ def run_caption(source: str, output: str, **options: Any) -> JobSummary:
     Takes :func:`caption`'s options; returns what the run did. Like any Ray Data job it joins the
     Ray cluster of ``RAY_ADDRESS`` (set under ``ray job submit``) or starts a local one.
     """
-    cfg = _config(options.pop("config", "tiny"))
+    cfg = _config(options.pop("config", "shapes"))
     return _run(
         "caption", source, output, options.get("id_column", "id"), lambda **kw: caption(source, config=cfg, **options, **kw)
     )
@@ -827,7 +827,7 @@ def run_caption(source: str, output: str, **options: Any) -> JobSummary:
 def run_generate(source: str, output: str, **options: Any) -> JobSummary:
     """Generate media for ``source``'s prompts into the Parquet folder ``output``, skipping ids
     already there. Takes :func:`generate`'s options; returns what the run did."""
-    cfg = _config(options.pop("config", "tiny"))
+    cfg = _config(options.pop("config", "shapes"))
     return _run(
         "generate", source, output, options.get("id_column", "id"), lambda **kw: generate(source, config=cfg, **options, **kw)
     )

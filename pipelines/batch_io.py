@@ -258,42 +258,35 @@ def row_seed(seed: int, row_id: Any) -> int:
 # --- sample datasets -----------------------------------------------------------------------------
 
 SampleKind = Literal["image", "video", "audio", "text"]
-_COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-_SHAPES = ("circle", "square", "stripe")
 
 
-def _sample_image(rng: np.random.Generator) -> np.ndarray:
-    size = int(rng.integers(24, 65))
-    color = np.array(list(_COLORS.values())[rng.integers(len(_COLORS))], np.uint8)
-    image = np.full((size, size, 3), rng.integers(0, 256, 3), np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    cy, cx, r = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [size // 5]
-    shape = _SHAPES[rng.integers(len(_SHAPES))]
-    mask = {
-        "circle": (yy - cy) ** 2 + (xx - cx) ** 2 < r**2,
-        "square": (abs(yy - cy) < r) & (abs(xx - cx) < r),
-        "stripe": abs(yy - cy) < max(r // 2, 1),
-    }[shape]
-    image[mask] = color
-    return image
+def _world_rng(rng: np.random.Generator):
+    import random
+
+    return random.Random(int(rng.integers(2**31)))
 
 
 def _sample_media(kind: SampleKind, rng: np.random.Generator) -> bytes:
+    """One medium of the shapes world, drawn as others would (any light background and size; clips
+    of 4 to 16 frames; sounds at other rates), so the default preset has something to caption."""
     from omnistage.actors.media import encode_png, encode_video, encode_wav
-    from omnistage.pipelines.demo import sample_audio, sample_video
+    from omnistage.pipelines import shapes
 
+    world = _world_rng(rng)
     if kind == "image":
-        return encode_png(_sample_image(rng))
+        return encode_png(shapes.render(shapes.random_spec(world), world.choice((48, 64, 96)), world, varied=True))
     if kind == "video":
-        return encode_video(sample_video(n_frames=int(rng.integers(4, 9)), size=32), fps=8)
-    samples, rate = sample_audio(seconds=0.5, rate=int(rng.choice([8000, 16000, 22050])), hz=float(rng.integers(200, 900)))
-    return encode_wav(samples, rate)
+        clip = shapes.render_clip(shapes.random_motion(world), world.randint(4, 16), world.choice((32, 48, 64)), world, varied=True)
+        return encode_video(clip, fps=8)
+    return encode_wav(*shapes.synthesize(shapes.random_sound(world), world, varied=True))
 
 
-def _sample_prompt(rng: np.random.Generator, kind: str) -> str:
-    color = list(_COLORS)[rng.integers(len(_COLORS))]
-    shape = _SHAPES[rng.integers(len(_SHAPES))]
-    return f"Make a {kind} of a {color} {shape}."
+def _sample_prompt(rng: np.random.Generator) -> str:
+    """A drawing instruction of the shapes world ("Draw a small red circle on the left"): `batch
+    generate` makes images unless told otherwise."""
+    from omnistage.pipelines import shapes
+
+    return shapes.instruction(_world_rng(rng))[0]
 
 
 def _corrupt(index: int, good: bytes, kind: SampleKind) -> bytes | None:
@@ -331,7 +324,7 @@ def make_sample_dataset(
     bad = {round(i * rows / corrupt) for i in range(corrupt)} if corrupt else set()
     ids = [f"{kind}-{i:06d}" for i in range(rows)]
     if kind == "text":
-        prompts = [None if i in bad else _sample_prompt(rng, "picture") for i in range(rows)]
+        prompts = [None if i in bad else _sample_prompt(rng) for i in range(rows)]
         table = pa.table({"id": ids, "prompt": pa.array(prompts, pa.string())})
     else:
         cells: list[Any] = []

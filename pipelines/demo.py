@@ -1,7 +1,8 @@
 """A one-shot tour of the whole path: media questions in, text out; prompts in, media out.
 
-The sample media are drawn here (a red circle, a moving square, a tone) and sent the way an API user
-sends them, as encoded files in data URLs, so decoding runs too.
+The sample media come from the shapes world (a red circle, a green square moving to the right, two
+short high whistles) and are sent the way an API user sends them, as encoded files in data URLs,
+so decoding runs too.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from omnistage.actors.media import encode_png, encode_video, encode_wav
-from omnistage.pipelines.shapes import ShapeSpec, render
+from omnistage.pipelines.shapes import MotionSpec, ShapeSpec, SoundSpec, render, render_clip, synthesize
 
 EXTENSIONS = {"image/png": "png", "image/gif": "gif", "video/mp4": "mp4", "audio/wav": "wav"}
 
 
 SAMPLE_SHAPE = ShapeSpec("red", "circle", "left", "big")
+SAMPLE_MOTION = MotionSpec("green", "square", "right")
+SAMPLE_SOUND = SoundSpec("two", "short", "high", "whistle")
 
 
 def sample_image(size: int = 64) -> np.ndarray:
@@ -27,19 +30,14 @@ def sample_image(size: int = 64) -> np.ndarray:
 
 
 def sample_video(n_frames: int = 12, size: int = 48) -> np.ndarray:
-    """(n_frames, size, size, 3) uint8: a white square moving left to right on black."""
-    frames = np.zeros((n_frames, size, size, 3), np.uint8)
-    side = size // 4
-    for t in range(n_frames):
-        x = t * (size - side) // max(n_frames - 1, 1)
-        frames[t, size // 2 - side // 2 : size // 2 + side // 2, x : x + side] = 255
-    return frames
+    """(n_frames, size, size, 3) uint8: a clip of the shapes world, a green square moving to the right."""
+    return render_clip(SAMPLE_MOTION, n_frames, size, random.Random(0))
 
 
-def sample_audio(seconds: float = 1.0, rate: int = 22050, hz: float = 440.0) -> tuple[np.ndarray, int]:
-    """A sine tone at a rate other than 16 kHz, so the encoder's resampling runs."""
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), rate
+def sample_audio(rate: int = 22050) -> tuple[np.ndarray, int]:
+    """A sound of the shapes world, two short high whistles, at a rate other than 16 kHz by
+    default, so the encoder's resampling runs."""
+    return synthesize(SAMPLE_SOUND, random.Random(0), rate=rate)
 
 
 def sample_files() -> dict[str, bytes]:
@@ -82,8 +80,8 @@ def demo_requests() -> list[tuple[str, list[dict], list[str]]]:
         ("video question", ask("What happens in this video?", video), ["text"]),
         ("audio question", ask("What do you hear?", audio), ["text"]),
         ("image generation", ask("Draw a blue square."), ["text", "image"]),
-        ("video generation", ask("Make a video of a square moving to the right."), ["text", "video"]),
-        ("audio generation", ask("Play a 440 Hz tone."), ["text", "audio"]),
+        ("video generation", ask("Make a video of a red circle moving up."), ["text", "video"]),
+        ("audio generation", ask("Play a long low buzz."), ["text", "audio"]),
     ]
 
 

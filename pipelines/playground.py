@@ -80,5 +80,10 @@ def describe_world(config: OmnistageConfig) -> dict[str, Any] | None:
             "shapes": list(shapes.SHAPES),
             "sizes": list(shapes.SIZES),
             "places": list(shapes.POSITIONS),
+            "motions": list(shapes.MOTION_PHRASES.values()),
+            "pitches": list(shapes.PITCHES),
+            "lengths": list(shapes.LENGTHS),
+            "counts": list(shapes.COUNTS),
+            "timbres": list(shapes.TIMBRES),
         }
     return world

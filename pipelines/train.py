@@ -3,22 +3,25 @@
 The survey's regime, scaled down. The tiny models have no pretrained weights, so each one is
 pretrained first and then frozen:
 
-1. ``image_encoder``: a CLIP vision tower learns to tell colour, shape, place and size apart
-   (a classification head on its patch features, standing in for CLIP's contrastive pretraining).
+1. ``image_encoder`` and ``audio_encoder``: a CLIP vision tower learns to tell colour, shape,
+   place and size apart in pictures and video frames drawn in many styles; a Whisper encoder
+   learns pitch, length, count and timbre of beeps at many rates (classification heads on their
+   features, standing in for contrastive pretraining).
 2. ``llm``: a LLaMA learns the language of the world, on text only: answers that describe a
-   picture from its attributes given as words where the picture will go, and answers to drawing
-   instructions ending in the signal tokens ``[IMG0]..[IMG3]``.
-3. ``vae`` and 4. ``generator``: a Stable Diffusion autoencoder, then its UNet together with its
-   own text encoder, on pictures and their captions.
-5. ``input_projector`` (encoder and LLM frozen): the caption loss, picture in, caption out.
-6. ``output_projector`` (LLM and generator frozen): the signal tokens' embeddings and the output
-   projector learn, with an L2 loss, to reproduce the generator's text-encoder embedding of the
-   picture an instruction asks for (NExT-GPT's second stage).
+   picture, a clip or a sound from its attributes given as words where the medium will go, and
+   answers to instructions ending in the signal tokens ``[IMG0..3]``, ``[VID0..3]``, ``[AUD0..3]``.
+3. The generators: a Stable Diffusion autoencoder, its UNet with its own text encoder; a
+   Zeroscope-layout 3D UNet with its own text encoder over the same autoencoder; an AudioLDM
+   mel autoencoder, HiFi-GAN vocoder and UNet.
+4. The input projector's heads (encoders and LLM frozen): the caption loss, medium in, caption out.
+5. The output projector's heads (LLM and generators frozen): each modality's signal tokens'
+   embeddings and head learn, with an L2 loss, to reproduce the conditioning its generator was
+   trained on for what an instruction asks for (NExT-GPT's second stage).
 
-Phases 5 and 6 read through the stage classes that serve the preset (the same features, prompt
+Phases 4 and 5 read through the stage classes that serve the preset (the same features, prompt
 template and placeholders), so what is trained is what is served. Ray Train's ``TorchTrainer``
 runs the whole sequence, data parallel across its workers (DDP over gloo); each worker draws its
-own pictures. ``train_shapes`` is what ``omnistage train shapes OUTDIR`` runs.
+own data. ``train_shapes`` is what ``omnistage train shapes OUTDIR`` runs.
 """
 
 from __future__ import annotations
@@ -43,17 +46,38 @@ from torch import nn
 from torch.nn import functional as F
 
 from omnistage.actors.engine import signal_states
-from omnistage.actors.payloads import NEXTGPT_SIGNAL_TOKENS, PLACEHOLDERS, signal_token_names
+from omnistage.actors.payloads import PLACEHOLDERS, AudioClip, Modality, signal_token_names
 from omnistage.pipelines import shapes
 
 log = structlog.get_logger(__name__)
 
 IMAGE_SIZE = 64  # pictures drawn for the generator; the encoder's processor resizes to ENCODER_SIZE
 ENCODER_SIZE = 32
-COND_LEN = 16  # the generator's text-encoder length: the longest caption is 8 words
+COND_LEN = 16  # the generators' text-encoder length: the longest caption is 8 words
 WIDTH = 64  # hidden size of every model, so the projectors are square
-SIGNAL_TOKENS = NEXTGPT_SIGNAL_TOKENS["image"]
-COMPONENTS = ("image_encoder", "llm", "image_generator", "input_projector", "output_projector")
+VIDEO_FRAMES, VIDEO_SIZE = 8, 32  # clips the video generator makes: 8 frames of 32x32
+ENCODER_FRAMES = 5  # frames the video encoder samples from any clip
+# Four signal tokens per modality (NExT-GPT uses 4, 24 and 8): in this world four carry what a
+# request can ask for, and every token is a decoding step.
+SIGNAL_TOKENS: dict[Modality, int] = {"image": 4, "video": 4, "audio": 4}
+# AudioLDM's mel settings at 16 kHz: 64 bins, a hop of 10 ms (the vocoder upsamples each frame 160
+# times), a 1024-point window.
+MEL_BINS, HOP, N_FFT = 64, 160, 1024
+AUDIO_SECONDS = 0.96  # what the audio generator plays: 96 mel frames, 24 latent rows; every sound fits
+# AudioLDM conditions its UNet on CLAP's pooled text embedding. Nothing here is pretrained, so the
+# conditioning is the sound's four attributes as one-hot codes, concatenated, which the output
+# projector learns to produce.
+AUDIO_CODE = len(shapes.PITCHES) + len(shapes.LENGTHS) + len(shapes.COUNTS) + len(shapes.TIMBRES)
+COMPONENTS = (
+    "image_encoder",
+    "audio_encoder",
+    "llm",
+    "image_generator",
+    "video_generator",
+    "audio_generator",
+    "input_projector",
+    "output_projector",
+)
 
 
 @dataclass(frozen=True)
@@ -67,11 +91,20 @@ class Phase:
 # minutes on 2 cores.
 PHASES: dict[str, Phase] = {
     "image_encoder": Phase(steps=800, batch=64, lr=2e-3),
-    "llm": Phase(steps=700, batch=64, lr=3e-3),
-    "vae": Phase(steps=1200, batch=16, lr=2e-3),
+    "audio_encoder": Phase(steps=400, batch=32, lr=2e-3),
+    "llm": Phase(steps=900, batch=64, lr=3e-3),
+    "vae": Phase(steps=1600, batch=16, lr=2e-3),
     "generator": Phase(steps=1200, batch=32, lr=1e-3),
-    "input_projector": Phase(steps=500, batch=32, lr=2e-3),
-    "output_projector": Phase(steps=600, batch=64, lr=2e-3),
+    "video_generator": Phase(steps=900, batch=16, lr=1e-3),
+    "mel_vae": Phase(steps=300, batch=16, lr=2e-3),
+    "vocoder": Phase(steps=500, batch=8, lr=2e-3),
+    "audio_generator": Phase(steps=500, batch=32, lr=1e-3),
+    "image_projector": Phase(steps=400, batch=32, lr=2e-3),
+    "video_projector": Phase(steps=500, batch=32, lr=2e-3),
+    "audio_projector": Phase(steps=400, batch=32, lr=2e-3),
+    "image_signals": Phase(steps=500, batch=64, lr=2e-3),
+    "video_signals": Phase(steps=300, batch=64, lr=2e-3),
+    "audio_signals": Phase(steps=300, batch=64, lr=2e-3),
 }
 
 
@@ -80,7 +113,7 @@ class TrainSettings:
     seed: int = 0
     # Multiplies every phase's steps; tests train a small fraction to check the machinery.
     scale: float = 1.0
-    # Pictures drawn per worker for the image phases.
+    # Pictures drawn per worker for the image phases (clips and sounds: a fraction of it).
     pool: int = 4000
 
     def steps(self, phase: str) -> int:
@@ -111,26 +144,77 @@ def _batch(phase: str, worker: Worker) -> int:
 def llm_tokenizer():
     from omnistage.actors.llm import ROLES
 
-    specials = [f"<|{role}|>" for role in ROLES] + list(PLACEHOLDERS.values()) + signal_token_names("image", SIGNAL_TOKENS)
+    signals = [token for modality, count in SIGNAL_TOKENS.items() for token in signal_token_names(modality, count)]
+    specials = [f"<|{role}|>" for role in ROLES] + list(PLACEHOLDERS.values()) + signals
     return shapes.build_word_tokenizer(specials, model_max_length=2048)
+
+
+def _text_encoder(tokenizer, seed: int) -> nn.Module:
+    """A 2-layer CLIP text encoder over the world's words: a generator's own, trained with it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=WIDTH,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=COND_LEN,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def _resampler(num_latents: int, num_frames: int | None = None) -> dict[str, Any]:
+    spec = {
+        "type": "resampler",
+        "in_dim": WIDTH,
+        "out_dim": WIDTH,
+        "num_latents": num_latents,
+        "depth": 2,
+        "num_heads": 4,
+        "head_dim": 16,
+    }
+    return {**spec, "num_frames": num_frames} if num_frames else spec
+
+
+def _autoencoder(channels: int, seed: int) -> nn.Module:
+    """A three-level AutoencoderKL that divides each side by 4 into 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
 
 
 def new_models(seed: int) -> dict[str, Any]:
     """Every model of the preset with fresh, seeded weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (
         CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
         CLIPVisionConfig,
         CLIPVisionModel,
         LlamaConfig,
         LlamaForCausalLM,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
     )
 
     from omnistage.actors.input_projector import InputProjector
     from omnistage.actors.output_projector import OutputProjector
-    from omnistage.actors.tiny import TINY_CHAT_TEMPLATE
+    from omnistage.actors.tiny import TINY_CHAT_TEMPLATE, whisper_encoder
+    from omnistage.actors.unets import PositionalUNet2DConditionModel, PositionalUNet3DConditionModel
 
     models: dict[str, Any] = {}
     torch.manual_seed(seed)
@@ -161,73 +245,124 @@ def new_models(seed: int) -> dict[str, Any]:
             tie_word_embeddings=False,
         )
     )
-    torch.manual_seed(seed + 2)
-    models["vae"] = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
-    )
+    # One autoencoder for pictures and video frames (64x64 <-> 16x16x4, 32x32 <-> 8x8x4): the
+    # video generator's is a copy of it.
+    models["vae"] = _autoencoder(3, seed + 2)
     torch.manual_seed(seed + 3)
-    models["unet"] = UNet2DConditionModel(
+    # Stable Diffusion's UNet plus a learned position map (omnistage.actors.unets): without it
+    # the shape landed in a random third whatever the caption said.
+    # The image and video UNets' shared sizes: two levels, 4 latent channels, cross-attention to
+    # the text encoder's WIDTH-wide states.
+    unet_sizes = {
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "cross_attention_dim": WIDTH,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+    models["unet"] = PositionalUNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
         # Cross-attention at 8x8 and in the middle only: at 16x16 it would triple the step time.
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=8,
+        **unet_sizes,
         # DeepFloyd IF's global path: the conditioning, attention-pooled, is added to the timestep
         # embedding that every ResNet block reads, so colour and place, properties of the whole
-        # picture, reach every block and not only the two with cross-attention.
+        # picture, reach every block and not only those with cross-attention.
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
     )
     text_tokenizer = shapes.build_word_tokenizer([], model_max_length=COND_LEN)
     models["text_tokenizer"] = text_tokenizer
-    torch.manual_seed(seed + 4)
-    models["text_encoder"] = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(text_tokenizer),
-            hidden_size=WIDTH,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=COND_LEN,
-            pad_token_id=text_tokenizer.pad_token_id,
-            eos_token_id=text_tokenizer.eos_token_id,
-            bos_token_id=text_tokenizer.eos_token_id,
-        )
-    )
+    models["text_encoder"] = _text_encoder(text_tokenizer, seed + 4)
     torch.manual_seed(seed + 5)
-    models["input_heads_spec"] = {"heads": {"image": {"type": "mlp2x_gelu", "in_dim": WIDTH, "out_dim": WIDTH}}}
+    models["input_heads_spec"] = {
+        "heads": {
+            "image": {"type": "mlp2x_gelu", "in_dim": WIDTH, "out_dim": WIDTH},
+            # 5 frames x 16 patches in, 8 tokens out, each frame tagged with its place in time.
+            "video": _resampler(8, num_frames=ENCODER_FRAMES),
+            "audio": _resampler(8),
+        }
+    }
     models["input_heads"] = InputProjector.build_heads(models["input_heads_spec"])
     torch.manual_seed(seed + 6)
+
+    # Image and video: the text encoder's (COND_LEN, WIDTH) states, as GILL and NExT-GPT map to
+    # Stable Diffusion's and Zeroscope's; audio: the one attribute code.
+    transformer_head = {
+        "type": "transformer",
+        "in_dim": WIDTH,
+        "d_model": WIDTH,
+        "num_heads": 4,
+        "num_encoder_layers": 1,
+        "num_decoder_layers": 2,
+        "ffn_dim": 128,
+        "num_queries": COND_LEN,
+        "out_dim": WIDTH,
+    }
     models["output_heads_spec"] = {
         "heads": {
-            "image": {
-                "type": "transformer",
+            "image": transformer_head,
+            "video": dict(transformer_head),
+            "audio": {
+                "type": "mlp",
                 "in_dim": WIDTH,
-                "d_model": WIDTH,
-                "num_heads": 4,
-                "num_encoder_layers": 1,
-                "num_decoder_layers": 2,
-                "ffn_dim": 128,
-                "num_queries": COND_LEN,
-                "out_dim": WIDTH,
-            }
+                "num_signal_tokens": SIGNAL_TOKENS["audio"],
+                "hidden_dim": 128,
+                "num_queries": 1,
+                "out_dim": AUDIO_CODE,
+            },
         }
     }
     models["output_heads"] = OutputProjector.build_heads(models["output_heads_spec"])
+    torch.manual_seed(seed + 7)
+    models["whisper"], models["feature_extractor"] = whisper_encoder(
+        d_model=WIDTH, encoder_layers=3, encoder_ffn_dim=128, decoder_ffn_dim=16, max_target_positions=8
+    )
+    models["video_text_encoder"] = _text_encoder(text_tokenizer, seed + 8)
+    torch.manual_seed(seed + 9)
+    # Zeroscope's 3D UNet plus learned position maps over space and over frames: a clip moving
+    # right starts on the left.
+    models["video_unet"] = PositionalUNet3DConditionModel(
+        sample_size=VIDEO_SIZE // 4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        **unet_sizes,
+    )
+    # AudioLDM's: mel spectrograms as one-channel pictures, 96 frames x 64 bins <-> 24x16x4.
+    models["mel_vae"] = _autoencoder(1, seed + 10)
+    torch.manual_seed(seed + 11)
+    models["vocoder"] = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=MEL_BINS,
+            sampling_rate=shapes.SOUND_RATE,
+            upsample_initial_channel=64,
+            upsample_rates=[8, 5, 4],  # 160 samples per mel frame
+            upsample_kernel_sizes=[16, 10, 8],
+            resblock_kernel_sizes=[3, 7],
+            resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+            normalize_before=False,
+        )
+    )
+    torch.manual_seed(seed + 12)
+    # AudioLDM's UNet plus a learned position map: the beeps start and stop at given times.
+    models["audio_unet"] = PositionalUNet2DConditionModel(
+        sample_size=(round(AUDIO_SECONDS * shapes.SOUND_RATE / HOP) // 4, MEL_BINS // 4),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        # AudioLDM's UNet takes no text sequence: only the pooled conditioning, as a class
+        # embedding added to the timestep's.
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        mid_block_type="UNetMidBlock2D",
+        norm_num_groups=8,
+        class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=AUDIO_CODE,
+    )
     return models
 
 
@@ -328,9 +463,45 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 ATTRIBUTES = {
     "colour": list(shapes.COLOURS),
     "shape": list(shapes.SHAPES),
-    "position": list(shapes.POSITIONS),
-    "size": list(shapes.SIZES),
+    "x": list(shapes.POSITIONS),  # which third of the width the shape is in
+    "y": ["top", "middle", "bottom"],  # and of the height (video frames move up and down)
+    "size": list(shapes.SIZES),  # pictures only: ignored for video frames
 }
+IGNORE = -100  # cross-entropy's ignore_index: no label
+
+
+def _third(fraction: float) -> int:
+    return min(2, max(0, int(fraction * 3)))
+
+
+def _encoder_data(n: int, rng: random.Random) -> tuple[list[np.ndarray], dict[str, list[int]]]:
+    """Pictures (two thirds) and single video frames (a third), two thirds of each drawn in varied
+    styles and sizes, as other people make them, and their attribute labels."""
+    images, labels = [], {name: [] for name in ATTRIBUTES}
+    for i in range(n):
+        varied = rng.random() < 2 / 3
+        size = rng.choice((32, 48, 64, 96, 128)) if varied else IMAGE_SIZE
+        if i % 3 < 2:
+            spec = shapes.random_spec(rng)
+            image = shapes.render(spec, size, rng, varied)
+            found = (shapes.POSITIONS.index(spec.position), 1, shapes.SIZES.index(spec.size))
+        else:
+            motion = shapes.random_motion(rng)
+            frames = rng.randint(5, 16)
+            clip = shapes.render_clip(motion, frames, size if varied else VIDEO_SIZE, rng, varied)
+            t = rng.randrange(frames)
+            x, y = _clip_centre(clip[t])
+            image, spec = clip[t], motion
+            found = (_third(x), _third(y), IGNORE)
+        images.append(image)
+        for name, value in zip(ATTRIBUTES, (list(shapes.COLOURS).index(spec.colour), shapes.SHAPES.index(spec.shape), *found)):
+            labels[name].append(value)
+    return images, labels
+
+
+def _clip_centre(frame: np.ndarray) -> tuple[float, float]:
+    found = shapes.centre(frame)
+    return found if found is not None else (0.5, 0.5)
 
 
 class _EncoderProbe(nn.Module):
@@ -347,31 +518,103 @@ class _EncoderProbe(nn.Module):
     def forward(self, pixels: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         features = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         pooled = features.mean(dim=1)
-        return sum(F.cross_entropy(head(pooled), labels[name]) for name, head in self.heads.items())
+        return sum(F.cross_entropy(head(pooled), labels[name], ignore_index=IGNORE) for name, head in self.heads.items())
 
 
 def train_image_encoder(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
     rng = _rng(settings, worker, "image_encoder")
-    images, specs = _pictures(settings.pool, rng)
-    pixels = models["processor"](images=list(images), return_tensors="pt")["pixel_values"]
-    labels = {
-        name: torch.tensor([values.index(getattr(spec, name)) for spec in specs]) for name, values in ATTRIBUTES.items()
-    }
+    images, labels = _encoder_data(settings.pool, rng)
+    pixels = models["processor"](images=images, return_tensors="pt")["pixel_values"]
+    targets = {name: torch.tensor(values) for name, values in labels.items()}
     gen = _torch_rng(rng)
 
     def batch(step: int) -> tuple:
         idx = _sample(len(pixels), _batch("image_encoder", worker), gen)
-        return pixels[idx], {name: values[idx] for name, values in labels.items()}
+        return pixels[idx], {name: values[idx] for name, values in targets.items()}
 
     loss = _train(worker, "image_encoder", settings, _EncoderProbe(models["vision"]), batch)
     _freeze(models["vision"])
     return loss
 
 
-def _keywords(spec: shapes.ShapeSpec, rng: random.Random) -> str:
-    words = [spec.size, spec.colour, spec.shape, spec.position]
+SOUND_ATTRIBUTES = {
+    "count": list(shapes.COUNTS),
+    "length": list(shapes.LENGTHS),
+    "pitch": list(shapes.PITCHES),
+    "timbre": list(shapes.TIMBRES),
+}
+
+
+def _sounds(n: int, rng: random.Random) -> tuple[list[AudioClip], list[shapes.SoundSpec]]:
+    """Sounds, two thirds of them varied (other rates, levels, stereo, noise), as decoded clips."""
+    specs = [shapes.random_sound(rng) for _ in range(n)]
+    clips = [AudioClip(*shapes.synthesize(spec, rng, varied=rng.random() < 2 / 3)) for spec in specs]
+    return clips, specs
+
+
+class _AudioProbe(nn.Module):
+    """The Whisper encoder plus one linear head per sound attribute over the mean of the features
+    the stage serves (its last hidden states)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict({name: nn.Linear(WIDTH, len(values)) for name, values in SOUND_ATTRIBUTES.items()})
+
+    def forward(self, mels: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        pooled = self.encoder(mels, output_hidden_states=True).hidden_states[-1].mean(dim=1)
+        return sum(F.cross_entropy(head(pooled), labels[name]) for name, head in self.heads.items())
+
+
+def train_audio_encoder(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
+    from omnistage.actors.media import to_mono_16k
+
+    rng = _rng(settings, worker, "audio_encoder")
+    clips, specs = _sounds(settings.pool // 2, rng)
+    extractor = models["feature_extractor"]
+    # As the audio encoder stage prepares clips: down-mixed and resampled to 16 kHz.
+    waves = [to_mono_16k(clip, extractor.sampling_rate) for clip in clips]
+    mels = extractor(waves, sampling_rate=extractor.sampling_rate, return_tensors="pt")["input_features"]
+    targets = {
+        name: torch.tensor([values.index(getattr(spec, name)) for spec in specs]) for name, values in SOUND_ATTRIBUTES.items()
+    }
+    gen = _torch_rng(rng)
+
+    def batch(step: int) -> tuple:
+        idx = _sample(len(mels), _batch("audio_encoder", worker), gen)
+        return mels[idx], {name: values[idx] for name, values in targets.items()}
+
+    encoder = models["whisper"].get_encoder()
+    loss = _train(worker, "audio_encoder", settings, _AudioProbe(encoder), batch)
+    _freeze(models["whisper"])
+    return loss
+
+
+def _keywords(words: list[str], rng: random.Random) -> str:
+    """A medium's attributes as words, shuffled: what the LLM learns to read its medium from."""
+    words = list(words)
     rng.shuffle(words)
     return " ".join(words)
+
+
+def _described(modality: Modality, rng: random.Random) -> tuple[list[str], str]:
+    """A random picture, clip or sound of the world: (its attribute words, its caption)."""
+    if modality == "image":
+        spec = shapes.random_spec(rng)
+        return [spec.size, spec.colour, spec.shape, spec.position], shapes.caption(spec)
+    if modality == "video":
+        motion = shapes.random_motion(rng)
+        words = [motion.colour, motion.shape, motion.motion] + ([] if motion.motion == "still" else ["moving"])
+        return words, shapes.motion_caption(motion)
+    sound = shapes.random_sound(rng)
+    return [sound.count, sound.length, sound.pitch, sound.timbre], shapes.sound_caption(sound)
+
+
+QUESTIONS: dict[Modality, tuple[str, ...]] = {
+    "image": shapes.QUESTIONS,
+    "video": shapes.VIDEO_QUESTIONS,
+    "audio": shapes.AUDIO_QUESTIONS,
+}
 
 
 def _user_turn(media: str, question: str) -> str:
@@ -380,10 +623,10 @@ def _user_turn(media: str, question: str) -> str:
     return f"{media}\n{question}" if question else media
 
 
-def _answer_ids(tokenizer, text: str, signals: bool = False) -> list[int]:
+def _answer_ids(tokenizer, text: str, signals: Modality | None = None) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if signals:
-        ids += tokenizer.convert_tokens_to_ids(signal_token_names("image", SIGNAL_TOKENS))
+        ids += tokenizer.convert_tokens_to_ids(signal_token_names(signals, SIGNAL_TOKENS[signals]))
     return ids + [tokenizer.eos_token_id]
 
 
@@ -392,16 +635,42 @@ def drawing_answer(spec: shapes.ShapeSpec) -> str:
     return f"here is {shapes.caption(spec)}"
 
 
+def video_answer(spec: shapes.MotionSpec) -> str:
+    return f"here is a video of {shapes.motion_caption(spec)}"
+
+
+def sound_answer(spec: shapes.SoundSpec) -> str:
+    return f"{'here is' if spec.count == 'one' else 'here are'} {shapes.sound_caption(spec)}"
+
+
+def request(modality: Modality, rng: random.Random) -> tuple[str, str, Any]:
+    """An instruction asking for a medium, the LLM's answer before the signal tokens, and the spec
+    of what it asks for."""
+    if modality == "image":
+        text, spec = shapes.instruction(rng)
+        return text, drawing_answer(spec), spec
+    if modality == "video":
+        text, motion = shapes.video_instruction(rng)
+        return text, video_answer(motion), motion
+    text, sound = shapes.sound_instruction(rng)
+    return text, sound_answer(sound), sound
+
+
 @functools.lru_cache(maxsize=16384)
-def _render(tokenizer, user: str) -> tuple[int, ...]:
+def _render(tokenizer, user: str, history: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
     """The prompt's ids as the LLM stage renders and tokenizes it; cached because the chat
     template's rendering costs more than a training step's share of the model."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    messages = []
+    for earlier, answer in history:
+        messages += [{"role": "user", "content": earlier}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": user})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _prompt_ids(tokenizer, user: str) -> list[int]:
-    return list(_render(tokenizer, user))
+def _prompt_ids(tokenizer, user: str, history: tuple[tuple[str, str], ...] = ()) -> list[int]:
+    """``history``: earlier (user, assistant) turns of the same chat, as plain text."""
+    return list(_render(tokenizer, user, history))
 
 
 class _CausalLM(nn.Module):
@@ -416,18 +685,31 @@ class _CausalLM(nn.Module):
 
 
 def train_llm(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
-    """Text only: half the examples describe a picture from its attribute words, put where the
-    picture will go (so the model learns to read the attributes from its context), half answer a
-    drawing instruction with the picture's caption and the signal tokens."""
+    """Text only: most examples describe a picture, a clip or a sound from its attribute words, put
+    where the medium will go (so the model learns to read the attributes from its context), the
+    rest answer an instruction with what it asks for and the modality's signal tokens."""
     rng = _rng(settings, worker, "llm")
     tokenizer = models["tokenizer"]
+    modalities: tuple[Modality, ...] = ("image", "video", "audio")
+
+    def turn() -> tuple[str, str, Modality | None]:
+        """(user message, answer, the modality whose signal tokens end the answer, if any)."""
+        modality = rng.choice(modalities)
+        if rng.random() < 0.6:
+            words, text = _described(modality, rng)
+            return _user_turn(_keywords(words, rng), rng.choice(QUESTIONS[modality])), text, None
+        text, answer, _ = request(modality, rng)
+        return text, answer, modality
 
     def example() -> tuple[list[int], list[int]]:
-        if rng.random() < 0.5:
-            spec = shapes.random_spec(rng)
-            return _prompt_ids(tokenizer, _user_turn(_keywords(spec, rng), rng.choice(shapes.QUESTIONS))), _answer_ids(tokenizer, shapes.caption(spec))
-        text, spec = shapes.instruction(rng)
-        return _prompt_ids(tokenizer, text), _answer_ids(tokenizer, drawing_answer(spec), signals=True)
+        # A third of the chats have an earlier exchange: asked to draw a blue square right after
+        # a red circle was described, a model trained on single turns drew it red.
+        history = ()
+        if rng.random() < 1 / 3:
+            earlier, answer, _ = turn()
+            history = ((earlier, answer),)
+        user, answer, signals = turn()
+        return _prompt_ids(tokenizer, user, history), _answer_ids(tokenizer, answer, signals=signals)
 
     def batch(step: int) -> tuple:
         pairs = [example() for _ in range(_batch("llm", worker))]
@@ -457,14 +739,30 @@ class _Autoencoder(nn.Module):
         return (weight * (recon - x) ** 2).mean() / weight.mean() + 1e-6 * posterior.kl().mean()
 
 
+def _clips(n: int, rng: random.Random) -> tuple[np.ndarray, list[shapes.MotionSpec]]:
+    """(n, VIDEO_FRAMES, VIDEO_SIZE, VIDEO_SIZE, 3) uint8 clips in the house style, as the video
+    generator learns to make them."""
+    specs = [shapes.random_motion(rng) for _ in range(n)]
+    return np.stack([shapes.render_clip(spec, VIDEO_FRAMES, VIDEO_SIZE, rng) for spec in specs]), specs
+
+
+def _shape_weights(images: np.ndarray) -> torch.Tensor:
+    """Per-pixel loss weights, (n, 1, h, w): the shapes cover a tenth of a picture or less, and
+    weighted evenly the reconstruction settles on one warm colour for red, orange and yellow
+    (measured on 48 pictures after 400 steps: 30 colours kept, against 43 with the shapes' pixels
+    weighted 11 times the background's)."""
+    return 1 + 10 * torch.from_numpy(shapes.saturated(images)).float()[:, None]
+
+
 def train_vae(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
+    """Pictures and video frames: each batch is half 32x32 crops of pictures, half whole frames."""
     rng = _rng(settings, worker, "vae")
     images, _ = _pictures(settings.pool // 2, rng)
     pixels = _to_unit(images)
-    # The shapes cover a tenth of a picture or less: weighted evenly, the reconstruction settles
-    # on one warm colour for red, orange and yellow (measured on 48 pictures after 400 steps: 30
-    # colours kept, against 43 with the shapes' pixels weighted 11 times the background's).
-    weights = 1 + 10 * torch.from_numpy(shapes.saturated(images)).float()[:, None]
+    weights = _shape_weights(images)
+    clips, _ = _clips(settings.pool // 16, rng)
+    frames = clips.reshape(-1, VIDEO_SIZE, VIDEO_SIZE, 3)
+    frame_pixels, frame_weights = _to_unit(frames), _shape_weights(frames)
     vae = models["vae"]
     gen = _torch_rng(rng)
     size = _batch("vae", worker)
@@ -475,10 +773,13 @@ def train_vae(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -
     latent = (size, 4, crop // 4, crop // 4)
 
     def batch(step: int) -> tuple:
-        idx = _sample(len(pixels), size, gen)
+        idx = _sample(len(pixels), size - size // 2, gen)
         top, left = torch.randint(0, IMAGE_SIZE - crop + 1, (2,), generator=gen).tolist()
         window = (slice(None), slice(None), slice(top, top + crop), slice(left, left + crop))
-        return pixels[idx][window], torch.randn(latent, generator=gen), weights[idx][window]
+        frame_idx = _sample(len(frame_pixels), size // 2, gen)
+        x = torch.cat([pixels[idx][window], frame_pixels[frame_idx]])
+        w = torch.cat([weights[idx][window], frame_weights[frame_idx]])
+        return x, torch.randn(latent, generator=gen), w
 
     loss = _train(worker, "vae", settings, _Autoencoder(vae), batch)
     _freeze(vae)
@@ -490,27 +791,36 @@ def train_vae(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -
 
 
 class _Diffusion(nn.Module):
-    """The UNet and the text encoder, trained together: x0-prediction MSE on VAE latents."""
+    """A UNet (2D or 3D) and its text encoder, trained together: x0-prediction MSE on VAE latents."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
 
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, cond_noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, cond_noise: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
         cond = self.text_encoder(ids).last_hidden_state
         # Noise on the conditioning: the output projector only approximates these embeddings, so
         # the UNet learns to draw the same picture from anything near them.
-        return F.mse_loss(self.unet(noisy, t, encoder_hidden_states=cond + cond_noise).sample, x0)
+        pred = self.unet(noisy, t, encoder_hidden_states=cond + cond_noise).sample
+        return (weight * (pred - x0) ** 2).mean() / weight.mean()
+
+
+def _latent_weights(images: np.ndarray) -> torch.Tensor:
+    """Loss weights over latent positions, (n, 1, h/4, w/4): 11 where a 4x4 patch holds any of a
+    shape's pixels, else 1, as the autoencoder weights pixels. Weighted evenly, the background
+    (nine tenths of a latent) drowns the shape: the UNet drew colour right but half the shapes
+    unrecognisable and the place at chance."""
+    mask = torch.from_numpy(shapes.saturated(images)).float()[:, None]
+    return 1 + 10 * F.max_pool2d(mask, 4)
 
 
 def train_generator(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
     rng = _rng(settings, worker, "generator")
     images, specs = _pictures(settings.pool, rng)
-    vae = models["vae"]
-    with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(_to_unit(images[i : i + 256])).latent_dist.mode() for i in range(0, len(images), 256)]
-        ) * vae.config.scaling_factor
+    latents = _latents(models["vae"], images)
+    weights = _latent_weights(images)
     ids = models["text_tokenizer"](
         [shapes.caption(s) for s in specs], padding="max_length", max_length=COND_LEN, truncation=True, return_tensors="pt"
     ).input_ids
@@ -523,7 +833,7 @@ def train_generator(worker: Worker, settings: TrainSettings, models: dict[str, A
         x0 = latents[idx]
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (size,), generator=gen)
         noisy = noise_schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
-        return noisy, t, ids[idx], 0.1 * torch.randn(size, COND_LEN, WIDTH, generator=gen), x0
+        return noisy, t, ids[idx], 0.1 * torch.randn(size, COND_LEN, WIDTH, generator=gen), x0, weights[idx]
 
     loss = _train(worker, "generator", settings, _Diffusion(models["unet"], models["text_encoder"]), batch)
     _freeze(models["unet"])
@@ -531,8 +841,192 @@ def train_generator(worker: Worker, settings: TrainSettings, models: dict[str, A
     return loss
 
 
+def _latents(vae: nn.Module, images: np.ndarray) -> torch.Tensor:
+    """(n, 4, h/4, w/4) scaled latents of (n, h, w, 3) uint8 images, in chunks."""
+    with torch.no_grad():
+        return torch.cat(
+            [vae.encode(_to_unit(images[i : i + 256])).latent_dist.mode() for i in range(0, len(images), 256)]
+        ) * vae.config.scaling_factor
+
+
+def train_video_generator(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
+    """Zeroscope's recipe at this scale: a 3D UNet (temporal convolutions and attention between
+    the spatial ones) and its own text encoder, on clips encoded frame by frame by the frozen
+    picture autoencoder, x0-prediction as for pictures."""
+    rng = _rng(settings, worker, "video_generator")
+    clips, specs = _clips(settings.pool // 4, rng)
+    n, frames = clips.shape[:2]
+    latents = _latents(models["vae"], clips.reshape(-1, VIDEO_SIZE, VIDEO_SIZE, 3))
+    # (n * frames, c, h, w) -> (n, c, frames, h, w), the layout of TextToVideoSDPipeline's latents
+    latents = latents.view(n, frames, *latents.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+    weights = _latent_weights(clips.reshape(-1, VIDEO_SIZE, VIDEO_SIZE, 3))
+    weights = weights.view(n, frames, *weights.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+    ids = models["text_tokenizer"](
+        [shapes.motion_caption(s) for s in specs], padding="max_length", max_length=COND_LEN, truncation=True, return_tensors="pt"
+    ).input_ids
+    noise_schedule = scheduler()
+    gen = _torch_rng(rng)
+    size = _batch("video_generator", worker)
+
+    def batch(step: int) -> tuple:
+        idx = _sample(n, size, gen)
+        x0 = latents[idx]
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (size,), generator=gen)
+        noisy = noise_schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+        return noisy, t, ids[idx], 0.1 * torch.randn(size, COND_LEN, WIDTH, generator=gen), x0, weights[idx]
+
+    loss = _train(worker, "video_generator", settings, _Diffusion(models["video_unet"], models["video_text_encoder"]), batch)
+    _freeze(models["video_unet"])
+    _freeze(models["video_text_encoder"])
+    return loss
+
+
+@functools.lru_cache(maxsize=1)
+def _mel_filters() -> torch.Tensor:
+    from transformers.audio_utils import mel_filter_bank
+
+    filters = mel_filter_bank(
+        num_frequency_bins=N_FFT // 2 + 1,
+        num_mel_filters=MEL_BINS,
+        min_frequency=0.0,
+        max_frequency=shapes.SOUND_RATE / 2,
+        sampling_rate=shapes.SOUND_RATE,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    return torch.from_numpy(filters).float()
+
+
+def log_mel(waves: torch.Tensor) -> torch.Tensor:
+    """(batch, n) 16 kHz waveforms -> (batch, n // HOP, MEL_BINS) log-mel frames, scaled to about
+    [-1.3, 1.5] (silence at -1.3): what the mel autoencoder reads and the vocoder turns back into
+    sound. Differentiable, so the vocoder trains through it."""
+    spectrum = torch.stft(waves, N_FFT, HOP, window=torch.hann_window(N_FFT), center=True, return_complex=True).abs()
+    mel = (spectrum.transpose(1, 2) @ _mel_filters())[:, : waves.shape[1] // HOP]
+    return (torch.log(mel.clamp(min=1e-5)) + 5) / 5
+
+
+def sound_code(spec: shapes.SoundSpec) -> np.ndarray:
+    """(AUDIO_CODE,) float32: the sound's pitch, length, count and timbre as one-hot codes,
+    concatenated: the audio generator's conditioning."""
+    code = []
+    for name, values in (("pitch", shapes.PITCHES), ("length", shapes.LENGTHS), ("count", shapes.COUNTS), ("timbre", shapes.TIMBRES)):
+        code += [float(getattr(spec, name) == value) for value in values]
+    return np.array(code, np.float32)
+
+
+def _house_sounds(n: int, rng: random.Random) -> tuple[torch.Tensor, list[shapes.SoundSpec]]:
+    """(n, AUDIO_SECONDS * 16000) waveforms in the house style, as the audio generator plays them."""
+    specs = [shapes.random_sound(rng) for _ in range(n)]
+    length = round(AUDIO_SECONDS * shapes.SOUND_RATE)
+    waves = np.stack([shapes.synthesize(spec, rng)[0][:length] for spec in specs])
+    return torch.from_numpy(waves), specs
+
+
+def train_mel_vae(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
+    """AudioLDM's autoencoder, over mel spectrograms as one-channel pictures (time x bins), on
+    windows of 32 frames (a third of a sound, as pictures are cropped); the beeps' frames weighted
+    11 times the silence's, as the shapes' pixels are."""
+    rng = _rng(settings, worker, "mel_vae")
+    waves, _ = _house_sounds(settings.pool // 4, rng)
+    mels = log_mel(waves)[:, None]
+    weights = 1 + 10 * (mels > -0.5).float()
+    vae = models["mel_vae"]
+    gen = _torch_rng(rng)
+    size = _batch("mel_vae", worker)
+    window = 32
+    latent = (size, 4, window // 4, MEL_BINS // 4)
+
+    def batch(step: int) -> tuple:
+        idx = _sample(len(mels), size, gen)
+        start = 4 * int(torch.randint(0, (mels.shape[2] - window) // 4 + 1, (1,), generator=gen))
+        frames = slice(start, start + window)
+        return mels[idx][:, :, frames], torch.randn(latent, generator=gen), weights[idx][:, :, frames]
+
+    loss = _train(worker, "mel_vae", settings, _Autoencoder(vae), batch)
+    _freeze(vae)
+    with torch.no_grad():
+        latents = vae.encode(mels[:256]).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return loss
+
+
+class _Vocoder(nn.Module):
+    """HiFi-GAN's generator without its discriminators, under a waveform MSE. The world's pitches
+    make whole cycles in every mel hop (``shapes.PITCHES``), so each frame's samples follow from
+    its spectrum and the waveform itself can be the target. Trained on spectral losses instead
+    (log-mel L1, multi-resolution STFT), it stayed nearly silent (1-2% of the target's RMS after
+    500 steps): quiet output costs little where most frames are silence, and the phase it would
+    have to guess does not enter those losses anyway."""
+
+    def __init__(self, vocoder: nn.Module):
+        super().__init__()
+        self.vocoder = vocoder
+
+    def forward(self, mels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        wave = self.vocoder(mels)[:, : target.shape[1]]  # its convolutions add a few samples
+        return 20 * F.mse_loss(wave, target)  # scaled to about 1 at the start: sounds are at 0.5 and mostly silence
+
+
+def train_vocoder(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
+    """On 0.32 s windows of house sounds (the vocoder is convolutional: a window costs a third of
+    a sound), mel frames in, the window's samples out."""
+    rng = _rng(settings, worker, "vocoder")
+    waves, _ = _house_sounds(settings.pool // 4, rng)
+    mels = log_mel(waves)
+    gen = _torch_rng(rng)
+    size = _batch("vocoder", worker)
+    window = 32  # mel frames
+
+    def batch(step: int) -> tuple:
+        idx = _sample(len(mels), size, gen)
+        start = int(torch.randint(0, mels.shape[1] - window + 1, (1,), generator=gen))
+        return mels[idx, start : start + window], waves[idx, start * HOP : (start + window) * HOP]
+
+    loss = _train(worker, "vocoder", settings, _Vocoder(models["vocoder"]), batch)
+    _freeze(models["vocoder"])
+    return loss
+
+
+class _ClassDiffusion(nn.Module):
+    """AudioLDM's UNet: x0-prediction MSE, conditioned only through its class embedding."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, code: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.unet(noisy, t, encoder_hidden_states=None, class_labels=code).sample, x0)
+
+
+def train_audio_generator(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
+    rng = _rng(settings, worker, "audio_generator")
+    waves, specs = _house_sounds(settings.pool // 2, rng)
+    vae = models["mel_vae"]
+    mels = log_mel(waves)[:, None]
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(mels[i : i + 256]).latent_dist.mode() for i in range(0, len(mels), 256)])
+    latents = latents * vae.config.scaling_factor
+    codes = torch.from_numpy(np.stack([sound_code(spec) for spec in specs]))
+    noise_schedule = scheduler()
+    gen = _torch_rng(rng)
+    size = _batch("audio_generator", worker)
+
+    def batch(step: int) -> tuple:
+        idx = _sample(len(latents), size, gen)
+        x0 = latents[idx]
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (size,), generator=gen)
+        noisy = noise_schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+        # Noise on the code, as on the text conditioning: the output projector only approximates it.
+        return noisy, t, codes[idx] + 0.1 * torch.randn(codes[idx].shape, generator=gen), x0
+
+    loss = _train(worker, "audio_generator", settings, _ClassDiffusion(models["audio_unet"]), batch)
+    _freeze(models["audio_unet"])
+    return loss
+
+
 class _Captioner(nn.Module):
-    """The input projector's image head, under the caption loss of the frozen LLM stage's model."""
+    """An input projector head, under the caption loss of the frozen LLM stage's model."""
 
     def __init__(self, head: nn.Module, llm):
         super().__init__()
@@ -546,37 +1040,67 @@ class _Captioner(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
 
-def train_input_projector(worker: Worker, settings: TrainSettings, models: dict[str, Any], stages: dict[str, Any]) -> float:
-    """Caption loss through the frozen LLM, on features from the image encoder stage as served.
-    The placeholder is expanded to one position per feature token and the projected features
-    spliced there, as the LLM stage splices them."""
-    rng = _rng(settings, worker, "input_projector")
-    images, specs = _pictures(settings.pool // 2, rng)
-    encoder, llm = stages["image_encoder"], stages["llm"]
-    features = torch.from_numpy(np.stack([f.features for f in encoder(list(images))]))
-    n_tokens = features.shape[1]
+def _media(modality: Modality, n: int, rng: random.Random) -> tuple[list, list[str]]:
+    """Media of the world as the encoder stages take them, two thirds drawn in varied styles, and
+    their captions: pictures of many sizes; clips of 5 to 20 frames of many sizes; decoded audio
+    clips at many rates."""
+    media, captions = [], []
+    for _ in range(n):
+        varied = rng.random() < 2 / 3
+        if modality == "image":
+            spec = shapes.random_spec(rng)
+            media.append(shapes.render(spec, rng.choice((32, 48, 64, 96, 128)) if varied else IMAGE_SIZE, rng, varied))
+            captions.append(shapes.caption(spec))
+        elif modality == "video":
+            motion = shapes.random_motion(rng)
+            size = rng.choice((32, 48, 64, 96)) if varied else VIDEO_SIZE
+            media.append(shapes.render_clip(motion, rng.randint(5, 20) if varied else VIDEO_FRAMES, size, rng, varied))
+            captions.append(shapes.motion_caption(motion))
+        else:
+            sound = shapes.random_sound(rng)
+            media.append(AudioClip(*shapes.synthesize(sound, rng, varied)))
+            captions.append(shapes.sound_caption(sound))
+    return media, captions
+
+
+def train_input_projector(
+    worker: Worker, settings: TrainSettings, models: dict[str, Any], stages: dict[str, Any], modality: Modality
+) -> float:
+    """Caption loss through the frozen LLM, on features from the modality's encoder stage as
+    served. The placeholder is expanded to one position per projected token and the projected
+    features spliced there, as the LLM stage splices them."""
+    phase = f"{modality}_projector"
+    rng = _rng(settings, worker, phase)
+    media, captions = _media(modality, settings.pool // 2 if modality == "image" else settings.pool // 4, rng)
+    encoder, llm = stages[f"{modality}_encoder"], stages["llm"]
+    features = torch.from_numpy(
+        np.concatenate([np.stack([f.features for f in encoder(media[i : i + 256])]) for i in range(0, len(media), 256)])
+    )
+    head = models["input_heads"][modality]
+    with torch.no_grad():
+        n_tokens = head(features[:1]).shape[1]
     tokenizer = llm.tokenizer
     gen = _torch_rng(rng)
 
     def batch(step: int) -> tuple:
-        idx = _sample(len(features), _batch("input_projector", worker), gen)
+        idx = _sample(len(features), _batch(phase, worker), gen)
         rows, labels = [], []
         for i in idx.tolist():
-            prompt = _prompt_ids(tokenizer, _user_turn(PLACEHOLDERS["image"], rng.choice(shapes.QUESTIONS)))
+            prompt = _prompt_ids(tokenizer, _user_turn(PLACEHOLDERS[modality], rng.choice(QUESTIONS[modality])))
             prompt = llm.expand(prompt, [n_tokens])
-            answer = _answer_ids(tokenizer, shapes.caption(specs[i]))
+            answer = _answer_ids(tokenizer, captions[i])
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
         ids = _pad(rows, tokenizer.pad_token_id)
         mask = _pad([[1] * len(r) for r in rows], 0)
         return features[idx], ids, mask, _pad(labels, -100)
 
-    return _train(worker, "input_projector", settings, _Captioner(models["input_heads"]["image"], llm), batch)
+    return _train(worker, phase, settings, _Captioner(head, llm), batch)
 
 
 class _SignalProjector(nn.Module):
-    """The signal tokens' input embeddings and the output projector head, trained together under
-    the frozen LLM stage's model."""
+    """One modality's signal tokens' input embeddings and its output projector head, trained
+    together under the frozen LLM stage's model."""
 
     def __init__(self, embeddings: torch.Tensor, head: nn.Module, llm):
         super().__init__()
@@ -589,38 +1113,52 @@ class _SignalProjector(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, output_hidden_states=True).hidden_states[-1]
         # Each signal token's state is read where it was predicted, as the LLM stage reads it.
-        states = signal_states(hidden[:, -SIGNAL_TOKENS - 1 : -1], self.embeddings)
+        count = self.embeddings.shape[0]
+        states = signal_states(hidden[:, -count - 1 : -1], self.embeddings)
         return F.mse_loss(self.head(states), target)
 
 
-def train_output_projector(worker: Worker, settings: TrainSettings, models: dict[str, Any], stages: dict[str, Any]) -> float:
-    """L2 between the projected signal states and the generator's text-encoder embedding of the
-    picture each instruction asks for, the LLM's answer teacher-forced before the signal tokens."""
-    rng = _rng(settings, worker, "output_projector")
+def conditioning(models: dict[str, Any], modality: Modality, specs: list) -> torch.Tensor:
+    """What each generator was trained to read for ``specs``: the picture's or clip's caption
+    through its own text encoder, (n, COND_LEN, WIDTH); the sound's code, (n, 1, AUDIO_CODE)."""
+    if modality == "image":
+        return text_conditioning(models["text_tokenizer"], models["text_encoder"], [shapes.caption(s) for s in specs])
+    if modality == "video":
+        return text_conditioning(models["text_tokenizer"], models["video_text_encoder"], [shapes.motion_caption(s) for s in specs])
+    return torch.from_numpy(np.stack([sound_code(s) for s in specs]))[:, None]
+
+
+def train_output_projector(
+    worker: Worker, settings: TrainSettings, models: dict[str, Any], stages: dict[str, Any], modality: Modality
+) -> float:
+    """L2 between the projected signal states and the conditioning of what each instruction asks
+    for, the LLM's answer teacher-forced before the signal tokens."""
+    phase = f"{modality}_signals"
+    rng = _rng(settings, worker, phase)
     llm = stages["llm"]
     tokenizer = llm.tokenizer
-    signal_ids = tokenizer.convert_tokens_to_ids(signal_token_names("image", SIGNAL_TOKENS))
+    count = SIGNAL_TOKENS[modality]
+    signal_ids = tokenizer.convert_tokens_to_ids(signal_token_names(modality, count))
     embedding = llm.embed_tokens.weight
-    module = _SignalProjector(embedding[signal_ids].detach(), models["output_heads"]["image"], llm)
-    size = _batch("output_projector", worker)
+    module = _SignalProjector(embedding[signal_ids].detach(), models["output_heads"][modality], llm)
+    size = _batch(phase, worker)
 
     def batch(step: int) -> tuple:
         rows, specs = [], []
         for _ in range(size):
-            text, spec = shapes.instruction(rng)
-            answer = tokenizer(drawing_answer(spec), add_special_tokens=False)["input_ids"]
-            rows.append(_prompt_ids(tokenizer, text) + answer)
+            text, answer, spec = request(modality, rng)
+            rows.append(_prompt_ids(tokenizer, text) + tokenizer(answer, add_special_tokens=False)["input_ids"])
             specs.append(spec)
         width = max(len(r) for r in rows)
         # Left-padded, as the LLM stage decodes, so every group takes the last columns.
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * (len(r) + SIGNAL_TOKENS) for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * (len(r) + count) for r in rows])
         with torch.no_grad():
             prefix = llm.embed_tokens(ids)
-            target = text_conditioning(models["text_tokenizer"], models["text_encoder"], [shapes.caption(s) for s in specs])
+            target = conditioning(models, modality, specs)
         return prefix, mask, target
 
-    loss = _train(worker, "output_projector", settings, module, batch)
+    loss = _train(worker, phase, settings, module, batch)
     with torch.no_grad():
         embedding[signal_ids] = module.embeddings
     return loss
@@ -630,7 +1168,7 @@ def train_output_projector(worker: Worker, settings: TrainSettings, models: dict
 
 
 def save_component(name: str, models: dict[str, Any], out: Path) -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AudioLDMPipeline, StableDiffusionPipeline, TextToVideoSDPipeline
 
     from omnistage.actors.heads import save_heads
 
@@ -638,6 +1176,9 @@ def save_component(name: str, models: dict[str, Any], out: Path) -> None:
     if name == "image_encoder":
         models["vision"].save_pretrained(path)
         models["processor"].save_pretrained(path)
+    elif name == "audio_encoder":
+        models["whisper"].save_pretrained(path)
+        models["feature_extractor"].save_pretrained(path)
     elif name == "llm":
         models["llm"].save_pretrained(path)
         models["tokenizer"].save_pretrained(path)
@@ -652,6 +1193,25 @@ def save_component(name: str, models: dict[str, Any], out: Path) -> None:
             feature_extractor=None,
             requires_safety_checker=False,
         ).save_pretrained(path)
+    elif name == "video_generator":
+        TextToVideoSDPipeline(
+            vae=models["vae"],
+            text_encoder=models["video_text_encoder"],
+            tokenizer=models["text_tokenizer"],
+            unet=models["video_unet"],
+            scheduler=scheduler(),
+        ).save_pretrained(path)
+    elif name == "audio_generator":
+        # No text encoder: the conditioning is the sound's code (AUDIO_CODE), which only the
+        # output projector makes.
+        AudioLDMPipeline(
+            vae=models["mel_vae"],
+            text_encoder=None,
+            tokenizer=None,
+            unet=models["audio_unet"],
+            scheduler=scheduler(),
+            vocoder=models["vocoder"],
+        ).save_pretrained(path)
     elif name == "input_projector":
         save_heads(models["input_heads"], models["input_heads_spec"], path)
     elif name == "output_projector":
@@ -661,24 +1221,30 @@ def save_component(name: str, models: dict[str, Any], out: Path) -> None:
 
 
 def _stage(name: str, path: Path):
+    """A serving stage over a frozen component, with the options cluster/presets/shapes.yaml gives it."""
     from omnistage.actors.registry import create_stage
 
     options: dict[str, Any] = {"model": str(path), "device": "cpu", "dtype": "float32"}
     if name == "llm":
-        options["signal_tokens"] = {"image": SIGNAL_TOKENS}
-    if name == "image_encoder":
-        options.update(feature_layer=-1, drop_cls=True)  # as cluster/presets/shapes.yaml serves it
+        options["signal_tokens"] = dict(SIGNAL_TOKENS)
+    if name in ("image_encoder", "video_encoder"):
+        options.update(feature_layer=-1, drop_cls=True)
+    if name == "video_encoder":
+        options["num_frames"] = ENCODER_FRAMES
     stage = create_stage(name, options)
     _freeze(stage.model)
     return stage
 
 
+MODALITIES: tuple[Modality, ...] = ("image", "video", "audio")
+
+
 def train_all(worker: Worker, settings: TrainSettings, out_dir: str | Path) -> dict[str, float]:
     """Every phase in order; returns each phase's final loss.
 
-    Worker 0 writes the frozen models that phases 5 and 6 load as stages into a staging folder
-    beside ``out_dir`` (transformers saves on rank 0 only under torch.distributed), every worker
-    loads them from there, and worker 0 finally swaps the finished preset into ``out_dir``.
+    Worker 0 writes the frozen models that the projector phases load as stages into a staging
+    folder beside ``out_dir`` (transformers saves on rank 0 only under torch.distributed), every
+    worker loads them from there, and worker 0 finally swaps the finished preset into ``out_dir``.
     """
     torch.manual_seed(settings.seed)
     models = new_models(settings.seed)
@@ -689,16 +1255,29 @@ def train_all(worker: Worker, settings: TrainSettings, out_dir: str | Path) -> d
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     losses["image_encoder"] = train_image_encoder(worker, settings, models)
+    losses["audio_encoder"] = train_audio_encoder(worker, settings, models)
     losses["llm"] = train_llm(worker, settings, models)
     losses["vae"] = train_vae(worker, settings, models)
     losses["generator"] = train_generator(worker, settings, models)
+    losses["video_generator"] = train_video_generator(worker, settings, models)
+    losses["mel_vae"] = train_mel_vae(worker, settings, models)
+    losses["vocoder"] = train_vocoder(worker, settings, models)
+    losses["audio_generator"] = train_audio_generator(worker, settings, models)
+    frozen = staging / "frozen"
     if worker.rank == 0:
-        for name in ("image_encoder", "llm"):
-            save_component(name, models, staging / "frozen")
+        for name in ("image_encoder", "audio_encoder", "llm"):
+            save_component(name, models, frozen)
     worker.barrier()
-    stages = {name: _stage(name, staging / "frozen" / name) for name in ("image_encoder", "llm")}
-    losses["input_projector"] = train_input_projector(worker, settings, models, stages)
-    losses["output_projector"] = train_output_projector(worker, settings, models, stages)
+    stages = {
+        "image_encoder": _stage("image_encoder", frozen / "image_encoder"),
+        "video_encoder": _stage("video_encoder", frozen / "image_encoder"),  # the same tower, as served
+        "audio_encoder": _stage("audio_encoder", frozen / "audio_encoder"),
+        "llm": _stage("llm", frozen / "llm"),
+    }
+    for modality in MODALITIES:
+        losses[f"{modality}_projector"] = train_input_projector(worker, settings, models, stages, modality)
+    for modality in MODALITIES:
+        losses[f"{modality}_signals"] = train_output_projector(worker, settings, models, stages, modality)
     # The trained signal embeddings live in the stage's model; the preset's LLM is that one.
     models["llm"] = stages["llm"].model
     worker.barrier()  # every worker is done reading the staging folder
@@ -722,6 +1301,7 @@ def preset_config(preset_dir: str | Path):
     config = load_config("shapes")
     for name in COMPONENTS:
         getattr(config.stages, name).model = str(Path(preset_dir) / name)
+    config.stages.video_encoder.model = str(Path(preset_dir) / "image_encoder")  # it shares the image tower
     return config
 
 

@@ -348,7 +348,7 @@ def test_caption_job_output_schema(captioned):
     out = read_output(output)
     assert out.schema == pa.schema([("id", pa.string()), *batch.CAPTION_SCHEMA])
     assert set(out.column("run_id").to_pylist()) == {summary.run_id}
-    assert set(out.column("model").to_pylist()) == {"omnistage-tiny"}
+    assert set(out.column("model").to_pylist()) == {"omnistage-shapes"}  # batch jobs default to the shapes preset
     assert set(out.column("modality").to_pylist()) == {"image"}
     assert out.column("decode_ms").null_count == 0
     ok = out.filter(pc.is_null(out.column("error")))

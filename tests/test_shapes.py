@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from omnistage.pipelines import shapes
-from omnistage.pipelines.shapes import COLOURS, SHAPES, ShapeSpec
+from omnistage.pipelines.shapes import COLOURS, SHAPES, MotionSpec, ShapeSpec, SoundSpec
 
 
 def _image_part(image: np.ndarray) -> dict:
@@ -63,6 +63,52 @@ def test_renders_show_colour_shape_place_and_size():
     assert shapes.dominant_colour(np.full((8, 8, 3), 220, np.uint8)) is None
 
 
+def test_varied_renders_keep_what_the_caption_says():
+    rng = random.Random(2)
+    backgrounds = set()
+    for _ in range(120):
+        spec = shapes.random_spec(rng)
+        size = rng.choice((48, 100, 200))
+        image = shapes.render(spec, size, rng, varied=True)
+        assert image.shape == (size, size, 3)
+        assert (shapes.place(image), shapes.size_of(image)) == (spec.position, spec.size)
+        backgrounds.add(tuple(image[0, 0]))
+    assert len(backgrounds) > 20  # not one grey: light colours, white, JPEG noise
+
+
+def test_clips_move_the_way_their_caption_says():
+    assert shapes.motion_caption(MotionSpec("orange", "cross", "still")) == "an orange cross standing still"
+    rng = random.Random(3)
+    for motion in shapes.MOTIONS:
+        for varied in (False, True):
+            spec = MotionSpec("blue", "triangle", motion)
+            clip = shapes.render_clip(spec, rng.randint(5, 16), 48, rng, varied)
+            assert shapes.motion_of(clip) == motion
+            assert shapes.dominant_colour(clip) == "blue"
+            assert shapes.parse_motion(f"here is a video of {shapes.motion_caption(spec)}.") == spec
+    for _ in range(50):
+        text, spec = shapes.video_instruction(rng)
+        assert shapes.parse_motion(text) == spec
+
+
+def test_sounds_have_the_pitch_length_and_count_their_caption_says():
+    assert shapes.sound_caption(SoundSpec("two", "short", "high", "whistle")) == "two short high whistles"
+    assert shapes.sound_caption(SoundSpec("one", "long", "low", "buzz")) == "one long low buzz"
+    rng = random.Random(4)
+    rates = set()
+    for _ in range(60):
+        spec = shapes.random_sound(rng)
+        samples, rate = shapes.synthesize(spec, rng, varied=rng.random() < 0.5)
+        rates.add(rate)
+        assert shapes.pitch_of(samples, rate) == spec.pitch
+        assert shapes.length_of(samples, rate) == spec.length
+        assert shapes.count_of(samples, rate) == spec.count
+        assert shapes.parse_sound(shapes.sound_caption(spec)) == spec
+    assert len(rates) > 2
+    assert shapes.parse_sound("Play a long low buzz.") == SoundSpec("one", "long", "low", "buzz")
+    assert shapes.pitch_of(np.zeros(1600, np.float32), 16000) is None
+
+
 def test_renders_are_seeded():
     spec = ShapeSpec("green", "triangle", "right", "big")
     a, b = (shapes.render(spec, 64, random.Random(7)) for _ in range(2))
@@ -86,31 +132,37 @@ def _weights(directory: Path) -> dict[str, bytes]:
 
 
 def test_training_is_seeded(tmp_path):
-    from omnistage.pipelines.train import TrainSettings, Worker, train_all
+    import torch
+
+    from omnistage.pipelines.train import TrainSettings, Worker, _rng, new_models, train_all
 
     settings = TrainSettings(seed=3, scale=0.004, pool=32)
     first = train_all(Worker(), settings, tmp_path / "a")
     second = train_all(Worker(), settings, tmp_path / "b")
     assert first == second
     weights = _weights(tmp_path / "a")
-    assert len(weights) >= 7  # encoder, LLM, 2 projectors, UNet, VAE, text encoder
+    # 2 encoders, LLM, 2 projectors; pictures: UNet, VAE, text encoder; video: the same three;
+    # audio: UNet, mel VAE, vocoder
+    assert len(weights) == 14
     assert weights == _weights(tmp_path / "b")
-    other = train_all(Worker(), TrainSettings(seed=4, scale=0.004, pool=32), tmp_path / "c")
-    assert other != first
+    # Another seed starts from other weights and draws other data (a third run would cost as
+    # much as the two above).
+    assert not torch.equal(new_models(4)["llm"].lm_head.weight, new_models(3)["llm"].lm_head.weight)
+    assert _rng(TrainSettings(seed=4), Worker(), "llm").random() != _rng(settings, Worker(), "llm").random()
 
 
 @pytest.mark.slow
 def test_train_shapes_runs_data_parallel_on_ray_train(ray_session, tmp_path):
     from omnistage.pipelines.local import LocalPipeline
-    from omnistage.pipelines.train import COMPONENTS, TrainSettings, preset_config, train_shapes
+    from omnistage.pipelines.train import COMPONENTS, PHASES, TrainSettings, preset_config, train_shapes
 
     out = train_shapes(tmp_path / "shapes", TrainSettings(scale=0.004, pool=32), workers=2, cpus_per_worker=0.25)
     assert sorted(p.name for p in out.iterdir()) == sorted([*COMPONENTS, "training.json"])
     record = json.loads((out / "training.json").read_text())
-    assert record["workers"] == 2 and set(record["losses"]) == {"image_encoder", "llm", "vae", "generator", "input_projector", "output_projector"}
+    assert record["workers"] == 2 and set(record["losses"]) == set(PHASES)
     pipeline = LocalPipeline(preset_config(out))
-    result = pipeline.chat([{"role": "user", "content": "Draw a red circle"}], max_tokens=4, seed=0, modalities=["image"])
-    assert result.media[0].array.shape == (64, 64, 3)
+    result = pipeline.chat([{"role": "user", "content": "Draw a red circle"}], max_tokens=4, seed=0, modalities=["image", "video", "audio"])
+    assert [m.array.shape for m in result.media] == [(64, 64, 3), (8, 32, 32, 3), (15360,)]
 
 
 def test_cli_train_shapes_takes_its_options():
@@ -135,40 +187,82 @@ def test_shipped_preset_is_small():
     from omnistage.actors.builtin import ensure_preset
 
     size = sum(p.stat().st_size for p in ensure_preset("shapes").rglob("*") if p.is_file())
-    assert size <= 20 * 2**20, f"{size / 2**20:.1f} MiB"
+    assert size <= 30 * 2**20, f"{size / 2**20:.1f} MiB"
+
+
+def _ask(trained, part: dict, question: str) -> str:
+    return trained.chat([{"role": "user", "content": [part, {"type": "text", "text": question}]}]).text
 
 
 def test_shipped_preset_captions_held_out_pictures(trained):
     rng = random.Random("test captions")
     right = 0
-    for _ in range(20):
+    for i in range(20):
         spec = shapes.random_spec(rng)
-        question = {"type": "text", "text": "What is in this image?"}
-        answer = trained.chat([{"role": "user", "content": [_image_part(shapes.render(spec, 64, rng)), question]}]).text
-        right += shapes.parse_caption(answer) == (spec.colour, spec.shape)
+        # Half in the training's house style, half as another tool might draw them.
+        image = shapes.render(spec, rng.choice((64, 100)), rng, varied=i % 2 == 1)
+        right += shapes.parse_caption(_ask(trained, _image_part(image), "What is in this image?")) == (spec.colour, spec.shape)
     assert right >= 17
 
 
-def test_shipped_preset_draws_what_it_is_asked(trained):
+def test_shipped_preset_captions_held_out_clips_and_sounds(trained):
+    from omnistage.actors.media import encode_video, encode_wav
+
+    rng = random.Random("test clips and sounds")
+    clips = sounds = 0
+    for _ in range(12):
+        motion = shapes.random_motion(rng)
+        video = encode_video(shapes.render_clip(motion, rng.randint(6, 16), 48, rng, varied=True), fps=8)
+        part = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(video).decode()}}
+        clips += shapes.parse_motion(_ask(trained, part, "What happens in this video?")) == motion
+        sound = shapes.random_sound(rng)
+        wav = base64.b64encode(encode_wav(*shapes.synthesize(sound, rng, varied=True))).decode()
+        part = {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}
+        sounds += shapes.parse_sound(_ask(trained, part, "What do you hear?")) == sound
+    assert clips >= 9 and sounds >= 10, (clips, sounds)
+
+
+def test_shipped_preset_draws_animates_and_plays_what_it_is_asked(trained):
+    """Every answer names what was asked; the picture's and clip's colours follow it, and the
+    sound is a 0.96 s clip with sound in it. Place, motion, pitch and length follow it too seldom
+    to test yet (docs/shapes.md, Quality)."""
     rng = random.Random("test drawings")
-    right = 0
-    for seed in range(8):
+    drawn = animated = 0
+    for seed in range(6):
         prompt, spec = shapes.instruction(rng)
         result = trained.chat([{"role": "user", "content": prompt}], seed=seed, modalities=["image"])
         assert shapes.parse_caption(result.text) == (spec.colour, spec.shape), result.text
-        right += shapes.dominant_colour(result.media[0].array) == spec.colour
-    assert right >= 6
+        drawn += shapes.dominant_colour(result.media[0].array) == spec.colour
+        prompt, motion = shapes.video_instruction(rng)
+        result = trained.chat([{"role": "user", "content": prompt}], seed=seed, modalities=["video"])
+        assert shapes.parse_motion(result.text) == motion, result.text
+        animated += shapes.dominant_colour(result.media[0].array) == motion.colour
+        prompt, sound = shapes.sound_instruction(rng)
+        result = trained.chat([{"role": "user", "content": prompt}], seed=seed, modalities=["audio"])
+        assert shapes.parse_sound(result.text) == sound, result.text
+        audio = result.media[0]
+        assert audio.rate == 16000 and audio.array.shape == (15360,) and np.abs(audio.array).max() > 0.01
+    assert drawn >= 5 and animated >= 5, (drawn, animated)
 
 
-def test_demo_on_the_default_preset_captions_and_draws(tmp_path, capsys):
+def test_demo_on_the_default_preset_answers_and_makes_every_medium(tmp_path, capsys):
+    from omnistage.actors.media import decode_audio, decode_video
     from omnistage.clients.cli import main
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "answer: 'a big red circle on the left'" in out
-    assert "[video question] skipped: config 'shapes' has no video input" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png"]
+    assert "answer: 'a green square moving to the right'" in out
+    assert "answer: 'two short high whistles'" in out
+    assert "skipped" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio.wav", "image.png", "video.mp4"]
     assert shapes.dominant_colour(np.asarray(Image.open(tmp_path / "image.png").convert("RGB"))) == "blue"
+    # The video's colour and the sound's pitch follow the request; motion and length do not yet
+    # (docs/shapes.md, Limits).
+    frames = decode_video((tmp_path / "video.mp4").read_bytes())
+    assert frames.shape == (8, 32, 32, 3) and shapes.dominant_colour(frames) == "red"
+    clip = decode_audio((tmp_path / "audio.wav").read_bytes())
+    assert shapes.pitch_of(clip.samples, clip.sampling_rate) == "low"
 
 
 def test_models_build_copies_the_shipped_preset(tmp_path):
@@ -181,32 +275,53 @@ def test_models_build_copies_the_shipped_preset(tmp_path):
 
 @pytest.mark.slow
 def test_readme_examples_through_serve(ray_session, tmp_path):
-    """The README's first requests, on the default preset served as its own app: the sample
-    picture's caption, and a drawn blue square."""
+    """The README's requests, on the default preset served as its own app: the sample picture's,
+    sound's and video's captions, a drawn blue square, a long low buzz and a red circle moving up."""
     import httpx
     from conftest import SERVE_PORT
     from ray import serve
 
+    from omnistage.actors.media import decode_audio, decode_video
     from omnistage.clients.cli import main
     from omnistage.cluster.config import load_config
     from omnistage.pipelines.serve import build_app
 
     assert main(["samples", str(tmp_path)]) == 0
-    image = base64.b64encode((tmp_path / "sample.png").read_bytes()).decode()
+    image, audio, video = (base64.b64encode((tmp_path / name).read_bytes()).decode() for name in ("sample.png", "sample.wav", "sample.mp4"))
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     serve.run(build_app(load_config("shapes")), name="shapes", route_prefix="/shapes")
+
+    def ask(client, part: dict, question: str) -> str:
+        response = client.post("/chat/completions", json={
+            "model": "omnistage-shapes", "max_tokens": 16,
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": question}]}],
+        })
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    def make(client, prompt: str, modality: str) -> bytes:
+        response = client.post("/chat/completions", json={
+            "model": "omnistage-shapes", "modalities": ["text", modality], "seed": 0,
+            "messages": [{"role": "user", "content": prompt}],
+        })
+        assert response.status_code == 200, response.text
+        return base64.b64decode(response.json()["choices"][0]["message"]["media"][0]["data"])
+
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}/shapes/v1", timeout=120) as client:
-            caption = client.post("/chat/completions", json={
-                "model": "omnistage-shapes", "max_tokens": 16, "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-                    {"type": "text", "text": "What is in this image?"}]}],
-            })
+            image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}
+            assert ask(client, image_part, "What is in this image?") == "a big red circle on the left"
+            audio_part = {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}
+            assert ask(client, audio_part, "What do you hear?") == "two short high whistles"
+            video_part = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{video}"}}
+            assert ask(client, video_part, "What happens in this video?") == "a green square moving to the right"
             drawing = client.post("/images/generations", json={"model": "omnistage-shapes", "prompt": "Draw a blue square", "seed": 0})
-        assert caption.status_code == 200, caption.text
-        assert caption.json()["choices"][0]["message"]["content"] == "a big red circle on the left"
+            buzz = decode_audio(make(client, "Play a long low buzz", "audio"))
+            clip = decode_video(make(client, "Make a video of a red circle moving up", "video"))
         assert drawing.status_code == 200, drawing.text
         picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(drawing.json()["data"][0]["b64_json"]))).convert("RGB"))
         assert picture.shape == (64, 64, 3) and shapes.dominant_colour(picture) == "blue"
+        assert shapes.pitch_of(buzz.samples, buzz.sampling_rate) == "low"
+        assert clip.shape == (8, 32, 32, 3) and shapes.dominant_colour(clip) == "red"
     finally:
         serve.delete("shapes")
