@@ -148,14 +148,17 @@ class CachedEncoder:
         items = [self.stage.prepare(item) for item in items]
         keys = [self.key(item) for item in items]
         results: list[Features | None] = []
-        for key in keys:
+        for item, key in zip(items, keys):
             blob = self.store.get(key)
             array = decode_array(blob) if blob is not None else None
             if array is None:
                 results.append(None)
             else:
                 self._counts["bytes_read"] += len(blob)
-                results.append(Features(modality=self.stage.modality, features=array))
+                # A tiling image encoder's features go with the image's size, which the decoded
+                # image (the key's content) gives again.
+                size = tuple(int(n) for n in item.shape[:2]) if getattr(self.stage, "tiles", False) else None
+                results.append(Features(modality=self.stage.modality, features=array, image_size=size))
         misses = [i for i, result in enumerate(results) if result is None]
         self._counts["hits"] += len(items) - len(misses)
         self._counts["misses"] += len(misses)

@@ -99,8 +99,15 @@ class HeadStage(Stage):
             head = self.heads[modality]
             if getattr(head, "reads_instruction", False):
                 out = head(batch, [items[i].instruction for i in indices])
+            elif getattr(head, "reads_image_size", False):
+                out = head(batch, [items[i].image_size for i in indices])
             else:
                 out = head(batch)
+            if isinstance(out, list):
+                # One tensor per item where lengths differ item to item (LLaVA-NeXT's packing).
+                for tensor, i in zip(out, indices):
+                    results[i] = self.output_type(modality=modality, **{self.out_field: tensor.float().cpu().numpy()})
+                continue
             # A head gives one tensor (for out_field) or, when it fills several payload fields,
             # a dict of field name to tensor.
             fields = out if isinstance(out, dict) else {self.out_field: out}

@@ -21,7 +21,8 @@ class ImageEncoder(Stage):
     """Images to feature sequences, LLaVA style: hidden states of ``feature_layer``, CLS dropped.
 
     Input: images as (height, width, 3) uint8 arrays. Output: ``Features`` of shape
-    (n_patches, d_vision), or (n_patches + 1, d_vision) with ``drop_cls=False``.
+    (n_patches, d_vision), or (n_patches + 1, d_vision) with ``drop_cls=False``; with an
+    any-resolution processor (LLaVA-NeXT's), every view's in turn, with the image's size.
     """
 
     component = "image_encoder"
@@ -32,6 +33,8 @@ class ImageEncoder(Stage):
         from transformers import AutoImageProcessor, AutoModel
 
         self.processor = AutoImageProcessor.from_pretrained(self.checkpoint)
+        # An any-resolution processor (LLaVA-NeXT's) tiles each image into views by its grids.
+        self.tiles = bool(getattr(self.processor, "image_grid_pinpoints", None))
         # Without a choice of the checkpoint's or the config's: LLaVA's, the second to last layer
         # without CLS. A feature layer of None means last_hidden_state (after any post-layernorm,
         # as BLIP-2 reads it).
@@ -61,7 +64,29 @@ class ImageEncoder(Stage):
     @torch.inference_mode()
     def encode_frames(self, images: list[np.ndarray]) -> torch.Tensor:
         """(n, height, width, 3) uint8 images -> (n, n_tokens, d_vision) features on the stage's device."""
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return self.encode_pixels(self.processor(images=images, return_tensors="pt")["pixel_values"])
+
+    @torch.inference_mode()
+    def encode_tiled(self, images: list[np.ndarray]) -> list[Features]:
+        """Images tiled by an any-resolution processor (LLaVA-NeXT's): each image's views (the
+        resized whole image, then the grid's patches) through the tower in one batch, as
+        ``LlavaNextModel.get_image_features`` runs them, sent on as one (n_views * n_tokens,
+        d_vision) sequence with the image's original (height, width)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        inputs = self.processor(images=images, return_tensors="pt")
+        sizes = [(int(h), int(w)) for h, w in inputs["image_sizes"].tolist()]
+        # The processor pads every image's views to the batch's most; the padding views are dropped.
+        counts = [image_size_to_num_patches(size, self.processor.image_grid_pinpoints, self.model.config.image_size) for size in sizes]
+        views = torch.cat([pixels[:n] for pixels, n in zip(inputs["pixel_values"], counts)])
+        features = self.encode_pixels(views).float().cpu()
+        return [
+            Features(modality="image", features=f.flatten(0, 1).numpy(), image_size=size)
+            for f, size in zip(torch.split(features, counts), sizes)
+        ]
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, height, width) processed pixels -> (n, n_tokens, d_vision) features on the stage's device."""
         out = self.model(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
         if self.feature_layer is None:
             layers = [out.last_hidden_state]
@@ -81,6 +106,8 @@ class ImageEncoder(Stage):
 
     def __call__(self, images: list[EncodedMedia | np.ndarray]) -> list[Features]:
         arrays = [self.prepare(image) for image in images]
+        if self.tiles:
+            return self.encode_tiled(arrays)
         features = self.encode_frames(arrays).float().cpu().numpy()
         return [Features(modality="image", features=f) for f in features]
 

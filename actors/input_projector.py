@@ -114,6 +114,19 @@ class InputProjector(HeadStage):
                 f"InputProjector expected the text the {item.modality} came with (Features.instruction: its "
                 f"{self.head_spec(item.modality)['type']} head reads it), got {item.instruction!r}"
             )
+        spec = self.head_spec(item.modality)
+        if spec.get("reads_image_size"):
+            size = item.image_size
+            if not (isinstance(size, tuple | list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+                raise InvalidInputError(
+                    f"InputProjector expected the {item.modality}'s original (height, width) (Features.image_size: "
+                    f"its {spec['type']} head unpads by it), got {size!r}"
+                )
+            if item.features.shape[0] % spec["tokens_per_view"]:
+                raise InvalidInputError(
+                    f"InputProjector expected whole views of {spec['tokens_per_view']} tokens each in the "
+                    f"{item.modality} features, got {item.features.shape[0]} tokens"
+                )
 
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
         """A LLaVA, BLIP-2 or InstructBLIP checkpoint gives its projector as the ``image`` head, a

@@ -1,4 +1,4 @@
-"""Published end-to-end checkpoints (LLaVA, BLIP-2, InstructBLIP, Qwen2-Audio) split across the stage pools.
+"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model (named as in the checkpoint's files):
@@ -6,6 +6,12 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
 - ``llava``: image encoder ``vision_tower`` (hidden states of ``vision_feature_layer``, CLS
   dropped for the ``default`` strategy); input projector ``multi_modal_projector``; LLM
   ``language_model`` (base model and ``lm_head``) as the text config's causal LM.
+- ``llava_next``: as ``llava``, with any-resolution tiling: the image encoder tiles the image as
+  the checkpoint's image processor does (the resized whole image, then the grid's patches) and
+  sends every view's features with the image's original size (``Features.image_size``); the input
+  projector applies ``multi_modal_projector`` to every view, then packs them as
+  ``LlavaNextModel.pack_image_features`` does (grid reassembled, padding cut away, one
+  ``image_newline`` per row), the only step that needs the original size.
 - ``blip-2``: image encoder ``vision_model`` (``last_hidden_state``, after its post-layernorm);
   input projector ``query_tokens`` + ``qformer`` + ``language_projection``; LLM
   ``language_model`` (OPT; Flan-T5 as encoder-decoder).
@@ -29,13 +35,19 @@ from torch import nn
 
 from omnistage.actors.payloads import MODALITIES
 
-MULTIMODAL_TYPES = ("llava", "blip-2", "instructblip", "qwen2_audio")
+MULTIMODAL_TYPES = ("llava", "llava_next", "blip-2", "instructblip", "qwen2_audio")
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
-INPUT_MODALITY = {"llava": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio"}
+INPUT_MODALITY = {"llava": "image", "llava_next": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio"}
 # Where each part of a checkpoint keeps its tensors, in the published layout (the one transformers'
 # save_pretrained writes too): a prefix stripped from the names, or {prefix: the part's own prefix}.
 PART_PREFIXES: dict[str, dict[str, str | dict[str, str]]] = {
     "llava": {"encoder": "vision_tower.", "projector": "multi_modal_projector.", "language": "language_model."},
+    # image_newline is the packing's (the input projector's), kept at the checkpoint's top level.
+    "llava_next": {
+        "encoder": "vision_tower.",
+        "projector": {"multi_modal_projector.": "multi_modal_projector.", "image_newline": "image_newline"},
+        "language": "language_model.",
+    },
     "blip-2": {
         "encoder": "vision_model.",
         "projector": {"query_tokens": "query_tokens", "qformer.": "qformer.", "language_projection.": "language_projection."},
@@ -144,7 +156,7 @@ def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | 
     if INPUT_MODALITY[model_type] != "image":
         raise ValueError(f"no vision part known for model_type {model_type!r} at {str(path)!r}")
     tower = _from_part(_model_class(config.vision_config), config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
-    if model_type == "llava":
+    if model_type in ("llava", "llava_next"):
         return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
     # The (Instruct)BLIP Q-Former reads the vision model's last_hidden_state: after post_layernorm, CLS kept.
     return tower, None, False
@@ -195,6 +207,36 @@ class InstructBlipBridge(Blip2Bridge):
         return self.language_projection(query_output.to(self.language_projection.weight.dtype))
 
 
+class LlavaNextPacker(nn.Module):
+    """LLaVA-NeXT's input projector: ``multi_modal_projector`` on every view of an image (the
+    resized whole image first, then the grid's patches, as the image encoder sends them), then
+    the views packed into the sequence the LLM reads, by ``LlavaNextModel.pack_image_features``
+    itself: the grid reassembled, the padding the tiling added cut away (which needs the image's
+    original size), an ``image_newline`` after each row, the whole image's tokens first."""
+
+    # HeadStage passes each item's original (height, width) (``Features.image_size``) to a head that says so.
+    reads_image_size = True
+
+    def __init__(self, config: Any, projector: nn.Module, image_newline: nn.Parameter, tokens_per_view: int):
+        super().__init__()
+        # pack_image_features reads only self.config (the grid pinpoints and the tower's sizes).
+        self.config = config
+        self.multi_modal_projector = projector
+        self.image_newline = image_newline
+        self.tokens_per_view = tokens_per_view
+
+    def forward(self, features: torch.Tensor, image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """(batch, n_views * tokens_per_view, d_vision) features and each image's (height, width) ->
+        per image, (n_packed, d_llm) embeddings (lengths differ with the image's aspect ratio)."""
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
+        views = [self.multi_modal_projector(f.view(-1, self.tokens_per_view, f.shape[-1])) for f in features]
+        packed, _ = LlavaNextModel.pack_image_features(
+            self, views, torch.tensor(image_sizes), self.config.vision_feature_select_strategy, self.image_newline
+        )
+        return packed
+
+
 def _bridge_parts(path: Path, model_type: str, config: Any, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Module, nn.Linear]:
     """(Instruct)BLIP's query tokens, Q-Former (its class from the Q-Former config) and language projection."""
     qformer = _from_part(_model_class(config.qformer_config), config.qformer_config, path, "qformer.", dtype)
@@ -219,6 +261,20 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
         # tokenizer lives here, where the published checkpoint keeps it.
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="qformer_tokenizer")
         return "image", InstructBlipBridge(*parts, tokenizer), {**spec, "reads_instruction": True}
+    if model_type == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+
+        layers = config.vision_feature_layer
+        vision = config.vision_config
+        in_dim = vision.hidden_size * (1 if isinstance(layers, int) else len(layers))
+        tensors = read_part(path, PART_PREFIXES[model_type]["projector"], dtype)
+        projector = LlavaNextMultiModalProjector(config).to(dtype)
+        projector.load_state_dict({k.removeprefix("multi_modal_projector."): v for k, v in tensors.items() if k != "image_newline"}, strict=True)
+        # A view's tokens: the tower's patch grid, plus CLS unless the strategy drops it.
+        tokens_per_view = (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy != "default")
+        packer = LlavaNextPacker(config, projector, nn.Parameter(tensors["image_newline"]), tokens_per_view)
+        spec = {"type": model_type, "in_dim": in_dim, "out_dim": text_width, "reads_image_size": True, "tokens_per_view": tokens_per_view}
+        return "image", packer.eval(), spec
     if model_type == "llava":
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector as Projector
 
@@ -269,7 +325,7 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 
 def pretrained_config(path: str | Path, name: str | None = None):
-    """An ``OmnistageConfig`` serving a LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio directory as encoder, input
+    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP or Qwen2-Audio directory as encoder, input
     projector and LLM pools (image or audio in, text out; no generators, no signal tokens). The same
     dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
@@ -278,7 +334,7 @@ def pretrained_config(path: str | Path, name: str | None = None):
     model_type = checkpoint_model_type(path)
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
-            f"expected a LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
+            f"expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP or Qwen2-Audio checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
     model = str(path)

@@ -67,13 +67,18 @@ class Features:
     the input projector sets it (``LocalPipeline``, the HTTP ingress's call to the projector pool,
     the caption job's ``instruction`` column).
 
+    ``image_size`` is the image's original (height, width), for input projectors whose packing
+    depends on it (LLaVA-NeXT's: the tiles' padding it cuts away). The image encoder sets it where
+    it tiles the image; None otherwise.
+
     Dimensions:
-        features: (n_tokens, d_encoder) float32
+        features: (n_tokens, d_encoder) float32; for a tiled image, every view's tokens in turn
     """
 
     modality: Modality
     features: np.ndarray
     instruction: str | None = None
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass

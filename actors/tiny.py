@@ -434,6 +434,17 @@ def _byte_tokenizer(extra: list[str], chat_template: str | None, special: str | 
     return tokenizer
 
 
+def _save_sharded(cls: Any, config: Any, tokenizer: Any, path: Path, seed: int) -> None:
+    """A seeded ``cls(config)``, ending and padding as ``tokenizer`` does, saved with the tokenizer
+    in shards, as published: each pool then reads only the shards that hold its part."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, max_shard_size="50KB")
+    tokenizer.save_pretrained(path)
+
+
 def build_llava(path: str | Path, seed: int = 0, **text_sizes: int) -> Path:
     """A LLaVA-1.5-shaped model: CLIP ViT (30x30, 2x2 patches, 225 tokens) -> 2-layer GELU MLP ->
     2-layer LLaMA, with a byte-level tokenizer whose ``<image>`` is the config's image token.
@@ -457,14 +468,71 @@ def build_llava(path: str | Path, seed: int = 0, **text_sizes: int) -> Path:
         vision_config=vision, text_config=text, image_token_index=image_id,
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # In shards, as published: each pool then reads only the shards that hold its part.
-    model.save_pretrained(path, max_shard_size="50KB")
-    tokenizer.save_pretrained(path)
+    _save_sharded(LlavaForConditionalGeneration, config, tokenizer, path, seed)
     CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+    return path
+
+
+# llava-hf/llava-v1.6-mistral-7b-hf's processor template: typed parts, the images first in a
+# message, then its text, inside Mistral's [INST] ... [/INST].
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> ' }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def build_llava_next(path: str | Path, seed: int = 0) -> Path:
+    """A LLaVA-NeXT-shaped model (llava-v1.6-mistral's layout at a tiny scale): CLIP ViT (16x16,
+    4x4 patches, 16 tokens a view), any-resolution grids of 1x2, 2x1, 2x2, 1x3 and 3x1 views ->
+    2-layer GELU MLP and ``image_newline`` -> 2-layer Mistral, with a byte-level tokenizer whose
+    ``<image>`` is the config's image token and the processor's files and template."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        MistralConfig,
+    )
+
+    path = Path(path)
+    # No BOS added, as the tiny LLaVA's: the LLM stage tokenizes the rendered prompt without the
+    # tokenizer's special tokens, and this template (as llava-v1.6-mistral's) writes no BOS itself.
+    tokenizer = _byte_tokenizer(["<image>"], None)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    view = 16
+    vision = CLIPVisionConfig(
+        image_size=view, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, projection_dim=32,
+    )
+    text = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    # As llava-v1.6's [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], in views of 16.
+    pinpoints = [[view, 2 * view], [2 * view, view], [2 * view, 2 * view], [3 * view, view], [view, 3 * view]]
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=image_id, image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    _save_sharded(LlavaNextForConditionalGeneration, config, tokenizer, path, seed)
+    LlavaNextImageProcessor(
+        size={"shortest_edge": view}, crop_size={"height": view, "width": view}, image_grid_pinpoints=pinpoints,
+    ).save_pretrained(path)
+    # As llava-hf lays the processor out: its settings in processor_config.json (the tower's CLS
+    # counted, then dropped by the strategy), its template in chat_template.json.
+    processor = {"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": vision.patch_size,
+                 "processor_class": "LlavaNextProcessor", "vision_feature_select_strategy": "default"}
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_NEXT_CHAT_TEMPLATE}, indent=2) + "\n")
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        settings = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**settings, "processor_class": "LlavaNextProcessor"}, indent=2) + "\n")
     return path
 
 

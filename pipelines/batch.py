@@ -376,15 +376,17 @@ class EncoderUDF(StageUDF):
 
     def columns(self, table: pa.Table, outputs: dict[int, Features], errors: list[str | None]) -> dict[str, pa.Array]:
         data, shapes = _pack([outputs[i].features if i in outputs else None for i in range(table.num_rows)])
-        return {"features": data, "features_shape": shapes}
+        # A tiled image's original (height, width), which its projector unpads by; null otherwise.
+        sizes = [list(outputs[i].image_size) if i in outputs and outputs[i].image_size else None for i in range(table.num_rows)]
+        return {"features": data, "features_shape": shapes, "image_size": pa.array(sizes, pa.list_(pa.int64()))}
 
 
 class InputProjectorUDF(StageUDF):
-    """Features, with the text the medium came with (``instruction``), -> LLM embeddings (``embeds``:
-    (n_tokens', d_llm) float32)."""
+    """Features, with the text the medium came with (``instruction``) and a tiled image's size
+    (``image_size``), -> LLM embeddings (``embeds``: (n_tokens', d_llm) float32)."""
 
     step = "project"
-    consumes = ("features", "features_shape", "instruction")
+    consumes = ("features", "features_shape", "instruction", "image_size")
 
     def __init__(self, config: StageConfig, modality: Modality):
         super().__init__("input_projector", config)
@@ -392,8 +394,12 @@ class InputProjectorUDF(StageUDF):
 
     def inputs(self, table: pa.Table, rows: list[int]) -> list[Features]:
         instructions = table.column("instruction").to_pylist()
+        sizes = table.column("image_size").to_pylist()
         features = _unpack(table, "features", np.float32, rows)
-        return [Features(modality=self.modality, features=f, instruction=instructions[i]) for f, i in zip(features, rows)]
+        return [
+            Features(modality=self.modality, features=f, instruction=instructions[i], image_size=sizes[i] and tuple(sizes[i]))
+            for f, i in zip(features, rows)
+        ]
 
     def columns(self, table: pa.Table, outputs: dict[int, Embeddings], errors: list[str | None]) -> dict[str, pa.Array]:
         data, shapes = _pack([outputs[i].embeds if i in outputs else None for i in range(table.num_rows)])

@@ -15,7 +15,9 @@ input projector may read the question as well as the medium (InstructBLIP's Q-Fo
 encoder never sees it; the executor that routes the features to the projector adds it, from the
 parsed chat (``ParsedChat.instructions``): ``LocalPipeline`` in process, the HTTP ingress as an
 argument of its call to the projector pool (it holds only a reference to the features), the
-caption job from its ``instruction`` column.
+caption job from its ``instruction`` column. For a tiled image (LLaVA-NeXT) it carries the image's
+original size too (``Features.image_size``), which the encoder sets and the projector's packing
+reads; the caption job keeps it in an ``image_size`` column.
 """
 
 from __future__ import annotations

@@ -143,8 +143,96 @@ def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
 def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
     from omnistage.pipelines.local import LocalPipeline
 
-    with pytest.raises(ValueError, match=r"LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio.*model_type 'llama'"):
+    with pytest.raises(ValueError, match=r"LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP or Qwen2-Audio.*model_type 'llama'"):
         LocalPipeline.from_pretrained(tiny_preset / "llm")
+
+
+# LLaVA-NeXT: any-resolution tiling, packed by the input projector
+
+# (height, width): one wide and one tall image, tiled into 1x2 and 3x1 grids of 16x16 views.
+LLAVA_NEXT_SIZES = ((20, 40), (50, 24))
+
+
+@pytest.fixture(scope="module")
+def llava_next_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_llava_next
+
+    return build_llava_next(tmp_path_factory.mktemp("llava-next") / "tiny-llava-next", seed=0)
+
+
+def _llava_next_reference(path, image, max_new_tokens):
+    """From transformers' generate on the whole model, with the inputs ``LlavaNextProcessor`` builds
+    (its chat template, its ``<image>`` expansion for the image's size): the greedy ids up to the
+    first EOS, their text, the number of prompt tokens, of image tokens, and the packed image features."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    inputs = processor(images=[image], text=processor.apply_chat_template(chat, add_generation_prompt=True), return_tensors="pt")
+    n_prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0, n_prompt:].tolist()
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+    eos = model.generation_config.eos_token_id
+    new = out[: out.index(eos)] if eos in out else out
+    n_image = int((inputs["input_ids"] == model.config.image_token_index).sum())
+    return new, processor.tokenizer.decode(new, skip_special_tokens=True), n_prompt, n_image, packed.numpy()
+
+
+def test_llava_next_split_matches_transformers_generate_token_for_token(llava_next_dir):
+    from omnistage.pipelines.local import LocalPipeline
+
+    pipeline = LocalPipeline.from_pretrained(llava_next_dir)
+    assert pipeline.input_projector.head_spec("image") == {
+        "type": "llava_next", "in_dim": 32, "out_dim": 32, "reads_image_size": True, "tokens_per_view": 16}
+    answers = []
+    for seed, (h, w) in enumerate(LLAVA_NEXT_SIZES):
+        image = _image(seed, h, w)
+        expected_ids, expected_text, n_prompt, n_image, packed = _llava_next_reference(llava_next_dir, image, 12)
+        assert len(expected_ids) >= 4  # a real answer, not an immediate end of sequence
+        (features,) = pipeline.encoders["image"]([image])
+        assert features.image_size == (h, w)
+        (embeddings,) = pipeline.input_projector([features])
+        # Exactly the tokens LlavaNextProcessor writes for this size, holding what the whole model packs.
+        assert embeddings.embeds.shape == (n_image, 32)
+        np.testing.assert_allclose(embeddings.embeds, packed, rtol=1e-5, atol=1e-6)
+        result = pipeline.chat(_chat(image), max_tokens=12)
+        assert (result.text, result.usage["completion_tokens"], result.usage["prompt_tokens"]) == (
+            expected_text, len(expected_ids), n_prompt)
+        answers.append(result.text)
+    assert answers[0] != answers[1]
+
+
+def test_llava_next_projector_needs_the_image_size(llava_next_dir):
+    from omnistage.actors.errors import InvalidInputError
+    from omnistage.actors.input_projector import InputProjector
+    from omnistage.cluster.config import InputProjectorConfig
+
+    projector = InputProjector(InputProjectorConfig(model=str(llava_next_dir)))
+    with pytest.raises(InvalidInputError, match=r"original \(height, width\).*got None"):
+        projector([Features("image", np.zeros((48, 32), np.float32))])
+    with pytest.raises(InvalidInputError, match=r"whole views of 16 tokens each .* got 40 tokens"):
+        projector([Features("image", np.zeros((40, 32), np.float32), image_size=(20, 40))])
+
+
+def test_llava_next_caption_as_a_batch_job(llava_next_dir):
+    """The caption job's steps over a table of PNG images of two sizes, one block through each of
+    the stages split from the checkpoint: each image's size travels with its features to the
+    projector, and each answer is transformers' own."""
+    import pyarrow as pa
+    from test_batch import _caption_in_process
+
+    from omnistage.actors.media import encode_png
+    from omnistage.actors.multimodal import pretrained_config
+
+    images = {f"image-{seed}": _image(seed, h, w) for seed, (h, w) in enumerate(LLAVA_NEXT_SIZES)}
+    table = pa.table({"id": list(images), "image": [encode_png(image) for image in images.values()]})
+    out = _caption_in_process(table, "image", pretrained_config(llava_next_dir), prompt=QUESTION)
+    for row, image in zip(out.to_pylist(), images.values()):
+        expected_ids, expected_text, n_prompt, _, _ = _llava_next_reference(llava_next_dir, image, 8)
+        assert row["error"] is None, row["error"]
+        assert (row["answer"], row["completion_tokens"], row["prompt_tokens"]) == (expected_text, len(expected_ids), n_prompt)
 
 
 # BLIP-2
@@ -441,13 +529,18 @@ def _parts_of_the_whole(model_type, path):
     inner = whole.model
     language = {**{f"model.{k}": v for k, v in inner.language_model.state_dict().items()}, "lm_head.weight": whole.lm_head.weight}
     tower = inner.audio_tower if modality == "audio" else inner.vision_tower
-    return {"encoder": (encoder, tower.state_dict()), "projector": (projector, inner.multi_modal_projector.state_dict()),
+    projected = inner.multi_modal_projector.state_dict()
+    if model_type == "llava_next":
+        # The packing's newline embedding is the projector pool's too.
+        projected = {**{f"multi_modal_projector.{k}": v for k, v in projected.items()}, "image_newline": inner.image_newline}
+    return {"encoder": (encoder, tower.state_dict()), "projector": (projector, projected),
             "language": (llm, language)}
 
 
 @pytest.mark.parametrize(
     "model_type, checkpoint",
-    [("llava", "llava_dir"), ("blip-2", "blip2_dir"), ("instructblip", "instructblip_dir"), ("qwen2_audio", "qwen2_audio_dir")],
+    [("llava", "llava_dir"), ("llava_next", "llava_next_dir"), ("blip-2", "blip2_dir"), ("instructblip", "instructblip_dir"),
+     ("qwen2_audio", "qwen2_audio_dir")],
 )
 def test_stages_read_only_their_part(request, tmp_path, model_type, checkpoint):
     """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
@@ -1007,10 +1100,10 @@ def test_multimodal_stages_honour_dtype(request, checkpoint, n_tokens):
 # Through the Serve app: the LLaVA and BLIP-2 splits as their own pools, answering over HTTP
 
 
-def _answer_through_serve(path, name, part, max_tokens, engine=None):
+def _answers_through_serve(path, name, parts, max_tokens, engine=None):
     """Deploy ``path`` split into encoder, projector and LLM pools as its own app under ``/name``, on
-    the session's Serve instance, ask it one chat (the medium's ``part``, then the question) over
-    HTTP with greedy decoding, delete the app, and give the reply's JSON.
+    the session's Serve instance, ask it one chat per medium's part in ``parts`` (the part, then the
+    question) over HTTP with greedy decoding, delete the app, and give the replies' JSON.
     ``engine``: the LLM pool's engine section, when not the built-in engine's defaults."""
     import httpx
     from conftest import SERVE_PORT
@@ -1026,22 +1119,25 @@ def _answer_through_serve(path, name, part, max_tokens, engine=None):
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     deploy(config, name=name, route_prefix=f"/{name}")
     try:
-        body = {
-            "model": name,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}],
-        }
+        answers = []
         with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}/{name}", timeout=120) as client:
-            reply = client.post("/v1/chat/completions", json=body)
-        assert reply.status_code == 200, reply.text
-        return reply.json()
+            for part in parts:
+                body = {
+                    "model": name,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}],
+                }
+                reply = client.post("/v1/chat/completions", json=body)
+                assert reply.status_code == 200, reply.text
+                answers.append(reply.json())
+        return answers
     finally:
         serve.delete(name)
 
 
 def _check_through_serve(path, name, n_image_tokens=None, engine=None):
-    """An image chat through ``path``'s own app (``_answer_through_serve``) answers as transformers'
+    """An image chat through ``path``'s own app (``_answers_through_serve``) answers as transformers'
     generate does."""
     import base64
 
@@ -1051,7 +1147,7 @@ def _check_through_serve(path, name, n_image_tokens=None, engine=None):
     expected_ids, expected_text, _ = _reference(path, image, max_new_tokens=12, n_image_tokens=n_image_tokens)
     assert len(expected_ids) >= 4  # a real answer, not an immediate end of sequence
     url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
-    answer = _answer_through_serve(path, name, {"type": "image_url", "image_url": {"url": url}}, 12, engine)
+    (answer,) = _answers_through_serve(path, name, [{"type": "image_url", "image_url": {"url": url}}], 12, engine)
     assert answer["choices"][0]["message"]["content"] == expected_text
     assert answer["usage"]["completion_tokens"] == len(expected_ids)
 
@@ -1059,6 +1155,22 @@ def _check_through_serve(path, name, n_image_tokens=None, engine=None):
 @pytest.mark.slow
 def test_llava_through_serve_matches_transformers_generate(ray_session, llava_dir):
     _check_through_serve(llava_dir, "tiny-llava", n_image_tokens=225)
+
+
+@pytest.mark.slow
+def test_llava_next_through_serve_matches_transformers_generate(ray_session, llava_next_dir):
+    """Each image's size goes from the image encoder pool to the projector pool with its features."""
+    import base64
+
+    from omnistage.actors.media import encode_png
+
+    images = [_image(seed, h, w) for seed, (h, w) in enumerate(LLAVA_NEXT_SIZES)]
+    urls = ["data:image/png;base64," + base64.b64encode(encode_png(image)).decode() for image in images]
+    answers = _answers_through_serve(llava_next_dir, "tiny-llava-next", [{"type": "image_url", "image_url": {"url": u}} for u in urls], 12)
+    for image, answer in zip(images, answers):
+        expected_ids, expected_text, n_prompt, _, _ = _llava_next_reference(llava_next_dir, image, 12)
+        assert answer["choices"][0]["message"]["content"] == expected_text
+        assert answer["usage"]["completion_tokens"] == len(expected_ids) and answer["usage"]["prompt_tokens"] == n_prompt
 
 
 @pytest.mark.slow
@@ -1076,7 +1188,7 @@ def test_instructblip_through_serve_matches_transformers_generate(ray_session, i
     image = _image(1)
     expected_ids, expected_text, n_prompt, _ = _instructblip_reference(instructblip_dir, image, QUESTION, 12)
     url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
-    answer = _answer_through_serve(instructblip_dir, "tiny-instructblip", {"type": "image_url", "image_url": {"url": url}}, 12)
+    (answer,) = _answers_through_serve(instructblip_dir, "tiny-instructblip", [{"type": "image_url", "image_url": {"url": url}}], 12)
     assert answer["choices"][0]["message"]["content"] == expected_text
     assert answer["usage"]["completion_tokens"] == len(expected_ids) and answer["usage"]["prompt_tokens"] == n_prompt
 
@@ -1091,7 +1203,7 @@ def test_qwen2_audio_through_serve_matches_transformers_generate(ray_session, qw
     # The reference hears what the pools hear: the clip after its trip through 16-bit WAV.
     ((expected_ids, expected_text, _, n_prompt),) = _qwen2_audio_reference(qwen2_audio_dir, [decode_audio(wav).samples], max_new_tokens=12)
     part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
-    answer = _answer_through_serve(qwen2_audio_dir, "tiny-qwen2-audio", part, 12)
+    (answer,) = _answers_through_serve(qwen2_audio_dir, "tiny-qwen2-audio", [part], 12)
     assert answer["choices"][0]["message"]["content"] == expected_text
     assert answer["usage"]["completion_tokens"] == len(expected_ids)
     assert answer["usage"]["prompt_tokens"] == n_prompt
