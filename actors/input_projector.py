@@ -122,10 +122,12 @@ class InputProjector(HeadStage):
                     f"InputProjector expected the {item.modality}'s original (height, width) (Features.image_size: "
                     f"its {spec['type']} head unpads by it), got {size!r}"
                 )
-            if item.features.shape[0] % spec["tokens_per_view"]:
+            # The views the encoder tiled an image of that size into, each of tokens_per_view tokens.
+            n_views = self.heads[item.modality].n_views(tuple(size))
+            if item.features.shape[0] != n_views * spec["tokens_per_view"]:
                 raise InvalidInputError(
-                    f"InputProjector expected whole views of {spec['tokens_per_view']} tokens each in the "
-                    f"{item.modality} features, got {item.features.shape[0]} tokens"
+                    f"InputProjector expected {n_views} views of {spec['tokens_per_view']} tokens for a "
+                    f"{size[0]}x{size[1]} {item.modality}, {n_views * spec['tokens_per_view']} tokens, got {item.features.shape[0]}"
                 )
 
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:

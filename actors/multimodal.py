@@ -225,6 +225,13 @@ class LlavaNextPacker(nn.Module):
         self.image_newline = image_newline
         self.tokens_per_view = tokens_per_view
 
+    def n_views(self, image_size: tuple[int, int]) -> int:
+        """How many views the tiling makes of an image of ``image_size`` (height, width): the whole
+        image and its grid's patches."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return image_size_to_num_patches(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+
     def forward(self, features: torch.Tensor, image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """(batch, n_views * tokens_per_view, d_vision) features and each image's (height, width) ->
         per image, (n_packed, d_llm) embeddings (lengths differ with the image's aspect ratio)."""

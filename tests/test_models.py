@@ -212,8 +212,9 @@ def test_llava_next_projector_needs_the_image_size(llava_next_dir):
     projector = InputProjector(InputProjectorConfig(model=str(llava_next_dir)))
     with pytest.raises(InvalidInputError, match=r"original \(height, width\).*got None"):
         projector([Features("image", np.zeros((48, 32), np.float32))])
-    with pytest.raises(InvalidInputError, match=r"whole views of 16 tokens each .* got 40 tokens"):
-        projector([Features("image", np.zeros((40, 32), np.float32), image_size=(20, 40))])
+    # A 20x40 image is tiled into the whole image and a 1x2 grid: 3 views.
+    with pytest.raises(InvalidInputError, match=r"expected 3 views of 16 tokens for a 20x40 image, 48 tokens, got 64"):
+        projector([Features("image", np.zeros((64, 32), np.float32), image_size=(20, 40))])
 
 
 def test_llava_next_caption_as_a_batch_job(llava_next_dir):
