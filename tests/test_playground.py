@@ -52,7 +52,9 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def browser(chromium):
+def browser(chromium, serve_url):
+    # The session's app is deployed first: deploying waits on Serve handles, which refuse to
+    # block while Playwright's sync API holds an event loop on this thread.
     with sync_playwright() as playwright:
         # launch() starts from a fresh, temporary profile each time.
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -144,8 +146,8 @@ def test_caption_the_attached_sample_picture(open_page, shapes_url):
 
 
 @pytest.mark.xfail(
-    reason="the preset retrained for every modality drew the blue square asked after the captioned red circle, "
-    "in the same chat, red; its LLM was trained on single turns only",
+    reason="asked to draw a blue square right after the red circle was captioned, in the same chat, the preset "
+    "says 'here is a big blue square' but draws it orange or red: its output projector learned from single turns",
     strict=False,
 )
 def test_drawing_example_shows_a_png(open_page, shapes_url):
@@ -183,9 +185,7 @@ def test_bad_upload_shows_the_api_message(open_page, shapes_url):
     assert _answer(page, 1).locator(".text").inner_text() == "a big red circle on the left"
 
 
-# serve_url first: the session app deploys through handles, which refuse to run while Playwright's
-# sync API (started by open_page) holds an event loop on this thread.
-def test_generated_sound_and_video_play_and_the_microphone_records(serve_url, open_page):
+def test_generated_sound_and_video_play_and_the_microphone_records(open_page, serve_url):
     page = open_page(f"{serve_url}/")
     assert page.inner_text("#model-name") == "omnistage-tiny"
     assert not page.locator("button.example:disabled").count()
