@@ -83,6 +83,8 @@ class LLM(Stage):
             # The class comes from the checkpoint's model_type (LLaMA, Qwen2, OPT, Persimmon, ...).
             self.model = AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=self.dtype)
         self.is_encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        # The tokens the checkpoint's tokenizer adds to a text of its own accord (see prompt_ids).
+        self.added_specials = set(self.tokenizer("")["input_ids"]) if is_multimodal_checkpoint(self.checkpoint) else set()
         self._add_missing_tokens()
         self.model.to(self.device).eval()
         self.embed_tokens = self.model.get_input_embeddings()
@@ -200,7 +202,16 @@ class LLM(Stage):
         return self.chat_template.render(messages)
 
     def prompt_ids(self, request: LLMRequest) -> list[int]:
-        return self.tokenizer(self.render_prompt(request.messages), add_special_tokens=False)["input_ids"]
+        """The rendered prompt's token ids. A text model's template writes every special token
+        itself (as ``tokenizer.apply_chat_template`` assumes); a multimodal checkpoint's processor
+        lets its tokenizer add them (LLaVA's ``<s>``, T5's closing ``</s>``) unless the template
+        wrote them. transformers' processors check only for a leading BOS; BLIP-2's layout puts the
+        queries before it, so any of those tokens already in the prompt counts."""
+        text = self.render_prompt(request.messages)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.added_specials and not self.added_specials.intersection(ids):
+            ids = self.tokenizer(text)["input_ids"]
+        return ids
 
     def media_in_prompt_order(self, request: LLMRequest, ids: list[int]) -> list[Embeddings]:
         """``request.media`` in the order of the prompt's placeholders: the k-th placeholder of a

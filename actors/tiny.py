@@ -452,7 +452,8 @@ def build_llava(path: str | Path, seed: int = 0, **text_sizes: int) -> Path:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     path = Path(path)
-    tokenizer = _byte_tokenizer(["<image>"], LLAVA_CHAT_TEMPLATE)
+    # Adds BOS to a text, as LLaVA-1.5's LLaMA tokenizer does (its template writes none).
+    tokenizer = _byte_tokenizer(["<image>"], LLAVA_CHAT_TEMPLATE, special="<s> $A")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(
         image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -462,7 +463,7 @@ def build_llava(path: str | Path, seed: int = 0, **text_sizes: int) -> Path:
              "num_key_value_heads": 2, **text_sizes}
     text = LlamaConfig(
         vocab_size=len(tokenizer), **sizes, max_position_embeddings=512,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=image_id,
@@ -500,9 +501,8 @@ def build_llava_next(path: str | Path, seed: int = 0) -> Path:
     )
 
     path = Path(path)
-    # No BOS added, as the tiny LLaVA's: the LLM stage tokenizes the rendered prompt without the
-    # tokenizer's special tokens, and this template (as llava-v1.6-mistral's) writes no BOS itself.
-    tokenizer = _byte_tokenizer(["<image>"], None)
+    # Adds BOS to a text, as llava-v1.6-mistral's tokenizer does; its template writes none.
+    tokenizer = _byte_tokenizer(["<image>"], None, special="<s> $A")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     view = 16
     vision = CLIPVisionConfig(

@@ -61,7 +61,9 @@ def _reference(path, image, max_new_tokens, n_image_tokens=None):
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False, add_generation_prompt=True
     )
-    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    # As transformers' processors tokenize a rendered template: the tokenizer's special tokens
+    # are added unless the prompt starts with BOS (ProcessorMixin.apply_chat_template).
+    ids = tokenizer(rendered, add_special_tokens=not rendered.startswith(tokenizer.bos_token))["input_ids"]
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     n = n_image_tokens or model.config.num_query_tokens
     ids = [t for i in ids for t in ([i] * n if i == image_id else [i])]
@@ -106,6 +108,9 @@ def test_llava_split_matches_transformers_generate_token_for_token(llava_dir):
         assert result.text == expected_text
         assert result.usage["prompt_tokens"] == 225 + len(pipeline.llm.prompt_ids(
             LLMRequest(messages=[{"role": "user", "content": f"<image>\n{QUESTION}"}]))) - 1
+    # The prompt begins with the BOS LLaVA's tokenizer adds, as LlavaProcessor's does; the template writes none.
+    ids = pipeline.llm.prompt_ids(LLMRequest(messages=[{"role": "user", "content": f"<image>\n{QUESTION}"}]))
+    assert ids[0] == pipeline.llm.tokenizer.bos_token_id and ids.count(ids[0]) == 1
     # The image reaches the answer: a different image gives a different greedy answer.
     assert _staged_ids(pipeline, _image(0), 12) != _staged_ids(pipeline, _image(1), 12)
 
