@@ -3,10 +3,10 @@ downloads no browser of its own): the page loads from a served app, captions the
 draws, shows the API's own error messages, asks for an API key when keys are configured, plays
 generated sound and video, and sends a microphone recording.
 
-The shapes preset is deployed once for the module as its own app under ``/playground-shapes``,
-beside the session's tiny app, because its answers are real: the caption names the sample's colour
-and shape. It is deployed with an API key, so the key's path is tested without a second
-deployment; the other tests' pages hold the key from the start. Screenshots are written to
+The pages are the shapes preset's, served as its own app beside the session's tiny app (the
+``shapes_url`` fixture), because its answers are real: the caption names the sample's colour and
+shape. It is deployed with an API key, so the key's path is tested without a second deployment;
+the other tests' pages hold the key from the start. Screenshots are written to
 ``out/playground/`` as test artefacts.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import SHAPES_API_KEY as API_KEY
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
@@ -27,8 +28,6 @@ from omnistage.pipelines.shapes import dominant_colour
 
 pytestmark = pytest.mark.slow
 
-SHAPES_APP = "playground-shapes"
-API_KEY = "playground-key"
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "out" / "playground"
 # The network is closed here: without the background-networking flags Chromium keeps trying to
 # reach its update and sync services. The fake media flags give it a microphone that plays a tone
@@ -52,31 +51,14 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def browser(chromium, serve_url):
-    # The session's app is deployed first: deploying waits on Serve handles, which refuse to
-    # block while Playwright's sync API holds an event loop on this thread.
+def browser(chromium, shapes_url):
+    # The apps are deployed first (the shapes app after the session's): deploying waits on Serve
+    # handles, which refuse to block while Playwright's sync API holds an event loop on this thread.
     with sync_playwright() as playwright:
         # launch() starts from a fresh, temporary profile each time.
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-@pytest.fixture(scope="module")
-def shapes_url(ray_session):
-    from conftest import SERVE_PORT
-    from ray import serve
-
-    from omnistage.cluster.config import load_config
-    from omnistage.pipelines.serve import build_app
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMNISTAGE_API_KEYS", API_KEY)  # read when the app is built
-        app = build_app(load_config("shapes"))
-    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
-    serve.run(app, name=SHAPES_APP, route_prefix=f"/{SHAPES_APP}")
-    yield f"http://127.0.0.1:{SERVE_PORT}/{SHAPES_APP}/"
-    serve.delete(SHAPES_APP)
 
 
 @pytest.fixture()
