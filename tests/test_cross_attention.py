@@ -93,9 +93,10 @@ def test_idefics_split_matches_transformers_generate_token_for_token(pipeline, w
     assert answers[0] != answers[1]  # the image reaches the answer
 
 
-def test_idefics_engine_batches_different_requests_exactly(pipeline, whole):
-    """Two images in one turn, one image with another question, and no image at all, in one
-    batch: each row reads only its own images, each answer is its own request's generate."""
+@pytest.fixture(scope="module")
+def three(pipeline, whole):
+    """Two images in one turn, one image with another question, and no image at all, with their
+    references: three prompt lengths, three numbers of images."""
     a, b, c = _image(0), _image(1), _image(2)
     two = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "First."}, {"type": "image"}, {"type": "text", "text": QUESTION}]}]
     one = _typed(OTHER_QUESTION)
@@ -111,6 +112,13 @@ def test_idefics_engine_batches_different_requests_exactly(pipeline, whole):
         _reference(whole, [f"User:{QUESTION}<end_of_utterance>\nAssistant:"], 10),
     ]
     assert len({n_prompt for _, _, n_prompt, _ in references}) == 3
+    return requests, references
+
+
+def test_idefics_engine_batches_different_requests_exactly(pipeline, three):
+    """The three requests in one batch: each row reads only its own images, each answer is its own
+    request's generate."""
+    requests, references = three
     engine = pipeline.llm.engine
     for i, request in enumerate(requests):
         engine.add(f"row-{i}", request)
@@ -123,8 +131,20 @@ def test_idefics_engine_batches_different_requests_exactly(pipeline, whole):
     for result, (expected_ids, expected_text, n_prompt, _) in zip(results, references):
         assert (result.token_ids, result.text, result.prompt_tokens) == (expected_ids, expected_text, n_prompt)
     # The second image changes the first request's answer: its later positions read it.
-    swapped = LLMRequest(messages=two, media=_embed(pipeline, [a, c]), max_tokens=10)
+    swapped = LLMRequest(messages=requests[0].messages, media=_embed(pipeline, [_image(0), _image(2)]), max_tokens=10)
     assert pipeline.llm([swapped])[0].token_ids != results[0].token_ids
+
+
+def test_idefics_prompts_prefilled_in_chunks_stay_exact(pipeline, three):
+    """Chunks of 7 prompt tokens: each chunk reads its own rows of the image mask, and rows with
+    different numbers of images join the running batch one by one."""
+    from omnistage.actors.engine import Engine
+    from omnistage.cluster.config import EngineConfig
+
+    requests, references = three
+    results = Engine(pipeline.llm, EngineConfig(max_prefill_tokens=7)).generate(requests)
+    for result, (expected_ids, _, n_prompt, _) in zip(results, references):
+        assert (result.token_ids, result.prompt_tokens) == (expected_ids, n_prompt)
 
 
 def test_idefics_llm_refuses_media_meant_for_the_other_way(pipeline):
