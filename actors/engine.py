@@ -9,8 +9,10 @@ The running batch shares one left-padded KV cache (every row's next token sits i
 column, each row keeps its own position ids and attention mask). A sequence that joins is padded
 to the batch's width and concatenated; rows that finish are dropped and fully padded leading
 columns trimmed. This works with any transformers model that takes an attention mask and
-position ids with a ``DynamicCache`` (LLaMA, Qwen2, OPT, Persimmon) and with encoder-decoder
-models (Flan-T5), whose encoder states are padded alongside.
+position ids with a ``DynamicCache`` (LLaMA, Qwen2, OPT, Persimmon), with encoder-decoder
+models (Flan-T5), whose encoder states are padded alongside, and with decoders that read media
+through cross-attention layers (IDEFICS): each row's media states are padded to the batch's most
+items alongside, and each row's next position reads the items its last prompt position read.
 
 The interface (``add``, ``abort``, ``step``, ``has_work``) is the one vLLM's ``LLMEngine`` has;
 docs/serving.md describes it for other backends.
@@ -143,6 +145,9 @@ class _Sequence:
     prefilled: int = 0
     cache: object | None = None  # own KV cache while a long prompt is prefilled in chunks
     mask: torch.Tensor | None = None
+    # Cross-attention media (LLM.cross_attention_media): (n_items, tokens, width), (prompt_len, n_items)
+    cross_states: torch.Tensor | None = None
+    cross_mask: torch.Tensor | None = None
     token_ids: list[int] = field(default_factory=list)
     text_ids: list[int] = field(default_factory=list)
     forced: deque[int] = field(default_factory=deque)
@@ -171,9 +176,11 @@ class _Batch:
         next_input: (rows, 1, d) next input embeddings; for encoder-decoder models (rows, 1)
             decoder token ids
         encoder_states, encoder_mask: (rows, source_len, d), (rows, source_len); encoder-decoder only
+        cross_states, cross_last: (rows, n_items, tokens, width) media padded with zeros to the most
+            items, (rows, n_items) 0/1 which of them each row's next position reads; cross-attention only
     """
 
-    def __init__(self, seqs, cache, mask, positions, next_input, encoder_states=None, encoder_mask=None):
+    def __init__(self, seqs, cache, mask, positions, next_input, encoder_states=None, encoder_mask=None, cross=None):
         self.seqs: list[_Sequence] = seqs
         self.cache = cache
         self.mask = mask
@@ -181,6 +188,7 @@ class _Batch:
         self.next_input = next_input
         self.encoder_states = encoder_states
         self.encoder_mask = encoder_mask
+        self.cross_states, self.cross_last = cross if cross is not None else (None, None)
 
     @property
     def width(self) -> int:
@@ -373,6 +381,8 @@ class Engine(EngineBase):
                 break
             self.waiting.popleft()
             seq.embeds = self.llm.embed_prompt(seq.request, seq.prompt_ids)
+            if self.llm.cross_attention is not None:
+                seq.cross_states, seq.cross_mask = self.llm.cross_attention_media(seq.request, seq.prompt_ids)
         return whole, chunk
 
     def _kv_fits(self, new: list[_Sequence]) -> bool:
@@ -406,9 +416,10 @@ class Engine(EngineBase):
         cache = first.cache if first.cache is not None else _new_cache()
         mask = new_mask if first.mask is None else torch.cat([first.mask, new_mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, hidden, cache = self._forward(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions[:, -width:], cache=cache
-        )
+        cross, media = None, {}
+        if self.llm.cross_attention is not None:
+            cross, media = self._cross_prefill(seqs, lengths, width)
+        logits, hidden, cache = self._forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions[:, -width:], cache=cache, **media)
         for s, n in zip(seqs, lengths):
             s.prefilled += n
         if first.prefilled < first.prompt_len:
@@ -417,9 +428,24 @@ class Engine(EngineBase):
         if first is self.chunking:
             self.chunking, first.cache, first.mask = None, None, None
         for s in seqs:
-            s.embeds = None
+            s.embeds = s.cross_states = s.cross_mask = None
         tokens = self._choose(seqs, logits, hidden)
-        return [_Batch(seqs, cache, mask, positions[:, -1] + 1, self._next_input(tokens))]
+        return [_Batch(seqs, cache, mask, positions[:, -1] + 1, self._next_input(tokens), cross=cross)]
+
+    def _cross_prefill(self, seqs: list[_Sequence], lengths: list[int], width: int) -> tuple[tuple, dict]:
+        """The rows' cross-attention media padded with zeros to the most items, and the model's
+        inputs for this prefill: each row's mask rows for its next ``lengths[i]`` positions,
+        left-padded to ``width`` with positions that read nothing. Returns ((states, each row's
+        last prompt position's mask row, which every generated position reads, as transformers'
+        generate repeats it), model inputs)."""
+        n_items = max(s.cross_states.shape[0] for s in seqs)
+        states = torch.stack([_pad_to(s.cross_states, n_items, 0, left=False) for s in seqs])
+        mask = torch.zeros(len(seqs), width, n_items, dtype=torch.long, device=self.device)
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            piece = s.cross_mask[s.prefilled : s.prefilled + n]
+            mask[i, width - n :, : piece.shape[1]] = piece
+        last = torch.stack([_pad_to(s.cross_mask[-1], n_items, 0, left=False) for s in seqs])
+        return (states, last), self.llm.cross_attention.model_inputs(states, mask)
 
     def _prefill_seq2seq(self, seqs: list[_Sequence]) -> _Batch:
         """The encoder reads each prompt whole; the decoder's first step starts from
@@ -459,6 +485,8 @@ class Engine(EngineBase):
             }
         else:
             inputs = {"inputs_embeds": batch.next_input, "attention_mask": mask, "position_ids": batch.positions[:, None]}
+            if batch.cross_states is not None:
+                inputs |= self.llm.cross_attention.model_inputs(batch.cross_states, batch.cross_last[:, None])
         logits, hidden, batch.cache = self._forward(**inputs, cache=batch.cache)
         batch.mask, batch.positions = mask, batch.positions + 1
         batch.next_input = self._next_input(self._choose(batch.seqs, logits, hidden))
@@ -611,6 +639,8 @@ class Engine(EngineBase):
         batch.mask, batch.positions, batch.next_input = batch.mask[index], batch.positions[index], batch.next_input[index]
         if batch.encoder_states is not None:
             batch.encoder_states, batch.encoder_mask = batch.encoder_states[index], batch.encoder_mask[index]
+        if batch.cross_states is not None:
+            batch.cross_states, batch.cross_last = batch.cross_states[index], batch.cross_last[index]
         # Columns that only the retired rows used are padding for everyone left.
         first = int(batch.mask.any(0).nonzero()[0])
         if first:
@@ -631,6 +661,11 @@ class Engine(EngineBase):
         a.seqs = a.seqs + b.seqs
         a.positions = torch.cat([a.positions, b.positions])
         a.next_input = torch.cat([a.next_input, b.next_input])
+        if a.cross_states is not None:
+            # Padding items are masked out of every row that does not have them.
+            n_items = max(a.cross_states.shape[1], b.cross_states.shape[1])
+            a.cross_states = torch.cat([_pad_to(a.cross_states, n_items, 1, left=False), _pad_to(b.cross_states, n_items, 1, left=False)])
+            a.cross_last = torch.cat([_pad_to(a.cross_last, n_items, 1, left=False), _pad_to(b.cross_last, n_items, 1, left=False)])
         if a.encoder_states is not None:
             from transformers import DynamicCache, EncoderDecoderCache
 

@@ -64,7 +64,9 @@ class ImageEncoder(Stage):
     @torch.inference_mode()
     def encode_frames(self, images: list[np.ndarray]) -> torch.Tensor:
         """(n, height, width, 3) uint8 images -> (n, n_tokens, d_vision) features on the stage's device."""
-        return self.encode_pixels(self.processor(images=images, return_tensors="pt")["pixel_values"])
+        pixels = self.processor(images=images, return_tensors="pt")
+        # IDEFICS's image processor returns the pixel tensor itself, not a BatchFeature.
+        return self.encode_pixels(pixels if isinstance(pixels, torch.Tensor) else pixels["pixel_values"])
 
     @torch.inference_mode()
     def encode_tiled(self, images: list[np.ndarray]) -> list[Features]:

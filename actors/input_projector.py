@@ -7,6 +7,7 @@ One checkpoint holds a head per input modality, each of one of four designs the 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -130,9 +131,13 @@ class InputProjector(HeadStage):
                     f"{size[0]}x{size[1]} {item.modality}, {n_views * spec['tokens_per_view']} tokens, got {item.features.shape[0]}"
                 )
 
+    def __call__(self, items: list[Features]) -> list[Embeddings]:
+        # The head's spec says how the LLM reads its output (IDEFICS's resampler: cross-attention).
+        return [dataclasses.replace(e, fusion=self.head_spec(e.modality).get("fusion", "splice")) for e in super().__call__(items)]
+
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
-        """A LLaVA, BLIP-2 or InstructBLIP checkpoint gives its projector as the ``image`` head, a
-        Qwen2-Audio checkpoint as the ``audio`` head."""
+        """A LLaVA, BLIP-2, InstructBLIP or IDEFICS checkpoint gives its projector as the ``image``
+        head, a Qwen2-Audio checkpoint as the ``audio`` head."""
         from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_part
 
         if not is_multimodal_checkpoint(self.checkpoint):

@@ -2,7 +2,9 @@
 their placeholders and writes text plus signal tokens that ask for media.
 
 Splicing follows LLaVA: each placeholder token is repeated once per media token, and the media
-embeddings are scattered into those positions (``masked_scatter``). Signal tokens follow NExT-GPT:
+embeddings are scattered into those positions (``masked_scatter``). A checkpoint whose language
+model reads media through cross-attention layers (IDEFICS) keeps one media token per item in the
+prompt instead, and its embeddings go to those layers beside the prompt (``cross_attention_media``). Signal tokens follow NExT-GPT:
 an output modality has a group (``[IMG0]..[IMG3]``); once the model emits the group's first token
 the rest are forced, and the hidden states behind the group go to the output projector.
 """
@@ -21,7 +23,7 @@ from omnistage.actors.base import Stage
 from omnistage.actors.chat_template import ChatTemplate, checkpoint_chat_template, content_problem
 from omnistage.actors.engine import Engine
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
-from omnistage.actors.multimodal import is_multimodal_checkpoint, language_part, media_token_ids
+from omnistage.actors.multimodal import cross_attention, is_multimodal_checkpoint, language_part, media_token_ids
 from omnistage.actors.payloads import (
     MODALITIES,
     PLACEHOLDERS,
@@ -70,10 +72,18 @@ class LLM(Stage):
             )
         self.chat_template = ChatTemplate(self.tokenizer, template)
         self.placeholders: dict[str, str] = dict(PLACEHOLDERS)
+        # Set where the language model reads media through cross-attention layers (IDEFICS).
+        self.cross_attention = None
         if is_multimodal_checkpoint(self.checkpoint):
-            # LLaVA / BLIP-2 / Qwen2-Audio: serve the language model; the media tokens are the checkpoint's own.
+            # LLaVA / BLIP-2 / Qwen2-Audio / IDEFICS: serve the language model; the media tokens are the checkpoint's own.
             self.model, model_config = language_part(self.checkpoint, self.dtype)
-            self.placeholders = self._checkpoint_media_tokens(model_config)
+            self.cross_attention = cross_attention(model_config, self.tokenizer)
+            if self.cross_attention is None:
+                token_ids = media_token_ids(model_config)
+            else:
+                # The config names no image token: the processor's own is the one.
+                token_ids = {self.cross_attention.modality: self.tokenizer.convert_tokens_to_ids(self.cross_attention.token)}
+            self.placeholders = self._checkpoint_media_tokens(token_ids)
         elif _is_encoder_decoder(self.checkpoint):
             # Flan-T5 / UL2: the prompt (media spliced in) goes into the encoder; the decoder writes.
             from transformers import AutoModelForSeq2SeqLM
@@ -92,6 +102,9 @@ class LLM(Stage):
 
         vocab = self.tokenizer.get_vocab()
         self.placeholder_ids = {vocab[token]: modality for modality, token in self.placeholders.items()}
+        self.fusion = {m: "cross_attention" if self.cross_attention and m == self.cross_attention.modality else "splice" for m in MODALITIES}
+        # The placeholders expanded into media tokens; a cross-attention medium's stays one token.
+        self.spliced_ids = {t for t, m in self.placeholder_ids.items() if self.fusion[m] == "splice"}
         self.groups = {m: [vocab[t] for t in signal_token_names(m, n)] for m, n in config.signal_tokens.items()}
         self.signal_modality = {t: m for m, ids in self.groups.items() for t in ids}
         # The sampler never picks a placeholder or a group's later tokens (those are forced).
@@ -102,6 +115,11 @@ class LLM(Stage):
         self.eos_ids.add(self.tokenizer.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_context = getattr(self.model.config, "max_position_embeddings", None)
+        if config.engine.backend == "vllm" and self.cross_attention is not None:
+            raise ValueError(
+                f"expected engine.backend 'builtin' for {str(self.checkpoint)!r}: its language model reads media through "
+                "cross-attention layers, which only the built-in engine feeds"
+            )
         if config.engine.backend == "vllm":
             # Imported here: only the vLLM pool's own environment (engine.vllm.python) has vLLM.
             from omnistage.actors.vllm_engine import VLLMEngine
@@ -110,10 +128,10 @@ class LLM(Stage):
         else:
             self.engine = Engine(self, config.engine)
 
-    def _checkpoint_media_tokens(self, model_config) -> dict[str, str]:
+    def _checkpoint_media_tokens(self, token_ids: dict[str, int]) -> dict[str, str]:
         """The checkpoint's own media token per modality, checked against its tokenizer and template."""
         tokens = {}
-        for modality, token_id in media_token_ids(model_config).items():
+        for modality, token_id in token_ids.items():
             token = self.tokenizer.convert_ids_to_tokens(token_id)
             if not self.chat_template.typed:
                 # A string template reads the chat's placeholders as they are: the checkpoint's
@@ -229,12 +247,25 @@ class LLM(Stage):
                 f"the prompt's placeholders ask for {_describe(wanted)}, but the media given are {_describe(given)}"
             )
         for item in request.media:
-            if not isinstance(item.embeds, np.ndarray) or item.embeds.ndim != 2 or item.embeds.shape[1] != self.hidden_size:
+            if item.fusion != self.fusion[item.modality]:
                 raise InvalidInputError(
-                    f"expected {item.modality} embeddings of shape (n_tokens, {self.hidden_size}), "
+                    f"expected {item.modality} embeddings read by {self.fusion[item.modality]} (as this checkpoint's "
+                    f"language model reads them), got embeddings meant for {item.fusion!r}"
+                )
+            # Cross-attention reads every item's latents as one block: their number is the checkpoint's.
+            rows, width = (self.cross_attention.tokens_per_item, self.cross_attention.width) if item.fusion == "cross_attention" else (None, self.hidden_size)
+            if (
+                not isinstance(item.embeds, np.ndarray)
+                or item.embeds.ndim != 2
+                or item.embeds.shape[1] != width
+                or (rows is not None and item.embeds.shape[0] != rows)
+            ):
+                raise InvalidInputError(
+                    f"expected {item.modality} embeddings of shape ({rows or 'n_tokens'}, {width}), "
                     f"got {getattr(item.embeds, 'shape', type(item.embeds).__name__)}"
                 )
-        length = len(ids) - len(wanted) + sum(item.embeds.shape[0] for item in request.media)
+        spliced = [item for item in request.media if item.fusion == "splice"]
+        length = len(ids) - len(spliced) + sum(item.embeds.shape[0] for item in spliced)
         if self.max_context is not None and length + request.max_tokens > self.max_context:
             raise InvalidInputError(
                 f"expected the prompt ({length} tokens with media) plus max_tokens "
@@ -246,7 +277,7 @@ class LLM(Stage):
         """(n_tokens, d_llm) input embeddings of a checked request: the prompt's tokens (``ids``,
         from ``prepare``), each placeholder expanded to its medium's embeddings."""
         ids = self.prompt_ids(request) if ids is None else ids
-        media = self.media_in_prompt_order(request, ids)
+        media = [item for item in self.media_in_prompt_order(request, ids) if item.fusion == "splice"]
         input_ids = torch.tensor(self.expand(ids, [item.embeds.shape[0] for item in media]), device=self.device)
         if not media:
             return self.embed_tokens(input_ids)
@@ -257,7 +288,7 @@ class LLM(Stage):
         """``ids`` with the k-th placeholder repeated ``lengths[k]`` times: one position per token
         of its medium."""
         remaining = iter(lengths)
-        return [t for t in ids for _ in range(next(remaining) if t in self.placeholder_ids else 1)]
+        return [t for t in ids for _ in range(next(remaining) if t in self.spliced_ids else 1)]
 
     def splice(self, input_ids: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
         """Token embeddings of expanded ``input_ids`` (..., n) with the placeholder positions
@@ -265,8 +296,19 @@ class LLM(Stage):
         n_media_tokens, d_llm) for a batch. Differentiable in ``media``, so training splices as
         serving does."""
         embeds = self.embed_tokens(input_ids)
-        is_media = torch.isin(input_ids, torch.tensor(list(self.placeholder_ids), device=input_ids.device))
+        is_media = torch.isin(input_ids, torch.tensor(list(self.spliced_ids), device=input_ids.device))
         return embeds.masked_scatter(is_media[..., None], media.to(embeds.device, embeds.dtype))
+
+    def cross_attention_media(self, request: LLMRequest, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a checked request's cross-attention layers read: its media, (max(1, n_items),
+        tokens_per_item, width), in the order of the prompt's tokens for them (zeros where it has
+        none), and which of them each prompt position reads, (len(ids), max(1, n_items)) 0/1."""
+        media = [item.embeds for item in self.media_in_prompt_order(request, ids)]
+        tokens, width = self.cross_attention.tokens_per_item, self.cross_attention.width
+        states = torch.zeros(max(1, len(media)), tokens, width, dtype=self.dtype)
+        if media:
+            states[: len(media)] = torch.from_numpy(np.stack(media))
+        return states.to(self.device), self.cross_attention.prompt_mask(ids, len(media)).to(self.device)
 
     # 3. Decode, continuously batched (actors/engine.py)
 

@@ -1,4 +1,4 @@
-"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio) split across the stage pools.
+"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model (named as in the checkpoint's files):
@@ -19,6 +19,11 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
   checkpoint's ``qformer_tokenizer``, after its queries.
 - ``qwen2_audio``: audio encoder ``audio_tower`` (its ``last_hidden_state``: average-pooled, then
   layer-normed); input projector ``multi_modal_projector``; LLM ``language_model`` as a causal LM.
+- ``idefics``: image encoder ``model.vision_model`` (its ``last_hidden_state``, CLS kept, before
+  the post-layernorm, as ``IdeficsModel`` reads it); input projector ``model.perceiver_resampler``;
+  LLM the decoder (``model.embed_tokens``, ``model.layers``, ``model.gated_cross_attn_layers``,
+  ``model.norm``, ``lm_head``), which reads the resampled images through its cross-attention
+  layers instead of spliced tokens (``CROSS_ATTENTION_TYPES``, ``Embeddings.fusion``).
 
 Each pool reads only its part's tensors from the safetensors files (only the shards that hold
 them), cast to the stage's dtype as they are read, and builds only that part from its sub-config.
@@ -27,6 +32,7 @@ them), cast to the stage's dtype as they are read, and builds only that part fro
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +41,12 @@ from torch import nn
 
 from omnistage.actors.payloads import MODALITIES
 
-MULTIMODAL_TYPES = ("llava", "llava_next", "blip-2", "instructblip", "qwen2_audio")
+MULTIMODAL_TYPES = ("llava", "llava_next", "blip-2", "instructblip", "qwen2_audio", "idefics")
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
-INPUT_MODALITY = {"llava": "image", "llava_next": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio"}
+INPUT_MODALITY = {"llava": "image", "llava_next": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio", "idefics": "image"}
+# Types whose language model reads projected media through cross-attention layers (Flamingo's
+# design) rather than as embeddings spliced into the prompt.
+CROSS_ATTENTION_TYPES = ("idefics",)
 # Where each part of a checkpoint keeps its tensors, in the published layout (the one transformers'
 # save_pretrained writes too): a prefix stripped from the names, or {prefix: the part's own prefix}.
 PART_PREFIXES: dict[str, dict[str, str | dict[str, str]]] = {
@@ -56,6 +65,12 @@ PART_PREFIXES: dict[str, dict[str, str | dict[str, str]]] = {
     "qwen2_audio": {"encoder": "audio_tower.", "projector": "multi_modal_projector.", "language": "language_model."},
 }
 PART_PREFIXES["instructblip"] = PART_PREFIXES["blip-2"]
+PART_PREFIXES["idefics"] = {
+    "encoder": "model.vision_model.",
+    "projector": "model.perceiver_resampler.",
+    # The decoder with its gated cross-attention layers, under the whole model's names.
+    "language": {p: p for p in ("model.embed_tokens.", "model.layers.", "model.gated_cross_attn_layers.", "model.norm.", "lm_head.")},
+}
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:
@@ -155,6 +170,14 @@ def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | 
     path, model_type, config = _part_checkpoint(path, "vision")
     if INPUT_MODALITY[model_type] != "image":
         raise ValueError(f"no vision part known for model_type {model_type!r} at {str(path)!r}")
+    if model_type == "idefics":
+        # IDEFICS's tower is no PreTrainedModel: built from its sub-config, given the attention
+        # IdeficsModel hands it (its own: sdpa), and loaded whole. The perceiver reads its
+        # last_hidden_state, CLS kept, without the post-layernorm (which only the pooled CLS gets).
+        from transformers.models.idefics.vision import IdeficsVisionTransformer
+
+        config.vision_config._attn_implementation = "sdpa"
+        return _load_module(IdeficsVisionTransformer(config.vision_config), path, PART_PREFIXES[model_type]["encoder"], dtype), None, False
     tower = _from_part(_model_class(config.vision_config), config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
     if model_type in ("llava", "llava_next"):
         return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
@@ -244,6 +267,12 @@ class LlavaNextPacker(nn.Module):
         return packed
 
 
+def _load_module(module: nn.Module, path: Path, prefix: str, dtype: torch.dtype) -> nn.Module:
+    """``module`` (a part that is no ``PreTrainedModel``) holding exactly the tensors under ``prefix``, in ``dtype``."""
+    module.load_state_dict(read_part(path, prefix, dtype), strict=True)
+    return module.to(dtype).eval()
+
+
 def _bridge_parts(path: Path, model_type: str, config: Any, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Module, nn.Linear]:
     """(Instruct)BLIP's query tokens, Q-Former (its class from the Q-Former config) and language projection."""
     qformer = _from_part(_model_class(config.qformer_config), config.qformer_config, path, "qformer.", dtype)
@@ -256,6 +285,17 @@ def _bridge_parts(path: Path, model_type: str, config: Any, dtype: torch.dtype) 
 def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module, dict[str, Any]]:
     """(modality, the checkpoint's input projector, its head spec ``{"type", "in_dim", "out_dim", ...}``)."""
     path, model_type, config = _part_checkpoint(path, "projector")
+    if model_type == "idefics":
+        from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
+
+        if not config.use_resampler:
+            raise ValueError(f"expected an IDEFICS checkpoint with a Perceiver resampler (use_resampler), got none at {str(path)!r}")
+        width, perceiver = config.vision_config.embed_dim, config.perceiver_config
+        n_latents = perceiver.resampler_n_latents
+        resampler = IdeficsPerceiverResampler(config, width, perceiver.resampler_depth, perceiver.resampler_n_heads, perceiver.resampler_head_dim, n_latents)
+        # The latents stay in the vision width: the LLM's cross-attention layers project them.
+        spec = {"type": model_type, "in_dim": width, "out_dim": width, "num_latents": n_latents, "fusion": "cross_attention"}
+        return "image", _load_module(resampler, path, PART_PREFIXES[model_type]["projector"], dtype), spec
     text_width = config.text_config.hidden_size
     if model_type in ("blip-2", "instructblip"):
         spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.num_query_tokens}
@@ -304,13 +344,95 @@ def language_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, Any]
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, GenerationConfig
 
     path, model_type, config = _part_checkpoint(path, "language")
-    text = config.text_config
-    classes = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if text.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
-    lm = _from_part(classes[type(text)], text, path, PART_PREFIXES[model_type]["language"], dtype)
+    if model_type == "idefics":
+        lm = _idefics_decoder(path, config, dtype)
+    else:
+        text = config.text_config
+        classes = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if text.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
+        lm = _from_part(classes[type(text)], text, path, PART_PREFIXES[model_type]["language"], dtype)
     if (path / "generation_config.json").is_file():
         # Its EOS ids (the instruct checkpoint's <|im_end|>) are the whole model's, not the text config's.
         lm.generation_config = GenerationConfig.from_pretrained(path)
     return lm, config
+
+
+def _idefics_decoder(path: Path, config: Any, dtype: torch.dtype) -> nn.Module:
+    """IDEFICS's decoder with its gated cross-attention layers and head: ``IdeficsForVisionText2Text``
+    less its vision tower and resampler. The class builds those two too, so they are built from a
+    copy of the config at depth 0 and dropped: the pool never holds them, and the forward reaches
+    them only for pixels (this stage is given the resampled images instead)."""
+    import copy
+
+    from transformers import IdeficsForVisionText2Text
+
+    shell = copy.deepcopy(config)
+    depths = config.vision_config.num_hidden_layers, config.perceiver_config.resampler_depth
+    shell.vision_config.num_hidden_layers, shell.perceiver_config.resampler_depth = 0, 0
+    prefix = PART_PREFIXES["idefics"]["language"]
+    # Its load report would list the tower and resampler as missing: they are dropped just below,
+    # and the tensors that are missing otherwise raise here.
+    report = logging.getLogger("transformers.modeling_utils")
+    report.disabled = True
+    try:
+        model, info = IdeficsForVisionText2Text.from_pretrained(
+            None, config=shell, state_dict=read_part(path, prefix, dtype), dtype=dtype, output_loading_info=True
+        )
+    finally:
+        report.disabled = False
+    elsewhere = ("model.vision_model.", "model.perceiver_resampler.")
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(elsewhere))
+    unexpected = sorted(info["unexpected_keys"])
+    if missing or unexpected:
+        raise ValueError(
+            f"expected the tensors under {sorted(prefix)} in {str(path)!r} to be exactly IDEFICS's decoder, got "
+            f"{len(missing)} missing (first: {missing[:5]}) and {len(unexpected)} unexpected (first: {unexpected[:5]})"
+        )
+    del model.model.vision_model, model.model.perceiver_resampler
+    shell.vision_config.num_hidden_layers, shell.perceiver_config.resampler_depth = depths
+    return model.eval()
+
+
+class IdeficsCrossAttention:
+    """How IDEFICS's decoder reads images: through its gated cross-attention layers, each text
+    position attending to the resampled latents of the last image before it (none before the
+    first image, or after an EOS), as ``IdeficsProcessor`` masks them. The prompt keeps one
+    ``<image>`` token per image, as the processor writes it; the latents travel beside it.
+
+    ``tokens_per_item`` latents of ``width`` (the vision width) per image."""
+
+    modality = "image"
+
+    def __init__(self, config: Any, tokenizer: Any):
+        from transformers.models.idefics.processing_idefics import IMAGE_TOKEN
+
+        self.token = IMAGE_TOKEN
+        self.tokenizer = tokenizer
+        self.tokens_per_item = config.perceiver_config.resampler_n_latents
+        self.width = config.vision_config.embed_dim
+
+    def prompt_mask(self, ids: list[int], n_images: int) -> torch.Tensor:
+        """(len(ids), max(1, n_images)) 0/1: which image each prompt position reads, by the
+        processor's own functions (one image slot, all zero, for a prompt without images, as it pads)."""
+        from transformers.models.idefics.processing_idefics import (
+            image_attention_mask_for_packed_input_ids,
+            incremental_to_binary_attention_mask,
+        )
+
+        incremental, _ = image_attention_mask_for_packed_input_ids(torch.tensor([ids]), self.tokenizer, "pt")
+        return incremental_to_binary_attention_mask(incremental, "pt", num_classes=max(1, n_images))[0]
+
+    @staticmethod
+    def model_inputs(states: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The decoder's keyword arguments for (rows, n_images, tokens_per_item, width) resampled
+        images and a (rows, positions, n_images) mask: the resampler's output is passed as such,
+        so the decoder does not run it again."""
+        return {"perceiver_embeddings": states.flatten(0, 1), "image_attention_mask": mask}
+
+
+def cross_attention(model_config: Any, tokenizer: Any) -> IdeficsCrossAttention | None:
+    """How the checkpoint's language model reads media through cross-attention, or None where it
+    reads them spliced into the prompt."""
+    return IdeficsCrossAttention(model_config, tokenizer) if model_config.model_type in CROSS_ATTENTION_TYPES else None
 
 
 def media_token_ids(model_config: Any) -> dict[str, int]:
@@ -332,7 +454,7 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 
 def pretrained_config(path: str | Path, name: str | None = None):
-    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP or Qwen2-Audio directory as encoder, input
+    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio or IDEFICS directory as encoder, input
     projector and LLM pools (image or audio in, text out; no generators, no signal tokens). The same
     dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
@@ -341,7 +463,7 @@ def pretrained_config(path: str | Path, name: str | None = None):
     model_type = checkpoint_model_type(path)
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
-            f"expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP or Qwen2-Audio checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
+            f"expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio or IDEFICS checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
     model = str(path)

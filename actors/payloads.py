@@ -81,16 +81,27 @@ class Features:
     image_size: tuple[int, int] | None = None
 
 
+# How the LLM reads a medium's projected embeddings: spliced into the prompt as tokens (LLaVA,
+# BLIP-2: its placeholder expanded to one position per embedding), or through the language model's
+# cross-attention layers (Flamingo, IDEFICS: the prompt keeps the checkpoint's own media token, and
+# the embeddings travel beside it). The checkpoint decides, never the request: the input projector
+# sets it from its head, and the LLM stage refuses embeddings meant for the other way.
+Fusion = Literal["splice", "cross_attention"]
+
+
 @dataclass
 class Embeddings:
-    """One media item projected into the LLM's embedding space (P_X).
+    """One media item projected into the LLM's embedding space (P_X), or, for ``fusion``
+    ``"cross_attention"``, into what the LLM's cross-attention layers read.
 
     Dimensions:
-        embeds: (n_tokens, d_llm) float32
+        embeds: (n_tokens, d_llm) float32; for cross-attention (n_tokens, d_cross), IDEFICS's
+            (n_latents, d_vision) resampled image
     """
 
     modality: Modality
     embeds: np.ndarray
+    fusion: Fusion = "splice"
 
 
 @dataclass

@@ -745,3 +745,88 @@ def build_instructblip(path: str | Path, seed: int = 0, num_query_tokens: int = 
     processor = {"num_query_tokens": num_query_tokens, "processor_class": "InstructBlipProcessor"}
     (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return path
+
+
+# Typed parts in the layout of HuggingFaceM4/idefics-9b-instruct's prompts (its model card's
+# "User:", image, "text<end_of_utterance>", "\nAssistant:"): each image written as IdeficsProcessor
+# writes it (the image token between two <fake_token_around_image>, sharing the one between two
+# images in a row), and BOS first, which the processor adds to every prompt.
+IDEFICS_CHAT_TEMPLATE = (
+    "{% set ns = namespace(image=false) %}{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image><fake_token_around_image>' if ns.image else "
+    "'<fake_token_around_image><image><fake_token_around_image>' }}{% set ns.image = true %}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% set ns.image = false %}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% set ns.image = false %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+IDEFICS_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+
+
+def build_idefics(path: str | Path, seed: int = 0) -> Path:
+    """An IDEFICS-shaped model (idefics-9b-instruct's layout at a tiny scale): its CLIP-like vision
+    transformer (30x30, 2x2 patches, CLS kept: 226 tokens) -> Perceiver resampler (8 latents) ->
+    2-layer LLaMA-style decoder with a gated cross-attention layer before each layer, reading the
+    resampled image states. As published: the three tokens the checkpoint added
+    (``<fake_token_around_image>``, ``<image>``, ``<end_of_utterance>``) after the base vocabulary,
+    embedded by the decoupled embedding's ``additional_vocab_size`` rows; weights in shards; the
+    image processor in preprocessor_config.json; ``<end_of_utterance>`` among the EOS ids; the
+    template in chat_template.json."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil
+
+    path = Path(path)
+    tokenizer = _byte_tokenizer([], None)
+    base_vocab = len(tokenizer)
+    # Added after the base vocabulary and listed as additional special tokens, as in the published
+    # tokenizer: IdeficsProcessor writes <end_of_utterance> between text items only when it is there.
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS_TOKENS})
+    config = IdeficsConfig(
+        vocab_size=base_vocab,
+        additional_vocab_size=len(IDEFICS_TOKENS),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        cross_layer_interval=1,
+        use_resampler=True,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vision_config={
+            "embed_dim": 24,
+            "image_size": 30,
+            "patch_size": 2,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "initializer_range": 0.2,
+        },
+        perceiver_config={
+            "use_resampler": True,
+            "resampler_n_latents": 8,
+            "resampler_depth": 2,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 8,
+            "qk_layer_norms_perceiver": False,
+        },
+    )
+    torch.manual_seed(seed)
+    model = IdeficsForVisionText2Text(config).eval()
+    # The published config's gates start at zero (tanh(0) shuts every cross-attention layer); trained
+    # ones are open. Seeded values stand in for the trained ones.
+    with torch.no_grad():
+        for layer in model.model.gated_cross_attn_layers:
+            layer.alpha_cross_attn.normal_(std=1.0)
+            layer.alpha_dense.normal_(std=1.0)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(path, max_shard_size="50KB")
+    tokenizer.save_pretrained(path)
+    IdeficsImageProcessorPil(image_size=30).save_pretrained(path)
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        settings = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**settings, "processor_class": "IdeficsProcessor"}, indent=2) + "\n")
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": IDEFICS_CHAT_TEMPLATE}, indent=2) + "\n")
+    return path

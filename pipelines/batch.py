@@ -403,7 +403,9 @@ class InputProjectorUDF(StageUDF):
 
     def columns(self, table: pa.Table, outputs: dict[int, Embeddings], errors: list[str | None]) -> dict[str, pa.Array]:
         data, shapes = _pack([outputs[i].embeds if i in outputs else None for i in range(table.num_rows)])
-        return {"embeds": data, "embeds_shape": shapes}
+        # How the LLM reads them (spliced, or through cross-attention), as the projector decided.
+        fusion = pa.array([outputs[i].fusion if i in outputs else None for i in range(table.num_rows)], pa.string())
+        return {"embeds": data, "embeds_shape": shapes, "fusion": fusion}
 
 
 class LLMUDF(StageUDF):
@@ -411,7 +413,7 @@ class LLMUDF(StageUDF):
     the signal group of that modality (``signal``: (n_signal_tokens, d_llm) float32)."""
 
     step = "llm"
-    consumes = ("messages", "embeds", "embeds_shape")
+    consumes = ("messages", "embeds", "embeds_shape", "fusion")
 
     def __init__(
         self,
@@ -431,10 +433,11 @@ class LLMUDF(StageUDF):
     def inputs(self, table: pa.Table, rows: list[int]) -> list[LLMRequest]:
         messages, seeds = table.column("messages").to_pylist(), table.column("seed").to_pylist()
         embeds = _unpack(table, "embeds", np.float32, rows) if self.modality else [None] * len(rows)
+        fusion = table.column("fusion").to_pylist() if self.modality else [None] * table.num_rows
         return [
             LLMRequest(
                 messages=json.loads(messages[i]),
-                media=[] if e is None else [Embeddings(modality=self.modality, embeds=e)],
+                media=[] if e is None else [Embeddings(modality=self.modality, embeds=e, fusion=fusion[i])],
                 seed=seeds[i],
                 force_modalities=[self.force] if self.force else [],
                 **self.sampling,

@@ -122,7 +122,13 @@ def ports(name: str, stage: Any) -> dict[str, Any]:
                 head["generated_conditioning"] = stage.generated_shape(m)
         return {"heads": heads}
     if name == "llm":
-        return {"hidden_size": stage.hidden_size, "signal_modalities": sorted(stage.groups)}
+        cross = stage.cross_attention
+        return {
+            "hidden_size": stage.hidden_size,
+            "signal_modalities": sorted(stage.groups),
+            "fusion": dict(stage.fusion),
+            "cross_attention_width": cross.width if cross is not None else None,
+        }
     return {
         "conditioning": stage.conditioning_shape,
         "generated_conditioning": stage.generated_shape,
@@ -159,11 +165,15 @@ def _features(modality: str, encoder: dict[str, Any], projector: dict[str, Any])
 
 def _embeddings(modality: str, projector: dict[str, Any], llm: dict[str, Any]) -> None:
     head = _head("input_projector", modality, projector["heads"])
-    if head["out_dim"] != llm["hidden_size"]:
+    fusion = head.get("fusion", "splice")
+    if fusion != llm["fusion"][modality]:
         raise ValueError(
-            f"the input projector's {modality} head outputs width {head['out_dim']}, "
-            f"but the LLM's embeddings have width {llm['hidden_size']}"
+            f"the input projector's {modality} head feeds the LLM by {fusion}, "
+            f"but the LLM reads {modality} by {llm['fusion'][modality]}"
         )
+    width, what = (llm["cross_attention_width"], "cross-attention layers read") if fusion == "cross_attention" else (llm["hidden_size"], "embeddings have")
+    if head["out_dim"] != width:
+        raise ValueError(f"the input projector's {modality} head outputs width {head['out_dim']}, but the LLM's {what} width {width}")
 
 
 def _signal_group(modality: str, llm: dict[str, Any], projector: dict[str, Any]) -> None:

@@ -61,7 +61,7 @@ class LocalPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str | None = None) -> LocalPipeline:
-        """Serve a LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio checkpoint directory, split into encoder, projector
+        """Serve a LLaVA, BLIP-2, InstructBLIP, Qwen2-Audio or IDEFICS checkpoint directory, split into encoder, projector
         and LLM stages."""
         from omnistage.actors.multimodal import pretrained_config
 

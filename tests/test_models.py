@@ -148,7 +148,7 @@ def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
 def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
     from omnistage.pipelines.local import LocalPipeline
 
-    with pytest.raises(ValueError, match=r"LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP or Qwen2-Audio.*model_type 'llama'"):
+    with pytest.raises(ValueError, match=r"LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio or IDEFICS.*model_type 'llama'"):
         LocalPipeline.from_pretrained(tiny_preset / "llm")
 
 
@@ -527,6 +527,15 @@ def _parts_of_the_whole(model_type, path):
     def llm(d):
         return LLM(LLMConfig(model=d, signal_tokens={})).model
 
+    if model_type == "idefics":
+        inner = whole.model
+        # The decoder keeps the whole model's names; the tower and the resampler are the other pools'.
+        language = {k: v for k, v in whole.state_dict().items() if not k.startswith(("model.vision_model.", "model.perceiver_resampler."))}
+        return {
+            "encoder": (encoder, inner.vision_model.state_dict()),
+            "projector": (projector, inner.perceiver_resampler.state_dict()),
+            "language": (llm, language),
+        }
     if model_type in ("blip-2", "instructblip"):
         bridge = {"query_tokens": whole.query_tokens, **{f"qformer.{k}": v for k, v in whole.qformer.state_dict().items()},
                   **{f"language_projection.{k}": v for k, v in whole.language_projection.state_dict().items()}}
@@ -546,7 +555,7 @@ def _parts_of_the_whole(model_type, path):
 @pytest.mark.parametrize(
     "model_type, checkpoint",
     [("llava", "llava_dir"), ("llava_next", "llava_next_dir"), ("blip-2", "blip2_dir"), ("instructblip", "instructblip_dir"),
-     ("qwen2_audio", "qwen2_audio_dir")],
+     ("qwen2_audio", "qwen2_audio_dir"), ("idefics", "idefics_dir")],
 )
 def test_stages_read_only_their_part(request, tmp_path, model_type, checkpoint):
     """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
@@ -1287,3 +1296,13 @@ def test_blip2_flan_t5_split_matches_transformers_generate(tmp_path):
         assert len(expected_ids) >= 2
         assert _staged_ids(pipeline, image, 8) == expected_ids
         assert pipeline.chat(_chat(image), max_tokens=8).text == expected_text
+
+
+# IDEFICS: the LLM reads the images through cross-attention (more in test_cross_attention.py)
+
+
+@pytest.fixture(scope="module")
+def idefics_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_idefics
+
+    return build_idefics(tmp_path_factory.mktemp("idefics") / "tiny-idefics", seed=0)
