@@ -131,7 +131,7 @@ class InputProjector(HeadStage):
                 )
 
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
-        """A LLaVA, BLIP-2 or InstructBLIP checkpoint gives its projector as the ``image`` head, a
+        """A LLaVA, BLIP-2, InstructBLIP or Kosmos-2 checkpoint gives its projector as the ``image`` head, a
         Qwen2-Audio checkpoint as the ``audio`` head."""
         from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_part
 

@@ -21,7 +21,7 @@ from omnistage.actors.base import Stage
 from omnistage.actors.chat_template import ChatTemplate, checkpoint_chat_template, content_problem
 from omnistage.actors.engine import Engine
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
-from omnistage.actors.multimodal import is_multimodal_checkpoint, language_part, media_token_ids
+from omnistage.actors.multimodal import checkpoint_model_type, is_multimodal_checkpoint, language_part, media_token_ids
 from omnistage.actors.payloads import (
     MODALITIES,
     PLACEHOLDERS,
@@ -63,17 +63,24 @@ class LLM(Stage):
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
         template = checkpoint_chat_template(self.checkpoint, self.tokenizer)
-        if template is None:
+        # Kosmos-2 has none: its processor lays the prompt out (Kosmos2Prompt).
+        if template is None and checkpoint_model_type(self.checkpoint) != "kosmos-2":
             raise ValueError(
                 f"expected a chat template in {str(self.checkpoint)!r} (chat_template.json, chat_template.jinja, "
                 "processor_config.json or tokenizer_config.json), found none; add one to its tokenizer_config.json"
             )
         self.chat_template = ChatTemplate(self.tokenizer, template)
         self.placeholders: dict[str, str] = dict(PLACEHOLDERS)
+        self.kosmos2 = None  # Kosmos-2's prompt layout and grounded answers
         if is_multimodal_checkpoint(self.checkpoint):
             # LLaVA / BLIP-2 / Qwen2-Audio: serve the language model; the media tokens are the checkpoint's own.
             self.model, model_config = language_part(self.checkpoint, self.dtype)
-            self.placeholders = self._checkpoint_media_tokens(model_config)
+            if model_config.model_type == "kosmos-2":
+                from omnistage.actors.kosmos2 import Kosmos2Prompt
+
+                self.kosmos2, self.placeholders = Kosmos2Prompt(self.tokenizer, model_config.latent_query_num), {}
+            else:
+                self.placeholders = self._checkpoint_media_tokens(model_config)
         elif _is_encoder_decoder(self.checkpoint):
             # Flan-T5 / UL2: the prompt (media spliced in) goes into the encoder; the decoder writes.
             from transformers import AutoModelForSeq2SeqLM
@@ -90,10 +97,15 @@ class LLM(Stage):
 
         vocab = self.tokenizer.get_vocab()
         self.placeholder_ids = {vocab[token]: modality for modality, token in self.placeholders.items()}
+        if self.kosmos2 is not None:
+            from omnistage.actors.kosmos2 import IMAGE_SLOTS
+
+            self.placeholder_ids[IMAGE_SLOTS] = "image"
         self.groups = {m: [vocab[t] for t in signal_token_names(m, n)] for m, n in config.signal_tokens.items()}
         self.signal_modality = {t: m for m, ids in self.groups.items() for t in ids}
         # The sampler never picks a placeholder or a group's later tokens (those are forced).
-        banned = list(self.placeholder_ids) + [t for ids in self.groups.values() for t in ids[1:]]
+        # (A placeholder outside the vocabulary, as Kosmos-2's, cannot be sampled anyway.)
+        banned = [t for t in self.placeholder_ids if t >= 0] + [t for ids in self.groups.values() for t in ids[1:]]
         self.banned = torch.tensor(banned, dtype=torch.long, device=self.device)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -197,9 +209,13 @@ class LLM(Stage):
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         """The prompt as the checkpoint's processor renders it (``actors/chat_template.py``)."""
+        if self.kosmos2 is not None:
+            return self.kosmos2.render(messages)
         return self.chat_template.render(messages)
 
     def prompt_ids(self, request: LLMRequest) -> list[int]:
+        if self.kosmos2 is not None:
+            return self.kosmos2.ids(request.messages)
         return self.tokenizer(self.render_prompt(request.messages), add_special_tokens=False)["input_ids"]
 
     def media_in_prompt_order(self, request: LLMRequest, ids: list[int]) -> list[Embeddings]:
@@ -253,11 +269,20 @@ class LLM(Stage):
         filled, in order, by the rows of ``media`` (n_media_tokens, d_llm), or (batch,
         n_media_tokens, d_llm) for a batch. Differentiable in ``media``, so training splices as
         serving does."""
-        embeds = self.embed_tokens(input_ids)
         is_media = torch.isin(input_ids, torch.tensor(list(self.placeholder_ids), device=input_ids.device))
+        # A placeholder outside the vocabulary (Kosmos-2's) is looked up as id 0: its row is overwritten.
+        embeds = self.embed_tokens(input_ids.masked_fill(is_media, 0))
         return embeds.masked_scatter(is_media[..., None], media.to(embeds.device, embeds.dtype))
 
     # 3. Decode, continuously batched (actors/engine.py)
+
+    def answer(self, text: str) -> dict[str, Any]:
+        """A finished sequence's ``LLMResult`` text fields: its decoded text; for Kosmos-2, the
+        text without its grounding tokens and the ``entities`` they box."""
+        if self.kosmos2 is None:
+            return {"text": text}
+        text, entities = self.kosmos2.entities(text)
+        return {"text": text, "entities": entities}
 
     def __call__(self, requests: list[LLMRequest]) -> list[LLMResult]:
         return self.engine.generate(requests)

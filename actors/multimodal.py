@@ -1,4 +1,4 @@
-"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio) split across the stage pools.
+"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, Kosmos-2) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model (named as in the checkpoint's files):
@@ -19,6 +19,12 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
   checkpoint's ``qformer_tokenizer``, after its queries.
 - ``qwen2_audio``: audio encoder ``audio_tower`` (its ``last_hidden_state``: average-pooled, then
   layer-normed); input projector ``multi_modal_projector``; LLM ``language_model`` as a causal LM.
+- ``kosmos-2``: image encoder ``vision_model`` (every token's last hidden state through its
+  ``post_layernorm``, then L2-normalised, as ``get_image_features`` reads it); input projector
+  ``image_to_text_projection`` (its latent queries attend to the features); LLM ``text_model``
+  (``Kosmos2TextForCausalLM``, its sinusoidal positions counted from ``pad_token_id + 1``). The
+  prompt is laid out as ``Kosmos2Processor`` lays it out (``Kosmos2Prompt``), and grounded answers
+  give their phrases' boxes (``Kosmos2Prompt.entities``).
 
 Each pool reads only its part's tensors from the safetensors files (only the shards that hold
 them), cast to the stage's dtype as they are read, and builds only that part from its sub-config.
@@ -35,9 +41,9 @@ from torch import nn
 
 from omnistage.actors.payloads import MODALITIES
 
-MULTIMODAL_TYPES = ("llava", "llava_next", "blip-2", "instructblip", "qwen2_audio")
+MULTIMODAL_TYPES = ("llava", "llava_next", "blip-2", "instructblip", "qwen2_audio", "kosmos-2")
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
-INPUT_MODALITY = {"llava": "image", "llava_next": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio"}
+INPUT_MODALITY = {"llava": "image", "llava_next": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio", "kosmos-2": "image"}
 # Where each part of a checkpoint keeps its tensors, in the published layout (the one transformers'
 # save_pretrained writes too): a prefix stripped from the names, or {prefix: the part's own prefix}.
 PART_PREFIXES: dict[str, dict[str, str | dict[str, str]]] = {
@@ -56,6 +62,7 @@ PART_PREFIXES: dict[str, dict[str, str | dict[str, str]]] = {
     "qwen2_audio": {"encoder": "audio_tower.", "projector": "multi_modal_projector.", "language": "language_model."},
 }
 PART_PREFIXES["instructblip"] = PART_PREFIXES["blip-2"]
+PART_PREFIXES["kosmos-2"] = {"encoder": "vision_model.", "projector": "image_to_text_projection.", "language": "text_model."}
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:
@@ -155,6 +162,11 @@ def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | 
     path, model_type, config = _part_checkpoint(path, "vision")
     if INPUT_MODALITY[model_type] != "image":
         raise ValueError(f"no vision part known for model_type {model_type!r} at {str(path)!r}")
+    if model_type == "kosmos-2":
+        from omnistage.actors.kosmos2 import Kosmos2VisionTower
+
+        # Normalised last hidden states, CLS kept: what the latent queries attend to.
+        return _from_part(Kosmos2VisionTower, config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype), None, False
     tower = _from_part(_model_class(config.vision_config), config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
     if model_type in ("llava", "llava_next"):
         return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
@@ -257,6 +269,12 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
     """(modality, the checkpoint's input projector, its head spec ``{"type", "in_dim", "out_dim", ...}``)."""
     path, model_type, config = _part_checkpoint(path, "projector")
     text_width = config.text_config.hidden_size
+    if model_type == "kosmos-2":
+        from omnistage.actors.kosmos2 import kosmos2_projection
+
+        projection = kosmos2_projection(config, read_part(path, PART_PREFIXES[model_type]["projector"], dtype), dtype)
+        spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.latent_query_num}
+        return "image", projection, spec
     if model_type in ("blip-2", "instructblip"):
         spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.num_query_tokens}
         parts = _bridge_parts(path, model_type, config, dtype)
@@ -306,7 +324,11 @@ def language_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, Any]
     path, model_type, config = _part_checkpoint(path, "language")
     text = config.text_config
     classes = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if text.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
-    lm = _from_part(classes[type(text)], text, path, PART_PREFIXES[model_type]["language"], dtype)
+    if model_type == "kosmos-2":
+        from omnistage.actors.kosmos2 import Kosmos2TextLM as cls
+    else:
+        cls = classes[type(text)]
+    lm = _from_part(cls, text, path, PART_PREFIXES[model_type]["language"], dtype)
     if (path / "generation_config.json").is_file():
         # Its EOS ids (the instruct checkpoint's <|im_end|>) are the whole model's, not the text config's.
         lm.generation_config = GenerationConfig.from_pretrained(path)
@@ -332,7 +354,7 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 
 def pretrained_config(path: str | Path, name: str | None = None):
-    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP or Qwen2-Audio directory as encoder, input
+    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio or Kosmos-2 directory as encoder, input
     projector and LLM pools (image or audio in, text out; no generators, no signal tokens). The same
     dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
@@ -341,7 +363,7 @@ def pretrained_config(path: str | Path, name: str | None = None):
     model_type = checkpoint_model_type(path)
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
-            f"expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP or Qwen2-Audio checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
+            f"expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio or Kosmos-2 checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
     model = str(path)
