@@ -194,3 +194,28 @@ def test_kosmos2_through_serve_matches_transformers_generate(ray_session, kosmos
     message = answer["choices"][0]["message"]
     assert (message["content"], message["entities"]) == (text, _entities(entities))
     assert answer["usage"]["completion_tokens"] == len(expected_ids)
+
+
+def test_the_sdk_gives_the_messages_entities():
+    """``ChatResult.entities`` is the assistant message's ``entities`` as the Serve app sends them
+    (a scripted server's reply), and None where the message has none."""
+    from test_client import StubServer
+
+    from omnistage.clients import Client
+
+    entities = [{"text": "a snowman", "span": [0, 9], "boxes": [[0.390625, 0.046875, 0.984375, 0.828125]]}]
+    usage = {"prompt_tokens": 80, "completion_tokens": 12, "total_tokens": 92}
+
+    def reply(message):
+        choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}
+        return 200, {}, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m", "choices": [choice], "usage": usage}
+
+    server = StubServer()
+    server.replies = [reply({"content": "a snowman", "entities": entities}), reply({"content": "a snowman"})]
+    try:
+        with Client(server.url, transport="json", max_retries=0) as client:
+            grounded, plain = client.chat(GROUNDED), client.chat(GROUNDED)
+    finally:
+        server.close()
+    assert (grounded.text, grounded.entities) == ("a snowman", entities)
+    assert plain.entities is None
