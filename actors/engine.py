@@ -608,7 +608,7 @@ class Engine(EngineBase):
                     seq.request_id,
                     delta,
                     LLMResult(
-                        text=seq.stream.text,
+                        **self.llm.answer(seq.stream.text),
                         finish_reason=seq.finish_reason,
                         prompt_tokens=seq.prompt_len,
                         token_ids=seq.token_ids,

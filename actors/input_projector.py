@@ -136,8 +136,8 @@ class InputProjector(HeadStage):
         return [dataclasses.replace(e, fusion=self.head_spec(e.modality).get("fusion", "splice")) for e in super().__call__(items)]
 
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
-        """A LLaVA, BLIP-2, InstructBLIP or IDEFICS checkpoint gives its projector as the ``image``
-        head, a Qwen2-Audio checkpoint as the ``audio`` head."""
+        """A LLaVA, BLIP-2, InstructBLIP, IDEFICS or Kosmos-2 checkpoint gives its projector as the
+        ``image`` head, a Qwen2-Audio checkpoint as the ``audio`` head."""
         from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_part
 
         if not is_multimodal_checkpoint(self.checkpoint):

@@ -23,7 +23,7 @@ from omnistage.actors.base import Stage
 from omnistage.actors.chat_template import ChatTemplate, checkpoint_chat_template, content_problem
 from omnistage.actors.engine import Engine
 from omnistage.actors.errors import InvalidInputError, UnsupportedMediaError
-from omnistage.actors.multimodal import cross_attention, is_multimodal_checkpoint, language_part, media_token_ids
+from omnistage.actors.multimodal import checkpoint_model_type, cross_attention, is_multimodal_checkpoint, language_part, media_token_ids
 from omnistage.actors.payloads import (
     MODALITIES,
     PLACEHOLDERS,
@@ -65,7 +65,8 @@ class LLM(Stage):
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
         template = checkpoint_chat_template(self.checkpoint, self.tokenizer)
-        if template is None:
+        # Kosmos-2 has none: its processor lays the prompt out (Kosmos2Prompt).
+        if template is None and checkpoint_model_type(self.checkpoint) != "kosmos-2":
             raise ValueError(
                 f"expected a chat template in {str(self.checkpoint)!r} (chat_template.json, chat_template.jinja, "
                 "processor_config.json or tokenizer_config.json), found none; add one to its tokenizer_config.json"
@@ -74,16 +75,22 @@ class LLM(Stage):
         self.placeholders: dict[str, str] = dict(PLACEHOLDERS)
         # Set where the language model reads media through cross-attention layers (IDEFICS).
         self.cross_attention = None
+        self.kosmos2 = None  # Kosmos-2's prompt layout and grounded answers
         if is_multimodal_checkpoint(self.checkpoint):
             # LLaVA / BLIP-2 / Qwen2-Audio / IDEFICS: serve the language model; the media tokens are the checkpoint's own.
             self.model, model_config = language_part(self.checkpoint, self.dtype)
             self.cross_attention = cross_attention(model_config, self.tokenizer)
-            if self.cross_attention is None:
-                token_ids = media_token_ids(model_config)
+            if model_config.model_type == "kosmos-2":
+                from omnistage.actors.kosmos2 import Kosmos2Prompt
+
+                self.kosmos2, self.placeholders = Kosmos2Prompt(self.tokenizer, model_config.latent_query_num), {}
             else:
-                # The config names no image token: the processor's own is the one.
-                token_ids = {self.cross_attention.modality: self.tokenizer.convert_tokens_to_ids(self.cross_attention.token)}
-            self.placeholders = self._checkpoint_media_tokens(token_ids)
+                if self.cross_attention is None:
+                    token_ids = media_token_ids(model_config)
+                else:
+                    # The config names no image token: the processor's own is the one.
+                    token_ids = {self.cross_attention.modality: self.tokenizer.convert_tokens_to_ids(self.cross_attention.token)}
+                self.placeholders = self._checkpoint_media_tokens(token_ids)
         elif _is_encoder_decoder(self.checkpoint):
             # Flan-T5 / UL2: the prompt (media spliced in) goes into the encoder; the decoder writes.
             from transformers import AutoModelForSeq2SeqLM
@@ -102,13 +109,18 @@ class LLM(Stage):
 
         vocab = self.tokenizer.get_vocab()
         self.placeholder_ids = {vocab[token]: modality for modality, token in self.placeholders.items()}
+        if self.kosmos2 is not None:
+            from omnistage.actors.kosmos2 import IMAGE_SLOTS
+
+            self.placeholder_ids[IMAGE_SLOTS] = "image"
         self.fusion = {m: "cross_attention" if self.cross_attention and m == self.cross_attention.modality else "splice" for m in MODALITIES}
         # The placeholders expanded into media tokens; a cross-attention medium's stays one token.
         self.spliced_ids = {t for t, m in self.placeholder_ids.items() if self.fusion[m] == "splice"}
         self.groups = {m: [vocab[t] for t in signal_token_names(m, n)] for m, n in config.signal_tokens.items()}
         self.signal_modality = {t: m for m, ids in self.groups.items() for t in ids}
         # The sampler never picks a placeholder or a group's later tokens (those are forced).
-        banned = list(self.placeholder_ids) + [t for ids in self.groups.values() for t in ids[1:]]
+        # (A placeholder outside the vocabulary, as Kosmos-2's, cannot be sampled anyway.)
+        banned = [t for t in self.placeholder_ids if t >= 0] + [t for ids in self.groups.values() for t in ids[1:]]
         self.banned = torch.tensor(banned, dtype=torch.long, device=self.device)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -217,6 +229,8 @@ class LLM(Stage):
 
     def render_prompt(self, messages: list[dict[str, Any]]) -> str:
         """The prompt as the checkpoint's processor renders it (``actors/chat_template.py``)."""
+        if self.kosmos2 is not None:
+            return self.kosmos2.render(messages)
         return self.chat_template.render(messages)
 
     def prompt_ids(self, request: LLMRequest) -> list[int]:
@@ -224,7 +238,10 @@ class LLM(Stage):
         itself (as ``tokenizer.apply_chat_template`` assumes); a multimodal checkpoint's processor
         lets its tokenizer add them (LLaVA's ``<s>``, T5's closing ``</s>``) unless the template
         wrote them. transformers' processors check only for a leading BOS; BLIP-2's layout puts the
-        queries before it, so any of those tokens already in the prompt counts."""
+        queries before it, so any of those tokens already in the prompt counts. Kosmos-2's prompt
+        is laid out as its processor lays it out (``Kosmos2Prompt``)."""
+        if self.kosmos2 is not None:
+            return self.kosmos2.ids(request.messages)
         text = self.render_prompt(request.messages)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.added_specials and not self.added_specials.intersection(ids):
@@ -295,8 +312,9 @@ class LLM(Stage):
         filled, in order, by the rows of ``media`` (n_media_tokens, d_llm), or (batch,
         n_media_tokens, d_llm) for a batch. Differentiable in ``media``, so training splices as
         serving does."""
-        embeds = self.embed_tokens(input_ids)
         is_media = torch.isin(input_ids, torch.tensor(list(self.spliced_ids), device=input_ids.device))
+        # A placeholder outside the vocabulary (Kosmos-2's) is looked up as id 0: its row is overwritten.
+        embeds = self.embed_tokens(input_ids.masked_fill(is_media, 0))
         return embeds.masked_scatter(is_media[..., None], media.to(embeds.device, embeds.dtype))
 
     def cross_attention_media(self, request: LLMRequest, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,6 +329,14 @@ class LLM(Stage):
         return states.to(self.device), self.cross_attention.prompt_mask(ids, len(media)).to(self.device)
 
     # 3. Decode, continuously batched (actors/engine.py)
+
+    def answer(self, text: str) -> dict[str, Any]:
+        """A finished sequence's ``LLMResult`` text fields: its decoded text; for Kosmos-2, the
+        text without its grounding tokens and the ``entities`` they box."""
+        if self.kosmos2 is None:
+            return {"text": text}
+        text, entities = self.kosmos2.entities(text)
+        return {"text": text, "entities": entities}
 
     def __call__(self, requests: list[LLMRequest]) -> list[LLMResult]:
         return self.engine.generate(requests)

@@ -1,4 +1,4 @@
-"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS) split across the stage pools.
+"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model (named as in the checkpoint's files):
@@ -24,6 +24,12 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
   LLM the decoder (``model.embed_tokens``, ``model.layers``, ``model.gated_cross_attn_layers``,
   ``model.norm``, ``lm_head``), which reads the resampled images through its cross-attention
   layers instead of spliced tokens (``CROSS_ATTENTION_TYPES``, ``Embeddings.fusion``).
+- ``kosmos-2``: image encoder ``vision_model`` (every token's last hidden state through its
+  ``post_layernorm``, then L2-normalised, as ``get_image_features`` reads it); input projector
+  ``image_to_text_projection`` (its latent queries attend to the features); LLM ``text_model``
+  (``Kosmos2TextForCausalLM``, its sinusoidal positions counted from ``pad_token_id + 1``). The
+  prompt is laid out as ``Kosmos2Processor`` lays it out (``Kosmos2Prompt``), and grounded answers
+  give their phrases' boxes (``Kosmos2Prompt.entities``).
 
 Each pool reads only its part's tensors from the safetensors files (only the shards that hold
 them), cast to the stage's dtype as they are read, and builds only that part from its sub-config.
@@ -41,9 +47,12 @@ from torch import nn
 
 from omnistage.actors.payloads import MODALITIES
 
-MULTIMODAL_TYPES = ("llava", "llava_next", "blip-2", "instructblip", "qwen2_audio", "idefics")
+MULTIMODAL_TYPES = ("llava", "llava_next", "blip-2", "instructblip", "qwen2_audio", "idefics", "kosmos-2")
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
-INPUT_MODALITY = {"llava": "image", "llava_next": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio", "idefics": "image"}
+INPUT_MODALITY = {
+    "llava": "image", "llava_next": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio",
+    "idefics": "image", "kosmos-2": "image",
+}
 # Types whose language model reads projected media through cross-attention layers (Flamingo's
 # design) rather than as embeddings spliced into the prompt.
 CROSS_ATTENTION_TYPES = ("idefics",)
@@ -71,6 +80,7 @@ PART_PREFIXES["idefics"] = {
     # The decoder with its gated cross-attention layers, under the whole model's names.
     "language": {p: p for p in ("model.embed_tokens.", "model.layers.", "model.gated_cross_attn_layers.", "model.norm.", "lm_head.")},
 }
+PART_PREFIXES["kosmos-2"] = {"encoder": "vision_model.", "projector": "image_to_text_projection.", "language": "text_model."}
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:
@@ -178,6 +188,11 @@ def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | 
 
         config.vision_config._attn_implementation = "sdpa"
         return _load_module(IdeficsVisionTransformer(config.vision_config), path, PART_PREFIXES[model_type]["encoder"], dtype), None, False
+    if model_type == "kosmos-2":
+        from omnistage.actors.kosmos2 import Kosmos2VisionTower
+
+        # Normalised last hidden states, CLS kept: what the latent queries attend to.
+        return _from_part(Kosmos2VisionTower, config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype), None, False
     tower = _from_part(_model_class(config.vision_config), config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
     if model_type in ("llava", "llava_next"):
         return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
@@ -297,6 +312,12 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
         spec = {"type": model_type, "in_dim": width, "out_dim": width, "num_latents": n_latents, "fusion": "cross_attention"}
         return "image", _load_module(resampler, path, PART_PREFIXES[model_type]["projector"], dtype), spec
     text_width = config.text_config.hidden_size
+    if model_type == "kosmos-2":
+        from omnistage.actors.kosmos2 import kosmos2_projection
+
+        projection = kosmos2_projection(config, read_part(path, PART_PREFIXES[model_type]["projector"], dtype), dtype)
+        spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.latent_query_num}
+        return "image", projection, spec
     if model_type in ("blip-2", "instructblip"):
         spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.num_query_tokens}
         parts = _bridge_parts(path, model_type, config, dtype)
@@ -349,7 +370,11 @@ def language_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, Any]
     else:
         text = config.text_config
         classes = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if text.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
-        lm = _from_part(classes[type(text)], text, path, PART_PREFIXES[model_type]["language"], dtype)
+        if model_type == "kosmos-2":
+            from omnistage.actors.kosmos2 import Kosmos2TextLM as cls
+        else:
+            cls = classes[type(text)]
+        lm = _from_part(cls, text, path, PART_PREFIXES[model_type]["language"], dtype)
     if (path / "generation_config.json").is_file():
         # Its EOS ids (the instruct checkpoint's <|im_end|>) are the whole model's, not the text config's.
         lm.generation_config = GenerationConfig.from_pretrained(path)
@@ -454,7 +479,7 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 
 def pretrained_config(path: str | Path, name: str | None = None):
-    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio or IDEFICS directory as encoder, input
+    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS or Kosmos-2 directory as encoder, input
     projector and LLM pools (image or audio in, text out; no generators, no signal tokens). The same
     dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
@@ -463,7 +488,8 @@ def pretrained_config(path: str | Path, name: str | None = None):
     model_type = checkpoint_model_type(path)
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
-            f"expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio or IDEFICS checkpoint directory (config.json model_type in {MULTIMODAL_TYPES}), "
+            "expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS or Kosmos-2 checkpoint directory "
+            f"(config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
     model = str(path)

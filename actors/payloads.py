@@ -152,6 +152,10 @@ class LLMResult:
     # Every generated token, signal tokens included, in order.
     token_ids: list[int] = field(default_factory=list)
     signals: list[SignalGroup] = field(default_factory=list)
+    # A grounding model's (Kosmos-2's) phrases and their boxes, which ``text`` is left without:
+    # [{"text", "span": [start, end] in ``text``, "boxes": [[x0, y0, x1, y1], ...] normalised to 0..1}].
+    # None for models that do not ground.
+    entities: list[dict[str, Any]] | None = None
 
     @property
     def completion_tokens(self) -> int:

@@ -830,3 +830,87 @@ def build_idefics(path: str | Path, seed: int = 0) -> Path:
         (path / name).write_text(json.dumps({**settings, "processor_class": "IdeficsProcessor"}, indent=2) + "\n")
     (path / "chat_template.json").write_text(json.dumps({"chat_template": IDEFICS_CHAT_TEMPLATE}, indent=2) + "\n")
     return path
+
+
+# Kosmos2Processor's tag tokens, in its order, then its location tokens: added to the tokenizer
+# as the processor adds them (lstrip, not normalised, not special: decoding keeps them).
+KOSMOS2_TAG_TOKENS = [
+    "</doc>",
+    "<image>",
+    "</image>",
+    "</chunk>",
+    "</line>",
+    "<phrase>",
+    "</phrase>",
+    "<object>",
+    "</object>",
+    "</delimiter_of_multi_objects/>",
+    "<grounding>",
+]
+
+
+def _kosmos2_tokenizer(n_patch_index_tokens: int):
+    """A byte-level fast tokenizer in the published Kosmos-2 tokenizer's layout (XLM-R's): ``<s>``
+    0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the pieces, ``<mask>``, then the processor's tag and
+    ``<patch_index_*>`` tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    pieces = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<mask>"]
+    backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(pieces)}, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([*specials, "<mask>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>", mask_token="<mask>")
+    locations = [f"<patch_index_{i:04d}>" for i in range(n_patch_index_tokens)]
+    tokenizer.add_tokens([AddedToken(t, lstrip=True, rstrip=False, normalized=False) for t in KOSMOS2_TAG_TOKENS + locations])
+    return tokenizer
+
+
+def build_kosmos2(path: str | Path, seed: int = 0) -> Path:
+    """A Kosmos-2-shaped model in microsoft/kosmos-2-patch14-224's layout: its vision model (30x30,
+    2x2 patches, 226 tokens with CLS) -> ``image_to_text_projection`` with 64 latent queries, as
+    published -> 2-layer Kosmos-2 text model (its head untied, unlike the published one's);
+    weights in shards, the tokenizer with the processor's tag and 1024 location tokens, the CLIP
+    image processor in preprocessor_config.json and the processor's settings in
+    processor_config.json, so that ``AutoProcessor`` assembles ``Kosmos2Processor``."""
+    from transformers import CLIPImageProcessor, Kosmos2Config, Kosmos2ForConditionalGeneration
+
+    path = Path(path)
+    tokenizer = _kosmos2_tokenizer(1024)
+    # Wider initial weights than the published model's (0.02) and an untied head: at 0.02 the
+    # projection's features are small next to its latent queries, so every image gives the same
+    # answer, and a random head tied to the embeddings repeats the last token; such answers would
+    # not tell whether positions and image embeddings arrive as the whole model places them.
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 30,
+        "patch_size": 2,
+        "initializer_range": 0.2,
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "embed_dim": 32,
+        "ffn_dim": 37,
+        "layers": 2,
+        "attention_heads": 4,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "init_std": 0.3,
+        "tie_word_embeddings": False,
+    }
+    config = Kosmos2Config(vision_config=vision, text_config=text, latent_query_num=64, tie_word_embeddings=False)
+    _save_sharded(Kosmos2ForConditionalGeneration, config, tokenizer, path, seed)
+    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        settings = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**settings, "processor_class": "Kosmos2Processor"}, indent=2) + "\n")
+    processor = {"num_patch_index_tokens": 1024, "processor_class": "Kosmos2Processor"}
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return path

@@ -68,6 +68,10 @@ class ChatResult:
     media: list[Any] = field(default_factory=list)
     id: str | None = None
     model: str | None = None
+    # A grounding model's (Kosmos-2's) phrases and their boxes: ``[{"text", "span": [start, end]
+    # in text, "boxes": [[x0, y0, x1, y1], ...] in 0..1 of the image's width and height}]``; None
+    # when the server's model does not ground, and in streamed answers.
+    entities: list[dict[str, Any]] | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -416,6 +420,7 @@ class _Core:
             media=[self.decode_media_item(m) for m in message.get("media") or []],
             id=body.get("id"),
             model=body.get("model"),
+            entities=message.get("entities"),
         )
 
     def generation_result(self, response: httpx.Response, modality: str) -> Any:

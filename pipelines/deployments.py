@@ -33,6 +33,8 @@ class LLMReply:
     prompt_tokens: int
     completion_tokens: int
     signals: list[str]
+    # A grounding model's phrases and boxes (LLMResult.entities); None for the others.
+    entities: list[dict[str, Any]] | None = None
 
 
 class _Metrics:
@@ -379,6 +381,7 @@ class LLMServer(_Replica):
                         prompt_tokens=result.prompt_tokens,
                         completion_tokens=result.completion_tokens,
                         signals=[group.modality for group in result.signals],
+                        entities=result.entities,
                     )
                     for group in result.signals:
                         yield group

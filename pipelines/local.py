@@ -26,6 +26,8 @@ class ChatResult:
     media: list[GeneratedMedia] = field(default_factory=list)
     finish_reason: str = "stop"
     usage: dict[str, int] = field(default_factory=dict)
+    # A grounding model's (Kosmos-2's) phrases and their boxes in ``text``; None for the others.
+    entities: list[dict[str, Any]] | None = None
 
 
 class LocalPipeline:
@@ -97,6 +99,7 @@ class LocalPipeline:
             text=result.text,
             media=media,
             finish_reason=result.finish_reason,
+            entities=result.entities,
             usage={
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,

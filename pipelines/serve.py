@@ -317,6 +317,8 @@ class Ingress:
         except Exception as exc:
             return self._error(await self._cause_of_timeout(exc), rid)
         message = {"role": "assistant", "content": reply.text}
+        if reply.entities is not None:
+            message["entities"] = reply.entities
         if media:
             message["media"] = _media_json(media, binary)
         log.info("chat_done", request_id=rid, media_in=[m for m, _ in chat.media], media_out=[m.modality for m in media])

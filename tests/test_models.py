@@ -148,7 +148,7 @@ def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
 def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
     from omnistage.pipelines.local import LocalPipeline
 
-    with pytest.raises(ValueError, match=r"LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio or IDEFICS.*model_type 'llama'"):
+    with pytest.raises(ValueError, match=r"LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS or Kosmos-2.*model_type 'llama'"):
         LocalPipeline.from_pretrained(tiny_preset / "llm")
 
 
@@ -535,6 +535,12 @@ def _parts_of_the_whole(model_type, path):
             "encoder": (encoder, inner.vision_model.state_dict()),
             "projector": (projector, inner.perceiver_resampler.state_dict()),
             "language": (llm, language),
+        }
+    if model_type == "kosmos-2":
+        return {
+            "encoder": (encoder, whole.vision_model.state_dict()),
+            "projector": (projector, whole.image_to_text_projection.state_dict()),
+            "language": (llm, whole.text_model.state_dict()),
         }
     if model_type in ("blip-2", "instructblip"):
         bridge = {"query_tokens": whole.query_tokens, **{f"qformer.{k}": v for k, v in whole.qformer.state_dict().items()},
