@@ -61,8 +61,8 @@ class LocalPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str | None = None) -> LocalPipeline:
-        """Serve a LLaVA, BLIP-2, InstructBLIP or Qwen2-Audio checkpoint directory, split into encoder, projector
-        and LLM stages."""
+        """Serve a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, Video-LLaVA or LLaVA-NeXT-Video
+        checkpoint directory, split into encoder (image and video for the last two), projector and LLM stages."""
         from omnistage.actors.multimodal import pretrained_config
 
         return cls(pretrained_config(path, name))
