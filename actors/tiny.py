@@ -749,9 +749,10 @@ def build_instructblip(path: str | Path, seed: int = 0, num_query_tokens: int = 
 
 # --- video checkpoints (Video-LLaVA, LLaVA-NeXT-Video) ---------------------------------------------
 
-# The Vicuna-style processor template llava-hf ships with LanguageBind/Video-LLaVA-7B-hf and
-# llava-hf/LLaVA-NeXT-Video-7B-hf: typed parts, a message's images first, then its videos, then its
-# text, after "USER: "; the assistant's text inside a generation block.
+# The Vicuna-style processor template of LanguageBind/Video-LLaVA-7B-hf and
+# llava-hf/LLaVA-NeXT-Video-7B-hf, after the one transformers' conversion script writes: typed parts,
+# a message's images first, then its videos, then its text, after "USER: "; the assistant's text
+# inside a generation block.
 VIDEO_LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{# Render all images first #}"
