@@ -782,13 +782,13 @@ def _video_checkpoint_files(path: Path, processor_class: str, processor: dict[st
 
 
 def _tiny_llama(tokenizer: Any) -> Any:
-    """A 2-layer LLaMA (Vicuna's family) over ``tokenizer``'s vocabulary, adding no BOS of its own."""
+    """A 2-layer LLaMA (Vicuna's family) over ``tokenizer``'s vocabulary and special tokens."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -803,8 +803,8 @@ def build_video_llava(path: str | Path, seed: int = 0) -> Path:
     from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
 
     path = Path(path)
-    # No BOS added, as the tiny LLaVA's (see build_llava_next).
-    tokenizer = _byte_tokenizer(["<image>", "<video>"], None)
+    # Adds BOS to a text, as Vicuna's LLaMA tokenizer does; the template writes none.
+    tokenizer = _byte_tokenizer(["<image>", "<video>"], None, special="<s> $A")
     view = 16
     vision = CLIPVisionConfig(
         image_size=view, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -835,8 +835,9 @@ def build_llava_next_video(path: str | Path, seed: int = 0, num_frames: int = 4)
     from transformers import CLIPVisionConfig, LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
     path = Path(path)
-    # <video> before <image>, as the published tokenizer adds them (ids 32000 and 32001).
-    tokenizer = _byte_tokenizer(["<video>", "<image>"], None)
+    # <video> before <image>, as the published tokenizer adds them (ids 32000 and 32001); BOS added
+    # to a text, as Vicuna's LLaMA tokenizer does.
+    tokenizer = _byte_tokenizer(["<video>", "<image>"], None, special="<s> $A")
     view = 16
     vision = CLIPVisionConfig(
         image_size=view, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
