@@ -43,7 +43,7 @@ class ImageEncoder(Stage):
         if is_multimodal_checkpoint(self.checkpoint):
             # LLaVA / BLIP-2: keep the vision tower, and the checkpoint's own feature layer and
             # CLS choice.
-            self.model, layer, drop_cls = vision_part(self.checkpoint, self.dtype)
+            self.model, layer, drop_cls = self.checkpoint_part()
         else:
             # The class comes from the checkpoint's model_type (CLIP, SigLIP, ViT, DINOv2, BEiT, ...).
             model = AutoModel.from_pretrained(self.checkpoint, dtype=self.dtype)
@@ -61,12 +61,19 @@ class ImageEncoder(Stage):
         if not self.has_cls:
             self.drop_cls = False
 
+    def checkpoint_part(self) -> tuple[torch.nn.Module, int | list[int] | None, bool]:
+        """(tower, feature layer, drop CLS) of a published end-to-end checkpoint (``multimodal.py``)."""
+        return vision_part(self.checkpoint, self.dtype)
+
     @torch.inference_mode()
     def encode_frames(self, images: list[np.ndarray]) -> torch.Tensor:
         """(n, height, width, 3) uint8 images -> (n, n_tokens, d_vision) features on the stage's device."""
-        pixels = self.processor(images=images, return_tensors="pt")
-        # IDEFICS's image processor returns the pixel tensor itself, not a BatchFeature.
-        return self.encode_pixels(pixels if isinstance(pixels, torch.Tensor) else pixels["pixel_values"])
+        inputs = self.processor(images=images, return_tensors="pt")
+        # IDEFICS's image processor returns the pixel tensor itself, not a BatchFeature; Video-LLaVA's
+        # names them as its model once took them.
+        if isinstance(inputs, torch.Tensor):
+            return self.encode_pixels(inputs)
+        return self.encode_pixels(inputs["pixel_values"] if "pixel_values" in inputs else inputs["pixel_values_images"])
 
     @torch.inference_mode()
     def encode_tiled(self, images: list[np.ndarray]) -> list[Features]:

@@ -137,10 +137,11 @@ class InputProjector(HeadStage):
 
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
         """A LLaVA, BLIP-2, InstructBLIP, IDEFICS or Kosmos-2 checkpoint gives its projector as the
-        ``image`` head, a Qwen2-Audio checkpoint as the ``audio`` head."""
-        from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_part
+        ``image`` head, a Qwen2-Audio checkpoint as the ``audio`` head, a Video-LLaVA or
+        LLaVA-NeXT-Video checkpoint as the ``image`` and ``video`` heads."""
+        from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_heads
 
         if not is_multimodal_checkpoint(self.checkpoint):
             return super().load_heads()
-        modality, module, spec = projector_part(self.checkpoint, self.dtype)
-        return {"heads": {modality: spec}}, nn.ModuleDict({modality: module})
+        specs, heads = projector_heads(self.checkpoint, self.dtype)
+        return {"heads": specs}, nn.ModuleDict(heads)

@@ -1,4 +1,5 @@
-"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2) split across the stage pools.
+"""Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2,
+Video-LLaVA, LLaVA-NeXT-Video) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model (named as in the checkpoint's files):
@@ -30,6 +31,14 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
   (``Kosmos2TextForCausalLM``, its sinusoidal positions counted from ``pad_token_id + 1``). The
   prompt is laid out as ``Kosmos2Processor`` lays it out (``Kosmos2Prompt``), and grounded answers
   give their phrases' boxes (``Kosmos2Prompt.entities``).
+- ``video_llava``: image encoder ``image_tower`` (as ``llava``); video encoder ``video_tower``, each
+  sampled frame in turn, hidden states of ``vision_feature_layer`` with CLS kept (as
+  ``get_video_features`` takes them); input projector ``multi_modal_projector`` for both media;
+  LLM ``language_model``.
+- ``llava_next_video``: image encoder and input projector's image head as ``llava_next``; video
+  encoder ``vision_tower`` on each frame, CLS dropped by the ``default`` strategy, then the
+  frame's patch grid pooled by ``vision_resampler`` (``spatial_pool_mode``, ``spatial_pool_stride``);
+  input projector's video head ``multi_modal_projector``; LLM ``language_model``.
 
 Each pool reads only its part's tensors from the safetensors files (only the shards that hold
 them), cast to the stage's dtype as they are read, and builds only that part from its sub-config.
@@ -47,12 +56,17 @@ from torch import nn
 
 from omnistage.actors.payloads import MODALITIES
 
-MULTIMODAL_TYPES = ("llava", "llava_next", "blip-2", "instructblip", "qwen2_audio", "idefics", "kosmos-2")
+MULTIMODAL_TYPES = (
+    "llava", "llava_next", "blip-2", "instructblip", "qwen2_audio", "idefics", "kosmos-2", "video_llava", "llava_next_video",
+)
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
 INPUT_MODALITY = {
     "llava": "image", "llava_next": "image", "blip-2": "image", "instructblip": "image", "qwen2_audio": "audio",
     "idefics": "image", "kosmos-2": "image",
 }
+# Checkpoints that take videos as well as images: a video encoder pool beside the image encoder pool,
+# and an input projector head for each medium.
+VIDEO_TYPES = ("video_llava", "llava_next_video")
 # Types whose language model reads projected media through cross-attention layers (Flamingo's
 # design) rather than as embeddings spliced into the prompt.
 CROSS_ATTENTION_TYPES = ("idefics",)
@@ -81,6 +95,10 @@ PART_PREFIXES["idefics"] = {
     "language": {p: p for p in ("model.embed_tokens.", "model.layers.", "model.gated_cross_attn_layers.", "model.norm.", "lm_head.")},
 }
 PART_PREFIXES["kosmos-2"] = {"encoder": "vision_model.", "projector": "image_to_text_projection.", "language": "text_model."}
+# The video encoder's part: Video-LLaVA's own tower; LLaVA-NeXT-Video's one tower, its pooling
+# (vision_resampler) holding weights only in "conv" mode, read then.
+PART_PREFIXES["video_llava"] = {**PART_PREFIXES["llava"], "encoder": "image_tower.", "video_encoder": "video_tower."}
+PART_PREFIXES["llava_next_video"] = {**PART_PREFIXES["llava_next"], "video_encoder": "vision_tower."}
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:
@@ -170,7 +188,7 @@ def _part_checkpoint(path: str | Path, part: str) -> tuple[Path, str, Any]:
 def audio_part(path: str | Path, dtype: torch.dtype) -> nn.Module:
     """Qwen2-Audio's audio tower alone (``Qwen2AudioEncoder``, the class its audio config names)."""
     path, model_type, config = _part_checkpoint(path, "audio")
-    if INPUT_MODALITY[model_type] != "audio":
+    if INPUT_MODALITY.get(model_type) != "audio":
         raise ValueError(f"no audio part known for model_type {model_type!r} at {str(path)!r}")
     return _from_part(_model_class(config.audio_config), config.audio_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
 
@@ -178,7 +196,7 @@ def audio_part(path: str | Path, dtype: torch.dtype) -> nn.Module:
 def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | list[int] | None, bool]:
     """(vision tower, hidden-state layer or None for ``last_hidden_state``, drop CLS)."""
     path, model_type, config = _part_checkpoint(path, "vision")
-    if INPUT_MODALITY[model_type] != "image":
+    if INPUT_MODALITY.get(model_type) == "audio":
         raise ValueError(f"no vision part known for model_type {model_type!r} at {str(path)!r}")
     if model_type == "idefics":
         # IDEFICS's tower is no PreTrainedModel: built from its sub-config, given the attention
@@ -194,7 +212,7 @@ def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | 
         # Normalised last hidden states, CLS kept: what the latent queries attend to.
         return _from_part(Kosmos2VisionTower, config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype), None, False
     tower = _from_part(_model_class(config.vision_config), config.vision_config, path, PART_PREFIXES[model_type]["encoder"], dtype)
-    if model_type in ("llava", "llava_next"):
+    if model_type in ("llava", "llava_next", *VIDEO_TYPES):
         return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default"
     # The (Instruct)BLIP Q-Former reads the vision model's last_hidden_state: after post_layernorm, CLS kept.
     return tower, None, False
@@ -329,7 +347,7 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
         # tokenizer lives here, where the published checkpoint keeps it.
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="qformer_tokenizer")
         return "image", InstructBlipBridge(*parts, tokenizer), {**spec, "reads_instruction": True}
-    if model_type == "llava_next":
+    if model_type in ("llava_next", "llava_next_video"):
         from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
 
         layers = config.vision_feature_layer
@@ -343,7 +361,7 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
         packer = LlavaNextPacker(config, projector, nn.Parameter(tensors["image_newline"]), tokens_per_view)
         spec = {"type": model_type, "in_dim": in_dim, "out_dim": text_width, "reads_image_size": True, "tokens_per_view": tokens_per_view}
         return "image", packer.eval(), spec
-    if model_type == "llava":
+    if model_type in ("llava", "video_llava"):
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector as Projector
 
         layers = config.vision_feature_layer
@@ -355,7 +373,7 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
         in_dim = config.audio_config.d_model
     projector = Projector(config)
     projector.load_state_dict(read_part(path, PART_PREFIXES[model_type]["projector"], dtype), strict=True)
-    return INPUT_MODALITY[model_type], projector.eval(), {"type": model_type, "in_dim": in_dim, "out_dim": text_width}
+    return INPUT_MODALITY.get(model_type, "image"), projector.eval(), {"type": model_type, "in_dim": in_dim, "out_dim": text_width}
 
 
 def language_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
@@ -479,8 +497,9 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 
 def pretrained_config(path: str | Path, name: str | None = None):
-    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS or Kosmos-2 directory as encoder, input
-    projector and LLM pools (image or audio in, text out; no generators, no signal tokens). The same
+    """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2,
+    Video-LLaVA or LLaVA-NeXT-Video directory as encoder, input projector and LLM pools (image, audio
+    or, with an encoder pool for each, image and video in; text out; no generators, no signal tokens). The same
     dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
 
@@ -488,18 +507,115 @@ def pretrained_config(path: str | Path, name: str | None = None):
     model_type = checkpoint_model_type(path)
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
-            "expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS or Kosmos-2 checkpoint directory "
+            "expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA or "
+            "LLaVA-NeXT-Video checkpoint directory "
             f"(config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
     model = str(path)
+    encoders = ("image", "video") if model_type in VIDEO_TYPES else (INPUT_MODALITY[model_type],)
     return OmnistageConfig.model_validate(
         {
             "name": name or path.name,
             "stages": {
-                f"{INPUT_MODALITY[model_type]}_encoder": {"model": model},
+                **{f"{modality}_encoder": {"model": model} for modality in encoders},
                 "input_projector": {"model": model},
                 "llm": {"model": model, "signal_tokens": {}},
             },
         }
     )
+
+
+# --- videos (Video-LLaVA, LLaVA-NeXT-Video) ---------------------------------------------------------
+
+# What a video processor does to each frame, under its own settings' names: convert to RGB,
+# resize, centre-crop, rescale, normalise (BaseVideoProcessor._preprocess).
+FRAME_SETTINGS = (
+    "do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+    "do_normalize", "image_mean", "image_std",
+)
+
+
+def video_processor_settings(path: str | Path) -> dict[str, Any]:
+    """The settings the checkpoint's video processor is built from, found where
+    ``AutoVideoProcessor`` looks: ``processor_config.json``'s ``video_processor``, else
+    ``video_preprocessor_config.json``, else the image processor's ``preprocessor_config.json``
+    (where checkpoints older than video processors keep them); {} if none."""
+    path = Path(path)
+    nested = path / "processor_config.json"
+    if nested.is_file() and "video_processor" in (settings := json.loads(nested.read_text())):
+        return settings["video_processor"]
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (path / name).is_file():
+            return json.loads((path / name).read_text())
+    return {}
+
+
+def checkpoint_num_frames(path: str | Path) -> int | None:
+    """Frames per video the checkpoint's video processor samples (its ``num_frames``), or None
+    where it names none. JSON only, so a batch job's driver reads it without loading a model."""
+    value = video_processor_settings(path).get("num_frames") if checkpoint_model_type(path) in VIDEO_TYPES else None
+    return int(value) if value is not None else None
+
+
+def frame_processor(path: str | Path) -> Any:
+    """An image processor that turns each sampled frame into the pixels the checkpoint's video
+    processor makes of it. The video processors (``VideoLlavaVideoProcessor``,
+    ``LlavaNextVideoVideoProcessor``) run on torchvision, which is not always installed; their
+    per-frame steps (RGB, resize of the shortest edge, centre crop, rescale, normalise) are exactly
+    ``CLIPImageProcessor``'s, so it is built with the video processor's own settings: its class
+    defaults under the checkpoint's values (the class is constructed for them; that needs no
+    torchvision). LLaVA-NeXT-Video's image processor would tile a frame, which its video processor never does."""
+    import importlib
+
+    from transformers import CLIPImageProcessor
+
+    path, model_type, _ = _part_checkpoint(path, "video")
+    if model_type not in VIDEO_TYPES:
+        raise ValueError(f"no video processor known for model_type {model_type!r} at {str(path)!r}; expected one of {VIDEO_TYPES}")
+    module = importlib.import_module(f"transformers.models.{model_type}.video_processing_{model_type}")
+    video_class = next(getattr(module, name) for name in module.__all__ if name.endswith("VideoProcessor"))
+    settings = video_processor_settings(path)
+    video = video_class(**{k: settings[k] for k in FRAME_SETTINGS if k in settings})
+
+    def plain(value: Any) -> Any:
+        # SizeDict and tuples back to the plain dicts and lists an image processor takes.
+        if hasattr(value, "items"):
+            return {k: v for k, v in value.items() if v is not None}
+        return list(value) if isinstance(value, tuple) else value
+
+    return CLIPImageProcessor(**{k: plain(getattr(video, k)) for k in FRAME_SETTINGS})
+
+
+def video_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | list[int], bool, nn.Module | None]:
+    """(the tower frames go through, hidden-state layer, drop CLS, the pooling after it or None):
+    Video-LLaVA's ``video_tower`` with CLS kept (``get_video_features`` keeps it whatever the
+    strategy); LLaVA-NeXT-Video's ``vision_tower``, CLS dropped by the ``default`` strategy, then
+    ``vision_resampler`` (``LlavaNextVideoPooler``: the frame's patch grid pooled by
+    ``spatial_pool_stride``)."""
+    path, model_type, config = _part_checkpoint(path, "video")
+    if model_type not in VIDEO_TYPES:
+        raise ValueError(f"no video part known for model_type {model_type!r} at {str(path)!r}; expected one of {VIDEO_TYPES}")
+    prefix = PART_PREFIXES[model_type]["video_encoder"]
+    tower = _from_part(_model_class(config.vision_config), config.vision_config, path, prefix, dtype)
+    if model_type == "video_llava":
+        return tower, config.vision_feature_layer, False, None
+    from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoPooler
+
+    pool = LlavaNextVideoPooler(config).to(dtype)
+    if any(True for _ in pool.parameters()):  # "conv" mode: weights of its own
+        pool.load_state_dict(read_part(path, "vision_resampler.", dtype), strict=True)
+    return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default", pool.eval()
+
+
+def projector_heads(path: str | Path, dtype: torch.dtype) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module]]:
+    """(head spec by modality, head by modality) of the checkpoint's input projector. A video
+    checkpoint has one ``multi_modal_projector`` for both media: the image head is ``projector_part``'s
+    (LLaVA-NeXT-Video's packs the image's views, as LLaVA-NeXT's does), the video head is the same
+    projector module on each frame's (already pooled) tokens in turn, with no packing and no newline."""
+    modality, module, spec = projector_part(path, dtype)
+    if checkpoint_model_type(path) not in VIDEO_TYPES:
+        return {modality: spec}, {modality: module}
+    projector = getattr(module, "multi_modal_projector", module)
+    video = {"type": spec["type"], "in_dim": spec["in_dim"], "out_dim": spec["out_dim"]}
+    return {"image": spec, "video": video}, {"image": module, "video": projector}

@@ -914,3 +914,123 @@ def build_kosmos2(path: str | Path, seed: int = 0) -> Path:
     processor = {"num_patch_index_tokens": 1024, "processor_class": "Kosmos2Processor"}
     (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return path
+
+
+# --- video checkpoints (Video-LLaVA, LLaVA-NeXT-Video) ---------------------------------------------
+
+# The Vicuna-style processor template of LanguageBind/Video-LLaVA-7B-hf and
+# llava-hf/LLaVA-NeXT-Video-7B-hf, after the one transformers' conversion script writes: typed parts,
+# a message's images first, then its videos, then its text, after "USER: "; the assistant's text
+# inside a generation block.
+VIDEO_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _video_checkpoint_files(path: Path, processor_class: str, processor: dict[str, Any]) -> None:
+    """The processor's files as llava-hf lays them out: its settings in processor_config.json, its
+    template in chat_template.json, ``processor_class`` beside the image processor's and the tokenizer's."""
+    settings = {"image_token": "<image>", "video_token": "<video>", "processor_class": processor_class, **processor}
+    (path / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": VIDEO_LLAVA_CHAT_TEMPLATE}, indent=2) + "\n")
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        config = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**config, "processor_class": processor_class}, indent=2) + "\n")
+
+
+def _tiny_llama(tokenizer: Any) -> Any:
+    """A 2-layer LLaMA (Vicuna's family) over ``tokenizer``'s vocabulary and special tokens."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_video_llava(path: str | Path, seed: int = 0) -> Path:
+    """A Video-LLaVA-shaped model (LanguageBind/Video-LLaVA-7B-hf's layout at a tiny scale): two
+    CLIP ViTs of the same shape (16x16, 4x4 patches), ``image_tower`` for images and
+    ``video_tower`` for each frame -> one 2-layer GELU MLP -> 2-layer LLaMA, with a byte-level
+    tokenizer whose ``<image>`` and ``<video>`` are the config's tokens, ``VideoLlavaImageProcessor``
+    in preprocessor_config.json (the video processor reads its settings there too) and the
+    processor's settings and template. No video processor file: frames per video are the
+    reader's choice (5 by default)."""
+    from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
+
+    path = Path(path)
+    # Adds BOS to a text, as Vicuna's LLaMA tokenizer does; the template writes none.
+    tokenizer = _byte_tokenizer(["<image>", "<video>"], None, special="<s> $A")
+    view = 16
+    vision = CLIPVisionConfig(
+        image_size=view, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, projection_dim=32,
+    )
+    config = VideoLlavaConfig(
+        vision_config=vision, text_config=_tiny_llama(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_seq_length=(view // 4) ** 2, video_seq_length=8 * ((view // 4) ** 2 + 1),
+    )
+    _save_sharded(VideoLlavaForConditionalGeneration, config, tokenizer, path, seed)
+    VideoLlavaImageProcessor(size={"shortest_edge": view}, crop_size={"height": view, "width": view}).save_pretrained(path)
+    # The tower's CLS is counted: dropped from an image's tokens by the strategy, kept in a frame's.
+    _video_checkpoint_files(path, "VideoLlavaProcessor", {
+        "patch_size": vision.patch_size, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1})
+    return path
+
+
+def build_llava_next_video(path: str | Path, seed: int = 0, num_frames: int = 4) -> Path:
+    """A LLaVA-NeXT-Video-shaped model (llava-hf/LLaVA-NeXT-Video-7B-hf's layout at a tiny scale):
+    one CLIP ViT (16x16, 2x2 patches, 64 tokens a view) for images, tiled as LLaVA-NeXT tiles them,
+    and for frames, whose patch grid ``vision_resampler`` average-pools 2x2 (16 tokens a frame) ->
+    2-layer GELU MLP and ``image_newline`` -> 2-layer LLaMA, with a byte-level tokenizer whose
+    ``<image>`` and ``<video>`` are the config's tokens, ``LlavaNextImageProcessor`` in
+    preprocessor_config.json, the video processor's settings in video_preprocessor_config.json
+    (``num_frames`` frames a video) and the processor's settings and template."""
+    from transformers import CLIPVisionConfig, LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    path = Path(path)
+    # <video> before <image>, as the published tokenizer adds them (ids 32000 and 32001); BOS added
+    # to a text, as Vicuna's LLaMA tokenizer does.
+    tokenizer = _byte_tokenizer(["<video>", "<image>"], None, special="<s> $A")
+    view = 16
+    vision = CLIPVisionConfig(
+        image_size=view, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, projection_dim=32,
+    )
+    pinpoints = [[view, 2 * view], [2 * view, view], [2 * view, 2 * view], [3 * view, view], [view, 3 * view]]
+    config = LlavaNextVideoConfig(
+        vision_config=vision, text_config=_tiny_llama(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", spatial_pool_mode="average", spatial_pool_stride=2,
+        image_seq_length=(view // 2) ** 2, video_seq_length=num_frames * (view // 4) ** 2,
+    )
+    _save_sharded(LlavaNextVideoForConditionalGeneration, config, tokenizer, path, seed)
+    sizes = {"size": {"shortest_edge": view}, "crop_size": {"height": view, "width": view}}
+    LlavaNextImageProcessor(**sizes, image_grid_pinpoints=pinpoints).save_pretrained(path)
+    video = {
+        "video_processor_type": "LlavaNextVideoVideoProcessor", "processor_class": "LlavaNextVideoProcessor", **sizes,
+        "resample": 3, "do_resize": True, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True, "do_sample_frames": False, "num_frames": num_frames,
+    }
+    (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+    # The video tokens carry no CLS (the strategy drops it before pooling); an image's base view counts it.
+    _video_checkpoint_files(path, "LlavaNextVideoProcessor", {
+        "patch_size": vision.patch_size, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1})
+    return path

@@ -133,7 +133,12 @@ class ImageEncoderConfig(BatchedStageConfig):
 
 
 class VideoEncoderConfig(ImageEncoderConfig):
-    num_frames: int = Field(5, ge=1, description="Frames sampled uniformly per video; the survey's models use 5.")
+    num_frames: int | None = Field(
+        None,
+        ge=1,
+        description="Frames sampled uniformly per video. None: the checkpoint's video processor's num_frames where it "
+        "names one (Video-LLaVA, LLaVA-NeXT-Video), else 5, as the survey's models use.",
+    )
 
 
 class AudioEncoderConfig(BatchedStageConfig):

@@ -185,7 +185,7 @@ def _decode_row(
     if isinstance(medium, EncodedMedia):
         # Decoded in this task, as an encoder pool would: of a video only the frames it samples.
         medium = decode(medium, video_frames=num_frames)
-    elif modality == "video":
+    elif modality == "video" and num_frames is not None:
         medium = medium[sample_frame_indices(len(medium), num_frames)]
     if isinstance(medium, AudioClip):
         return chat, medium.samples, medium.sampling_rate
@@ -645,7 +645,7 @@ def caption(
             "prompt_column": prompt_column,
             "prompt": prompt or DEFAULT_PROMPTS[modality],
             "media_root": media_root,
-            "num_frames": getattr(encoder, "num_frames", None),
+            "num_frames": _frames_per_video(encoder) if modality == "video" else None,
             "seed": seed,
             "limits": cfg.server.limits,
         },
@@ -840,3 +840,11 @@ def run_generate(source: str, output: str, **options: Any) -> JobSummary:
     return _run(
         "generate", source, output, options.get("id_column", "id"), lambda **kw: generate(source, config=cfg, **options, **kw)
     )
+
+
+def _frames_per_video(encoder: Any) -> int:
+    """What the video encoder samples (its config's, else its checkpoint's, else 5), so the prepare
+    step decodes only those frames."""
+    from omnistage.actors.video_encoder import frames_per_video
+
+    return frames_per_video(encoder)

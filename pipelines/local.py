@@ -63,8 +63,9 @@ class LocalPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str | None = None) -> LocalPipeline:
-        """Serve a LLaVA, BLIP-2, InstructBLIP, Qwen2-Audio or IDEFICS checkpoint directory, split into encoder, projector
-        and LLM stages."""
+        """Serve a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA or
+        LLaVA-NeXT-Video checkpoint directory, split into encoder (image and video for the last two),
+        projector and LLM stages."""
         from omnistage.actors.multimodal import pretrained_config
 
         return cls(pretrained_config(path, name))

@@ -148,7 +148,8 @@ def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
 def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
     from omnistage.pipelines.local import LocalPipeline
 
-    with pytest.raises(ValueError, match=r"LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS or Kosmos-2.*model_type 'llama'"):
+    families = "LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA or LLaVA-NeXT-Video"
+    with pytest.raises(ValueError, match=rf"{families} checkpoint directory.*model_type 'llama'"):
         LocalPipeline.from_pretrained(tiny_preset / "llm")
 
 
@@ -549,19 +550,26 @@ def _parts_of_the_whole(model_type, path):
                 "language": (llm, whole.language_model.state_dict())}
     inner = whole.model
     language = {**{f"model.{k}": v for k, v in inner.language_model.state_dict().items()}, "lm_head.weight": whole.lm_head.weight}
-    tower = inner.audio_tower if modality == "audio" else inner.vision_tower
+    tower = inner.audio_tower if modality == "audio" else inner.image_tower if model_type == "video_llava" else inner.vision_tower
     projected = inner.multi_modal_projector.state_dict()
-    if model_type == "llava_next":
+    if model_type in ("llava_next", "llava_next_video"):
         # The packing's newline embedding is the projector pool's too.
         projected = {**{f"multi_modal_projector.{k}": v for k, v in projected.items()}, "image_newline": inner.image_newline}
-    return {"encoder": (encoder, tower.state_dict()), "projector": (projector, projected),
-            "language": (llm, language)}
+    parts = {"encoder": (encoder, tower.state_dict()), "projector": (projector, projected), "language": (llm, language)}
+    if model_type in ("video_llava", "llava_next_video"):
+        from omnistage.actors.video_encoder import VideoEncoder
+        from omnistage.cluster.config import VideoEncoderConfig
+
+        frames = inner.video_tower if model_type == "video_llava" else inner.vision_tower
+        parts["video_encoder"] = (lambda d: VideoEncoder(VideoEncoderConfig(model=d)).model, frames.state_dict())
+    return parts
 
 
 @pytest.mark.parametrize(
     "model_type, checkpoint",
     [("llava", "llava_dir"), ("llava_next", "llava_next_dir"), ("blip-2", "blip2_dir"), ("instructblip", "instructblip_dir"),
-     ("qwen2_audio", "qwen2_audio_dir"), ("idefics", "idefics_dir")],
+     ("qwen2_audio", "qwen2_audio_dir"), ("idefics", "idefics_dir"), ("video_llava", "video_llava_dir"),
+     ("llava_next_video", "llava_next_video_dir")],
 )
 def test_stages_read_only_their_part(request, tmp_path, model_type, checkpoint):
     """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
@@ -1312,3 +1320,20 @@ def idefics_dir(tmp_path_factory):
     from omnistage.actors.tiny import build_idefics
 
     return build_idefics(tmp_path_factory.mktemp("idefics") / "tiny-idefics", seed=0)
+
+
+# Video-LLaVA and LLaVA-NeXT-Video (their tests: tests/test_video_families.py)
+
+
+@pytest.fixture(scope="module")
+def video_llava_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_video_llava
+
+    return build_video_llava(tmp_path_factory.mktemp("video-llava") / "tiny-video-llava", seed=0)
+
+
+@pytest.fixture(scope="module")
+def llava_next_video_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_llava_next_video
+
+    return build_llava_next_video(tmp_path_factory.mktemp("llava-next-video") / "tiny-llava-next-video", seed=0)
