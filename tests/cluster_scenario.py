@@ -3,7 +3,7 @@ cannot share a process with the test session's ``ray.init``).
 
 The simulated cluster has the node types of ``ray_cluster.yaml``, each node started with that
 type's resources (CPUs, declared GPUs, custom resources) and a second LLM node. The app is the tiny
-preset with every pool's resources taken from the ``gpu-cluster`` preset, deployed the way
+preset's image path with each pool's resources taken from the ``gpu-cluster`` preset, deployed the way
 ``serve deploy`` deploys it: the exported Serve config, through the application builder. Then:
 
 1. each pool's replica runs on a node of the type that offers its custom resource;
@@ -35,14 +35,16 @@ def _free_port() -> int:
 
 
 def simulated_config(port: int):
-    """The tiny preset, placed like gpu-cluster: resources per pool copied, one replica each."""
+    """The tiny preset's image path (what the requests below use: a pool on each GPU node type),
+    placed like gpu-cluster: resources per pool copied, one replica each. The other media's pools
+    would only add replicas to start on the same node types."""
     from omnistage.cluster.config import OmnistageConfig, load_config
 
     tiny = load_config("tiny").model_dump()
     gpu = load_config("gpu-cluster").model_dump()
+    used = ("image_encoder", "input_projector", "llm", "output_projector", "image_generator")
+    tiny["stages"] = {name: stage for name, stage in tiny["stages"].items() if name in used}
     for name, stage in tiny["stages"].items():
-        if stage is None:
-            continue
         stage["resources"] = gpu["stages"][name]["resources"]
         stage["scaling"].update(min_replicas=1, max_replicas=1)
     tiny["server"]["ingress"]["resources"] = gpu["server"]["ingress"]["resources"]
