@@ -434,6 +434,21 @@ def _byte_tokenizer(extra: list[str], chat_template: str | None, special: str | 
     return tokenizer
 
 
+def _processor_files(path: Path, processor_class: str, processor: dict[str, Any] | None = None, chat_template: str | None = None) -> None:
+    """A processor's files as published checkpoints lay them out: ``processor_class`` in the image
+    processor's (or feature extractor's) and the tokenizer's configs, which lets ``AutoProcessor``
+    assemble it from the two; its own settings, if any, in processor_config.json; its template, if
+    any, in chat_template.json."""
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        settings = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**settings, "processor_class": processor_class}, indent=2) + "\n")
+    if processor is not None:
+        settings = {**processor, "processor_class": processor_class}
+        (path / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if chat_template is not None:
+        (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
+
+
 def _save_sharded(cls: Any, config: Any, tokenizer: Any, path: Path, seed: int) -> None:
     """A seeded ``cls(config)``, ending and padding as ``tokenizer`` does, saved with the tokenizer
     in shards, as published: each pool then reads only the shards that hold its part."""
@@ -524,15 +539,10 @@ def build_llava_next(path: str | Path, seed: int = 0) -> Path:
     LlavaNextImageProcessor(
         size={"shortest_edge": view}, crop_size={"height": view, "width": view}, image_grid_pinpoints=pinpoints,
     ).save_pretrained(path)
-    # As llava-hf lays the processor out: its settings in processor_config.json (the tower's CLS
-    # counted, then dropped by the strategy), its template in chat_template.json.
+    # As llava-hf lays the processor out (the tower's CLS counted, then dropped by the strategy).
     processor = {"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": vision.patch_size,
-                 "processor_class": "LlavaNextProcessor", "vision_feature_select_strategy": "default"}
-    (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_NEXT_CHAT_TEMPLATE}, indent=2) + "\n")
-    for name in ("preprocessor_config.json", "tokenizer_config.json"):
-        settings = json.loads((path / name).read_text())
-        (path / name).write_text(json.dumps({**settings, "processor_class": "LlavaNextProcessor"}, indent=2) + "\n")
+                 "vision_feature_select_strategy": "default"}
+    _processor_files(path, "LlavaNextProcessor", processor, LLAVA_NEXT_CHAT_TEMPLATE)
     return path
 
 
@@ -652,11 +662,7 @@ def build_qwen2_audio(path: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(path)
     extractor = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400, return_attention_mask=True)
     extractor.save_pretrained(path)
-    for name in ("preprocessor_config.json", "tokenizer_config.json"):
-        # What lets AutoProcessor assemble the processor from the two, as in the published files.
-        settings = json.loads((path / name).read_text())
-        (path / name).write_text(json.dumps({**settings, "processor_class": "Qwen2AudioProcessor"}, indent=2) + "\n")
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_AUDIO_CHAT_TEMPLATE}, indent=2) + "\n")
+    _processor_files(path, "Qwen2AudioProcessor", chat_template=QWEN2_AUDIO_CHAT_TEMPLATE)
     return path
 
 
@@ -739,11 +745,7 @@ def build_instructblip(path: str | Path, seed: int = 0, num_query_tokens: int = 
     tokenizer.save_pretrained(path)
     qformer_tokenizer.save_pretrained(path / "qformer_tokenizer")
     BlipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(path)
-    for name in ("preprocessor_config.json", "tokenizer_config.json"):
-        settings = json.loads((path / name).read_text())
-        (path / name).write_text(json.dumps({**settings, "processor_class": "InstructBlipProcessor"}, indent=2) + "\n")
-    processor = {"num_query_tokens": num_query_tokens, "processor_class": "InstructBlipProcessor"}
-    (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    _processor_files(path, "InstructBlipProcessor", {"num_query_tokens": num_query_tokens})
     return path
 
 
@@ -825,10 +827,7 @@ def build_idefics(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path, max_shard_size="50KB")
     tokenizer.save_pretrained(path)
     IdeficsImageProcessorPil(image_size=30).save_pretrained(path)
-    for name in ("preprocessor_config.json", "tokenizer_config.json"):
-        settings = json.loads((path / name).read_text())
-        (path / name).write_text(json.dumps({**settings, "processor_class": "IdeficsProcessor"}, indent=2) + "\n")
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": IDEFICS_CHAT_TEMPLATE}, indent=2) + "\n")
+    _processor_files(path, "IdeficsProcessor", chat_template=IDEFICS_CHAT_TEMPLATE)
     return path
 
 
@@ -908,11 +907,7 @@ def build_kosmos2(path: str | Path, seed: int = 0) -> Path:
     config = Kosmos2Config(vision_config=vision, text_config=text, latent_query_num=64, tie_word_embeddings=False)
     _save_sharded(Kosmos2ForConditionalGeneration, config, tokenizer, path, seed)
     CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
-    for name in ("preprocessor_config.json", "tokenizer_config.json"):
-        settings = json.loads((path / name).read_text())
-        (path / name).write_text(json.dumps({**settings, "processor_class": "Kosmos2Processor"}, indent=2) + "\n")
-    processor = {"num_patch_index_tokens": 1024, "processor_class": "Kosmos2Processor"}
-    (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    _processor_files(path, "Kosmos2Processor", {"num_patch_index_tokens": 1024})
     return path
 
 
@@ -942,12 +937,8 @@ VIDEO_LLAVA_CHAT_TEMPLATE = (
 def _video_checkpoint_files(path: Path, processor_class: str, processor: dict[str, Any]) -> None:
     """The processor's files as llava-hf lays them out: its settings in processor_config.json, its
     template in chat_template.json, ``processor_class`` beside the image processor's and the tokenizer's."""
-    settings = {"image_token": "<image>", "video_token": "<video>", "processor_class": processor_class, **processor}
-    (path / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": VIDEO_LLAVA_CHAT_TEMPLATE}, indent=2) + "\n")
-    for name in ("preprocessor_config.json", "tokenizer_config.json"):
-        config = json.loads((path / name).read_text())
-        (path / name).write_text(json.dumps({**config, "processor_class": processor_class}, indent=2) + "\n")
+    settings = {"image_token": "<image>", "video_token": "<video>", **processor}
+    _processor_files(path, processor_class, settings, VIDEO_LLAVA_CHAT_TEMPLATE)
 
 
 def _tiny_llama(tokenizer: Any) -> Any:
