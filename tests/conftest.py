@@ -170,29 +170,6 @@ def serve_url(ray_session, serve_config):
     serve.shutdown()
 
 
-SHAPES_APP = "shapes"
-SHAPES_API_KEY = "shapes-key"
-
-
-@pytest.fixture(scope="session")
-def shapes_url(serve_url):
-    """The default preset (``shapes``) as its own app under ``/shapes``, deployed once for the tests
-    whose answers must be real (the README's examples, the playground), with an API key
-    (``SHAPES_API_KEY``) so the key's path is tested without another deployment. Deployed after the
-    session app, which ``serve_url`` deploys and at the end shuts Serve down with both."""
-    from ray import serve
-
-    from omnistage.cluster.config import load_config
-    from omnistage.pipelines.serve import build_app
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMNISTAGE_API_KEYS", SHAPES_API_KEY)  # read when the app is built
-        app = build_app(load_config("shapes"))
-    serve.run(app, name=SHAPES_APP, route_prefix=f"/{SHAPES_APP}")
-    yield f"{serve_url}/{SHAPES_APP}/"
-    serve.delete(SHAPES_APP)
-
-
 @pytest.fixture(scope="session")
 def metrics_port(ray_session):
     """The session Ray's Prometheus port (Ray's metrics agent serves /metrics there)."""

@@ -3,10 +3,12 @@ downloads no browser of its own): the page loads from a served app, captions the
 draws, shows the API's own error messages, asks for an API key when keys are configured, plays
 generated sound and video, and sends a microphone recording.
 
-The pages are the shapes preset's, served as its own app beside the session's tiny app (the
-``shapes_url`` fixture), because its answers are real: the caption names the sample's colour and
-shape. It is deployed with an API key, so the key's path is tested without a second deployment;
-the other tests' pages hold the key from the start. Screenshots are written to
+The shapes preset is deployed once for the module as its own app under ``/playground-shapes``,
+beside the session's tiny app, because its answers are real: the caption names the sample's colour
+and shape, and the README's examples, asked of the same app over HTTP first, get the README's
+answers. It is deployed with an API key, so the key's path is tested without a second deployment;
+the other tests' pages hold the key from the start. It is deleted with the module: a session-long
+app slowed the replicas other modules start. Screenshots are written to
 ``out/playground/`` as test artefacts.
 """
 
@@ -19,7 +21,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import SHAPES_API_KEY as API_KEY
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
@@ -28,6 +29,8 @@ from omnistage.pipelines.shapes import dominant_colour
 
 pytestmark = pytest.mark.slow
 
+SHAPES_APP = "playground-shapes"
+API_KEY = "playground-key"
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "out" / "playground"
 # The network is closed here: without the background-networking flags Chromium keeps trying to
 # reach its update and sync services. The fake media flags give it a microphone that plays a tone
@@ -51,14 +54,31 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def browser(chromium, shapes_url):
-    # The apps are deployed first (the shapes app after the session's): deploying waits on Serve
-    # handles, which refuse to block while Playwright's sync API holds an event loop on this thread.
+def browser(chromium, serve_url):
+    # The session's app is deployed first: deploying waits on Serve handles, which refuse to
+    # block while Playwright's sync API holds an event loop on this thread.
     with sync_playwright() as playwright:
         # launch() starts from a fresh, temporary profile each time.
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def shapes_url(ray_session):
+    from conftest import SERVE_PORT
+    from ray import serve
+
+    from omnistage.cluster.config import load_config
+    from omnistage.pipelines.serve import build_app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMNISTAGE_API_KEYS", API_KEY)  # read when the app is built
+        app = build_app(load_config("shapes"))
+    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    serve.run(app, name=SHAPES_APP, route_prefix=f"/{SHAPES_APP}")
+    yield f"http://127.0.0.1:{SERVE_PORT}/{SHAPES_APP}/"
+    serve.delete(SHAPES_APP)
 
 
 @pytest.fixture()
@@ -97,6 +117,51 @@ def _screenshot(page, name):
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=path, full_page=True)
     assert Image.open(path).format == "PNG"
+
+
+def test_readme_examples_through_serve(shapes_url, tmp_path):
+    """The README's requests, on the default preset served as its own app: the sample picture's,
+    sound's and video's captions, a drawn blue square, a long low buzz and a red circle moving up."""
+    from omnistage.actors.media import decode_audio, decode_video
+    from omnistage.clients.cli import main
+    from omnistage.pipelines import shapes
+
+    assert main(["samples", str(tmp_path)]) == 0
+    image, audio, video = (base64.b64encode((tmp_path / name).read_bytes()).decode() for name in ("sample.png", "sample.wav", "sample.mp4"))
+
+    def ask(client, part: dict, question: str) -> str:
+        response = client.post("/chat/completions", json={
+            "model": "omnistage-shapes", "max_tokens": 16,
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": question}]}],
+        })
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    def make(client, prompt: str, modality: str) -> bytes:
+        response = client.post("/chat/completions", json={
+            "model": "omnistage-shapes", "modalities": ["text", modality], "seed": 0,
+            "messages": [{"role": "user", "content": prompt}],
+        })
+        assert response.status_code == 200, response.text
+        return base64.b64decode(response.json()["choices"][0]["message"]["media"][0]["data"])
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=f"{shapes_url}v1", headers=headers, timeout=120) as client:
+        image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}
+        assert ask(client, image_part, "What is in this image?") == "a big red circle on the left"
+        audio_part = {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}
+        assert ask(client, audio_part, "What do you hear?") == "two short high whistles"
+        video_part = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{video}"}}
+        assert ask(client, video_part, "What happens in this video?") == "a green square moving to the right"
+        drawing = client.post("/images/generations", json={"model": "omnistage-shapes", "prompt": "Draw a blue square", "seed": 0})
+        buzz = decode_audio(make(client, "Play a long low buzz", "audio"))
+        clip = decode_video(make(client, "Make a video of a red circle moving up", "video"))
+    assert drawing.status_code == 200, drawing.text
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(drawing.json()["data"][0]["b64_json"]))).convert("RGB"))
+    assert picture.shape == (64, 64, 3) and shapes.dominant_colour(picture) == "blue"
+    assert shapes.pitch_of(buzz.samples, buzz.sampling_rate) == "low"
+    assert shapes.length_of(buzz.samples, buzz.sampling_rate) == "long"
+    assert clip.shape == (8, 32, 32, 3) and shapes.dominant_colour(clip) == "red"
 
 
 def _data_url_bytes(url, mime):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import random
 from pathlib import Path
@@ -273,51 +272,3 @@ def test_models_build_copies_the_shipped_preset(tmp_path):
 
     assert main(["models", "build", "shapes", str(tmp_path)]) == 0
     assert _weights(tmp_path) == _weights(ensure_preset("shapes"))
-
-
-@pytest.mark.slow
-def test_readme_examples_through_serve(shapes_url, tmp_path):
-    """The README's requests, on the default preset served as its own app: the sample picture's,
-    sound's and video's captions, a drawn blue square, a long low buzz and a red circle moving up."""
-    import httpx
-    from conftest import SHAPES_API_KEY
-
-    from omnistage.actors.media import decode_audio, decode_video
-    from omnistage.clients.cli import main
-
-    assert main(["samples", str(tmp_path)]) == 0
-    image, audio, video = (base64.b64encode((tmp_path / name).read_bytes()).decode() for name in ("sample.png", "sample.wav", "sample.mp4"))
-
-    def ask(client, part: dict, question: str) -> str:
-        response = client.post("/chat/completions", json={
-            "model": "omnistage-shapes", "max_tokens": 16,
-            "messages": [{"role": "user", "content": [part, {"type": "text", "text": question}]}],
-        })
-        assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["message"]["content"]
-
-    def make(client, prompt: str, modality: str) -> bytes:
-        response = client.post("/chat/completions", json={
-            "model": "omnistage-shapes", "modalities": ["text", modality], "seed": 0,
-            "messages": [{"role": "user", "content": prompt}],
-        })
-        assert response.status_code == 200, response.text
-        return base64.b64decode(response.json()["choices"][0]["message"]["media"][0]["data"])
-
-    headers = {"Authorization": f"Bearer {SHAPES_API_KEY}"}
-    with httpx.Client(base_url=f"{shapes_url}v1", headers=headers, timeout=120) as client:
-        image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}
-        assert ask(client, image_part, "What is in this image?") == "a big red circle on the left"
-        audio_part = {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}
-        assert ask(client, audio_part, "What do you hear?") == "two short high whistles"
-        video_part = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{video}"}}
-        assert ask(client, video_part, "What happens in this video?") == "a green square moving to the right"
-        drawing = client.post("/images/generations", json={"model": "omnistage-shapes", "prompt": "Draw a blue square", "seed": 0})
-        buzz = decode_audio(make(client, "Play a long low buzz", "audio"))
-        clip = decode_video(make(client, "Make a video of a red circle moving up", "video"))
-    assert drawing.status_code == 200, drawing.text
-    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(drawing.json()["data"][0]["b64_json"]))).convert("RGB"))
-    assert picture.shape == (64, 64, 3) and shapes.dominant_colour(picture) == "blue"
-    assert shapes.pitch_of(buzz.samples, buzz.sampling_rate) == "low"
-    assert shapes.length_of(buzz.samples, buzz.sampling_rate) == "long"
-    assert clip.shape == (8, 32, 32, 3) and shapes.dominant_colour(clip) == "red"
