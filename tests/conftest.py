@@ -132,13 +132,14 @@ def serve_config(redis_server):
     from omnistage.cluster.config import OmnistageConfig, load_config
 
     data = load_config("tiny").model_dump()
-    for stage in data["stages"].values():
-        if stage:
-            # Fast autoscaling, so scaling happens within a test.
-            stage["scaling"].update(
-                min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                upscale_delay_s=0.5, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
-            )
+    # Fast autoscaling, so scaling happens within a test, on the pools whose replicas a test
+    # follows: the video encoder under the utilisation policy, the image generator under Serve's
+    # requests-in-flight policy, and the audio encoder, which the load there must leave alone. The
+    # other pools keep one replica: scaling them would start replicas no test looks at.
+    fast = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+    data["stages"]["video_encoder"]["scaling"].update(fast, policy="utilisation", target_utilisation=0.5)
+    for name in ("image_generator", "audio_encoder"):
+        data["stages"][name]["scaling"].update(fast, target_ongoing_requests=1)
     # GPUs declared by the session's ray.init: placement is real, the models still run on the CPU.
     data["stages"]["llm"]["resources"]["num_gpus"] = 1
     data["stages"]["image_generator"]["resources"]["num_gpus"] = 1
@@ -151,7 +152,7 @@ def serve_config(redis_server):
     # Quick health checks on one pool, so a replica failing them is replaced within a test.
     data["stages"]["audio_encoder"]["health"] = {"period_s": 1, "timeout_s": 2}
     # Two image encoder replicas share the Redis feature cache.
-    data["stages"]["image_encoder"]["scaling"]["min_replicas"] = 2
+    data["stages"]["image_encoder"]["scaling"].update(min_replicas=2, max_replicas=2)
     data["cache"]["redis_url"] = redis_server.url
     return OmnistageConfig.model_validate(data)
 

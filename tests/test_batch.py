@@ -319,8 +319,12 @@ def captioned(ray_session, tmp_path_factory):
         os.kill(actor["Pid"], signal.SIGKILL)
     job.join(timeout=400)
     assert "summary" in result, result
-    restarts = _actors("LLMUDF")[actor["ActorID"]]["NumRestarts"] if actor else 0
-    return sample, corrupt, root / "out", result["summary"], killed_mid_job, restarts
+    # Ray restarts an actor killed after its constructor finished; one killed while still loading
+    # its model is not restarted but replaced by Ray Data's pool (the shapes preset's LLM pool
+    # holds one actor, so any other is a replacement). Which of the two happens is a race.
+    actors = _actors("LLMUDF")
+    recoveries = actors[actor["ActorID"]]["NumRestarts"] + len(set(actors) - earlier - {actor["ActorID"]}) if actor else 0
+    return sample, corrupt, root / "out", result["summary"], killed_mid_job, recoveries
 
 
 @pytest.mark.slow
@@ -393,12 +397,13 @@ def test_cli_rerun_after_a_crash_does_only_the_missing_rows(captioned, tmp_path,
 
 @pytest.mark.slow
 def test_job_completes_when_an_llm_actor_is_killed(captioned):
-    """The fixture's job lost its LLM actor mid-job: Ray restarted it and retried its tasks (Ray
-    Data's actor pools set max_restarts and max_task_retries to -1), and every id is written once
-    with no row failed but the corrupt ones (checked in test_caption_job_writes_every_id_once)."""
-    *_, killed_mid_job, restarts = captioned
+    """The fixture's job lost its LLM actor mid-job: Ray restarted it or Ray Data replaced it, its
+    tasks were retried (Ray Data's actor pools set max_restarts and max_task_retries to -1), and
+    every id is written once with no row failed but the corrupt ones (checked in
+    test_caption_job_writes_every_id_once)."""
+    *_, killed_mid_job, recoveries = captioned
     assert killed_mid_job, "the job ended before the LLM actor could be killed"
-    assert restarts >= 1
+    assert recoveries >= 1, "the killed LLM actor was neither restarted nor replaced"
 
 
 @pytest.mark.slow
