@@ -34,6 +34,8 @@ from omnistage.actors.errors import InvalidInputError, OverloadedError
 from omnistage.actors.payloads import LLMRequest, LLMResult, Modality, SignalGroup
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from omnistage.actors.llm import LLM
     from omnistage.cluster.config import EngineConfig
 
@@ -65,11 +67,16 @@ class TextStream:
     stop string: only the window of ``decode_ids`` (text tokens less special ones) from
     ``prefix_offset`` is decoded each time, never the whole text. The tokens before
     ``read_offset`` in the window give the decoder context (a SentencePiece word-start space, a
-    UTF-8 character split across byte tokens), and ``window_text`` is what they decoded to."""
+    UTF-8 character split across byte tokens), and ``window_text`` is what they decoded to.
 
-    def __init__(self, tokenizer, stop: list[str]):
+    ``visible(text, done)`` maps the text so far to what the client is shown of it, when that is
+    not the text itself (a grounding model's answer without its location tokens); it must grow by
+    appending, so that the deltas add up to ``visible`` of the whole text."""
+
+    def __init__(self, tokenizer, stop: list[str], visible: Callable[[str, bool], str] | None = None):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.visible = visible
         self.text = ""
         self.decode_ids: list[int] = []
         self.prefix_offset = 0
@@ -105,10 +112,11 @@ class TextStream:
 
     def delta(self, done: bool) -> str:
         """The text not returned yet, holding back a possible stop-string prefix until it is clear."""
-        end = len(self.text)
+        text = self.text if self.visible is None else self.visible(self.text, done)
+        end = len(text)
         if not done and self.stop:
             end = max(self.emitted, end - max(len(s) for s in self.stop) + 1)
-        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        delta, self.emitted = text[self.emitted : end], max(self.emitted, end)
         return delta
 
     def _text_of(self, ids: list[int]) -> str:
@@ -294,7 +302,7 @@ class Engine(EngineBase):
             generator=generator,
             pending=list(dict.fromkeys(request.force_modalities)),
             arrival=time.perf_counter(),
-            stream=TextStream(self.llm.tokenizer, request.stop),
+            stream=TextStream(self.llm.tokenizer, request.stop, self.llm.visible_text),
         )
         self.sequences[request_id] = seq
         self.waiting.append(seq)

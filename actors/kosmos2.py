@@ -135,6 +135,18 @@ class Kosmos2Prompt:
             )
         return ids[:2] + [IMAGE_SLOTS] + ids[2 + self.n_slots :]
 
+    def visible(self, text: str, done: bool) -> str:
+        """What a streamed answer shows of ``text``: its clean text (as ``entities`` gives it),
+        less, until the answer is ``done``, a tag still being written. It only grows as ``text``
+        does, so a stream's deltas add up to the whole answer's clean text."""
+        from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+
+        # Tags are single tokens, but a "<" the model writes as text may open one of its own.
+        opened = text.rfind("<")
+        if not done and opened >= 0 and ">" not in text[opened:]:
+            text = text[:opened]
+        return clean_text_and_extract_entities_with_bboxes(text, num_patches_per_side=self.patches_per_side)[0]
+
     def entities(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """``text`` without its grounding tokens, and the phrases they box, by the processor's own
         ``clean_text_and_extract_entities_with_bboxes``: each ``{"text", "span": [start, end] in

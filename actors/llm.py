@@ -76,6 +76,8 @@ class LLM(Stage):
         # Set where the language model reads media through cross-attention layers (IDEFICS).
         self.cross_attention = None
         self.kosmos2 = None  # Kosmos-2's prompt layout and grounded answers
+        # What a client is shown of a partial answer, where that is not the text so far.
+        self.visible_text = None
         if is_multimodal_checkpoint(self.checkpoint):
             # LLaVA / BLIP-2 / Qwen2-Audio / IDEFICS: serve the language model; the media tokens are the checkpoint's own.
             self.model, model_config = language_part(self.checkpoint, self.dtype)
@@ -84,6 +86,7 @@ class LLM(Stage):
                 from omnistage.actors.kosmos2 import Kosmos2Prompt
 
                 self.kosmos2, self.placeholders = Kosmos2Prompt(self.tokenizer, model_config.latent_query_num), {}
+                self.visible_text = self.kosmos2.visible
             else:
                 if self.cross_attention is None:
                     token_ids = media_token_ids(model_config)

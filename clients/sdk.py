@@ -70,7 +70,7 @@ class ChatResult:
     model: str | None = None
     # A grounding model's (Kosmos-2's) phrases and their boxes: ``[{"text", "span": [start, end]
     # in text, "boxes": [[x0, y0, x1, y1], ...] in 0..1 of the image's width and height}]``; None
-    # when the server's model does not ground, and in streamed answers.
+    # when the server's model does not ground.
     entities: list[dict[str, Any]] | None = None
 
     def __str__(self) -> str:
@@ -219,6 +219,7 @@ class _StreamState:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.media: list[Any] = []
+        self.entities: list[dict[str, Any]] | None = None
         self.id: str | None = None
         self.done = False
 
@@ -246,6 +247,8 @@ class _StreamState:
                 deltas.append(delta["content"])
             for item in delta.get("media") or []:
                 self.media.append(self.core.decode_media_item(item))
+            if "entities" in delta:
+                self.entities = delta["entities"]
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         self.text += "".join(deltas)
@@ -261,7 +264,8 @@ class _StreamState:
 
 
 class _StreamResult:
-    """What a chat stream holds once read: ``text``, ``finish_reason``, ``usage``, ``media``."""
+    """What a chat stream holds once read: ``text``, ``finish_reason``, ``usage``, ``media``,
+    ``entities``."""
 
     _state: _StreamState
 
@@ -281,10 +285,14 @@ class _StreamResult:
     def media(self) -> list[Any]:
         return self._state.media
 
+    @property
+    def entities(self) -> list[dict[str, Any]] | None:
+        return self._state.entities
+
     def result(self) -> ChatResult:
         """The whole answer as a :class:`ChatResult` (after the stream is read)."""
         s = self._state
-        return ChatResult(text=s.text, finish_reason=s.finish_reason, usage=s.usage, media=s.media, id=s.id)
+        return ChatResult(text=s.text, finish_reason=s.finish_reason, usage=s.usage, media=s.media, id=s.id, entities=s.entities)
 
 
 def _as_list(value: Any, single: tuple[type, ...] = ()) -> list[Any]:
@@ -597,7 +605,7 @@ class Client:
     ) -> ChatStream:
         """Like :meth:`chat`, but yields the answer's text deltas as they are generated.
         The request is sent when iteration starts; afterwards the stream holds ``text``,
-        ``finish_reason``, ``usage`` and ``media``."""
+        ``finish_reason``, ``usage``, ``media`` and ``entities``."""
         call = self._core.chat_call(
             messages, prompt=prompt, images=images, audio=audio, videos=videos, stream=True, model=model,
             modalities=modalities, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,

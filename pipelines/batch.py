@@ -79,11 +79,16 @@ DEFAULT_PROMPTS: dict[str, str] = {
 PART_TYPE: dict[str, str] = {modality: part for part, modality in PART_MODALITY.items()}
 
 # Output columns after the id column (which keeps the input's name and type).
+# A grounding model's phrases and their boxes, as the chat API's ``entities`` gives them.
+ENTITIES_TYPE = pa.list_(
+    pa.struct([("text", pa.string()), ("span", pa.list_(pa.int32())), ("boxes", pa.list_(pa.list_(pa.float64())))])
+)
 CAPTION_SCHEMA = pa.schema(
     [
         ("modality", pa.string()),
         ("prompt", pa.string()),
         ("answer", pa.string()),
+        ("entities", ENTITIES_TYPE),
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
@@ -449,6 +454,7 @@ class LLMUDF(StageUDF):
         n = table.num_rows
         columns = {
             self.answer_column: _scatter({i: r.text for i, r in outputs.items()}, n, pa.string()),
+            "entities": _scatter({i: r.entities for i, r in outputs.items()}, n, ENTITIES_TYPE),
             "finish_reason": _scatter({i: r.finish_reason for i, r in outputs.items()}, n, pa.string()),
             "prompt_tokens": _scatter({i: r.prompt_tokens for i, r in outputs.items()}, n, pa.int32()),
             "completion_tokens": _scatter({i: r.completion_tokens for i, r in outputs.items()}, n, pa.int32()),

@@ -464,6 +464,8 @@ class Ingress:
                         yield event({"content": item})
                     item = await steps.__anext__()
                 reply, signal_refs = item
+                if reply.entities is not None:
+                    yield event({"entities": reply.entities})
                 media = await self._generate(signal_refs, req.seed, rid)
                 if media:
                     yield event({"media": _media_json(media, binary=False)})

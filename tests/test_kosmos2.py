@@ -3,6 +3,8 @@ exactly the answers of transformers' own ``generate`` on the whole model: stage 
 ``LocalPipeline``, in one engine batch with left padding, through the Serve app and through the
 caption job's steps; and its grounded answers' phrases and boxes."""
 
+import json
+
 import numpy as np
 import pytest
 import test_models
@@ -159,6 +161,34 @@ def test_kosmos2_grounding_tokens_become_entities(pipeline):
     }
 
 
+def test_a_kosmos2_stream_shows_the_clean_text(pipeline):
+    """Streamed token by token, the same answer's deltas never show a tag, and add up to the clean
+    text of the whole answer."""
+    from omnistage.actors.engine import TextStream
+
+    llm = pipeline.llm
+    written = (
+        "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> "
+        "warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>."
+    )
+    stream = TextStream(llm.tokenizer, [], llm.visible_text)
+    deltas = []
+    for token in llm.tokenizer(written, add_special_tokens=False)["input_ids"]:
+        if token not in llm.tokenizer.all_special_ids:
+            stream.decode_ids.append(token)
+        stream.update()
+        deltas.append(stream.delta(done=False))
+    stream.flush()
+    deltas.append(stream.delta(done=True))
+    assert not any("<" in delta or ">" in delta for delta in deltas)
+    assert "".join(deltas) == llm.answer(stream.text)["text"] == "An image of a snowman warming himself by a fire."
+    # Text the model writes with a "<" of its own is held back only until the answer is done.
+    plain = TextStream(llm.tokenizer, [], llm.visible_text)
+    plain.decode_ids = llm.tokenizer("a < b", add_special_tokens=False)["input_ids"]
+    plain.update()
+    assert (plain.delta(done=False), plain.delta(done=True)) == ("a", " < b")
+
+
 def test_kosmos2_stages_read_only_their_part(request, tmp_path, kosmos2_dir):
     test_models.test_stages_read_only_their_part(request, tmp_path, "kosmos-2", "kosmos2_dir")
 
@@ -176,9 +206,9 @@ def test_kosmos2_caption_as_a_batch_job(kosmos2, kosmos2_dir):
     table = pa.table({"id": list(images), "image": [encode_png(image) for image in images.values()]})
     out = _caption_in_process(table, "image", pretrained_config(kosmos2_dir), prompt=GROUNDED)
     for row, image in zip(out.to_pylist(), images.values()):
-        expected_ids, n_prompt, (text, _) = _reference(kosmos2, image, GROUNDED, 8)
+        expected_ids, n_prompt, (text, entities) = _reference(kosmos2, image, GROUNDED, 8)
         assert row["error"] is None, row["error"]
-        assert (row["answer"], row["completion_tokens"], row["prompt_tokens"]) == (text, len(expected_ids), n_prompt)
+        assert (row["answer"], row["entities"], row["completion_tokens"], row["prompt_tokens"]) == (text, _entities(entities), len(expected_ids), n_prompt)
 
 
 @pytest.mark.slow
@@ -190,15 +220,20 @@ def test_kosmos2_through_serve_matches_transformers_generate(ray_session, kosmos
     image = _image(1)
     expected_ids, _, (text, entities) = _reference(kosmos2, image, QUESTION, 12)
     url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
-    (answer,) = _answers_through_serve(kosmos2_dir, "tiny-kosmos2", [{"type": "image_url", "image_url": {"url": url}}], 12)
+    answer, events = _answers_through_serve(kosmos2_dir, "tiny-kosmos2", [{"type": "image_url", "image_url": {"url": url}}], 12, streamed=True)
     message = answer["choices"][0]["message"]
     assert (message["content"], message["entities"]) == (text, _entities(entities))
     assert answer["usage"]["completion_tokens"] == len(expected_ids)
+    # Streamed, the same clean text in deltas, then the entities.
+    deltas = [choice["delta"] for event in events for choice in event["choices"]]
+    assert "".join(d.get("content", "") for d in deltas) == text
+    assert [d["entities"] for d in deltas if "entities" in d] == [_entities(entities)]
 
 
 def test_the_sdk_gives_the_messages_entities():
     """``ChatResult.entities`` is the assistant message's ``entities`` as the Serve app sends them
-    (a scripted server's reply), and None where the message has none."""
+    (a scripted server's replies), and None where the message has none; a stream holds them once
+    read."""
     from test_client import StubServer
 
     from omnistage.clients import Client
@@ -210,12 +245,24 @@ def test_the_sdk_gives_the_messages_entities():
         choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}
         return 200, {}, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m", "choices": [choice], "usage": usage}
 
+    def chunk(delta, finish_reason=None):
+        return f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish_reason}]})}\n\n"
+
+    # As the Serve app streams a grounded answer: the clean text's deltas, then the entities.
+    events = chunk({"content": "a snow"}) + chunk({"content": "man"}) + chunk({"entities": entities}) + chunk({}, "stop") + "data: [DONE]\n\n"
     server = StubServer()
-    server.replies = [reply({"content": "a snowman", "entities": entities}), reply({"content": "a snowman"})]
+    server.replies = [
+        reply({"content": "a snowman", "entities": entities}),
+        reply({"content": "a snowman"}),
+        (200, {"Content-Type": "text/event-stream"}, events.encode()),
+    ]
     try:
         with Client(server.url, transport="json", max_retries=0) as client:
             grounded, plain = client.chat(GROUNDED), client.chat(GROUNDED)
+            stream = client.chat_stream(GROUNDED)
+            deltas = list(stream)
     finally:
         server.close()
     assert (grounded.text, grounded.entities) == ("a snowman", entities)
     assert plain.entities is None
+    assert deltas == ["a snow", "man"] and (stream.result().text, stream.entities, stream.result().entities) == ("a snowman", entities, entities)

@@ -8,6 +8,7 @@ the stages' own loaders (no hub).
 """
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -1129,11 +1130,12 @@ def test_multimodal_stages_honour_dtype(request, checkpoint, n_tokens):
 # Through the Serve app: the LLaVA and BLIP-2 splits as their own pools, answering over HTTP
 
 
-def _answers_through_serve(path, name, parts, max_tokens, engine=None):
+def _answers_through_serve(path, name, parts, max_tokens, engine=None, streamed=False):
     """Deploy ``path`` split into encoder, projector and LLM pools as its own app under ``/name``, on
     the session's Serve instance, ask it one chat per medium's part in ``parts`` (the part, then the
     question) over HTTP with greedy decoding, delete the app, and give the replies' JSON.
-    ``engine``: the LLM pool's engine section, when not the built-in engine's defaults."""
+    ``engine``: the LLM pool's engine section, when not the built-in engine's defaults. With
+    ``streamed``, each chat is also asked as a stream, whose events' JSON follow the replies."""
     import httpx
     from conftest import SERVE_PORT
     from ray import serve
@@ -1149,17 +1151,19 @@ def _answers_through_serve(path, name, parts, max_tokens, engine=None):
     deploy(config, name=name, route_prefix=f"/{name}")
     try:
         answers = []
+        bodies = [
+            {"model": name, "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]}
+            for part in parts
+        ]
         with httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}/{name}", timeout=120) as client:
-            for part in parts:
-                body = {
-                    "model": name,
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}],
-                }
+            for body in bodies:
                 reply = client.post("/v1/chat/completions", json=body)
                 assert reply.status_code == 200, reply.text
                 answers.append(reply.json())
+            for body in bodies if streamed else []:
+                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as reply:
+                    assert reply.status_code == 200
+                    answers.append([json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: {")])
         return answers
     finally:
         serve.delete(name)
