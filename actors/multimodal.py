@@ -1,5 +1,5 @@
 """Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2,
-Video-LLaVA, LLaVA-NeXT-Video) split across the stage pools.
+Video-LLaVA, LLaVA-NeXT-Video, InstructBLIP-Video) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model (named as in the checkpoint's files):
@@ -39,6 +39,11 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
   encoder ``vision_tower`` on each frame, CLS dropped by the ``default`` strategy, then the
   frame's patch grid pooled by ``vision_resampler`` (``spatial_pool_mode``, ``spatial_pool_stride``);
   input projector's video head ``multi_modal_projector``; LLM ``language_model``.
+- ``instructblipvideo``: videos only. Video encoder ``vision_model`` on each sampled frame (4 by
+  default, as its processor lays the prompt out), its ``last_hidden_state`` as ``instructblip``'s;
+  input projector's video head ``query_tokens`` + ``qformer`` + ``language_projection`` run on each
+  frame with the instruction, as ``instructblip``'s on an image, the frames' queries concatenated
+  in time order; LLM ``language_model``.
 
 Each pool reads only its part's tensors from the safetensors files (only the shards that hold
 them), cast to the stage's dtype as they are read, and builds only that part from its sub-config.
@@ -58,6 +63,7 @@ from omnistage.actors.payloads import MODALITIES
 
 MULTIMODAL_TYPES = (
     "llava", "llava_next", "blip-2", "instructblip", "qwen2_audio", "idefics", "kosmos-2", "video_llava", "llava_next_video",
+    "instructblipvideo",
 )
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
 INPUT_MODALITY = {
@@ -99,6 +105,13 @@ PART_PREFIXES["kosmos-2"] = {"encoder": "vision_model.", "projector": "image_to_
 # (vision_resampler) holding weights only in "conv" mode, read then.
 PART_PREFIXES["video_llava"] = {**PART_PREFIXES["llava"], "encoder": "image_tower.", "video_encoder": "video_tower."}
 PART_PREFIXES["llava_next_video"] = {**PART_PREFIXES["llava_next"], "video_encoder": "vision_tower."}
+# InstructBLIP-Video takes videos only: a video encoder pool (its one tower, on each frame) and a
+# video head (its Q-Former, on each frame).
+INPUT_MODALITY["instructblipvideo"] = "video"
+PART_PREFIXES["instructblipvideo"] = {"video_encoder": "vision_model.", "projector": PART_PREFIXES["blip-2"]["projector"], "language": "language_model."}
+# Checkpoints whose video encoder pool runs the model's own frame path: its tower, its video
+# processor's preprocessing of a frame, its frames per video.
+FRAME_TYPES = (*VIDEO_TYPES, "instructblipvideo")
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:
@@ -196,8 +209,9 @@ def audio_part(path: str | Path, dtype: torch.dtype) -> nn.Module:
 def vision_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | list[int] | None, bool]:
     """(vision tower, hidden-state layer or None for ``last_hidden_state``, drop CLS)."""
     path, model_type, config = _part_checkpoint(path, "vision")
-    if INPUT_MODALITY.get(model_type) == "audio":
-        raise ValueError(f"no vision part known for model_type {model_type!r} at {str(path)!r}")
+    if INPUT_MODALITY.get(model_type) in ("audio", "video"):
+        # An audio model's tower is audio_part's; a video-only model's is video_part's.
+        raise ValueError(f"no image part known for model_type {model_type!r} at {str(path)!r}: it takes {INPUT_MODALITY[model_type]} only")
     if model_type == "idefics":
         # IDEFICS's tower is no PreTrainedModel: built from its sub-config, given the attention
         # IdeficsModel hands it (its own: sdpa), and loaded whole. The perceiver reads its
@@ -261,6 +275,24 @@ class InstructBlipBridge(Blip2Bridge):
         )
         query_output = out.last_hidden_state[:, : queries.shape[1]]
         return self.language_projection(query_output.to(self.language_projection.weight.dtype))
+
+
+class InstructBlipVideoBridge(InstructBlipBridge):
+    """InstructBLIP-Video's input projector: InstructBLIP's bridge on each frame, as
+    ``InstructBlipVideoForConditionalGeneration.get_video_features`` runs it: the video's features
+    split back into frames (the video encoder sends them in time order), every frame's queries
+    reading the video's instruction, and the frames' projected queries concatenated in time order."""
+
+    def __init__(self, *parts: Any, tokens_per_frame: int):
+        super().__init__(*parts)
+        self.tokens_per_frame = tokens_per_frame
+
+    def forward(self, features: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """(batch, n_frames * tokens_per_frame, d_vision) features -> (batch, n_frames * num_queries, d_llm)."""
+        batch, n_tokens, width = features.shape
+        frames = n_tokens // self.tokens_per_frame
+        per_frame = super().forward(features.reshape(batch * frames, self.tokens_per_frame, width), [text for text in instructions for _ in range(frames)])
+        return per_frame.reshape(batch, frames * per_frame.shape[1], per_frame.shape[2])
 
 
 class LlavaNextPacker(nn.Module):
@@ -336,7 +368,7 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
         projection = kosmos2_projection(config, read_part(path, PART_PREFIXES[model_type]["projector"], dtype), dtype)
         spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.latent_query_num}
         return "image", projection, spec
-    if model_type in ("blip-2", "instructblip"):
+    if model_type in ("blip-2", "instructblip", "instructblipvideo"):
         spec = {"type": model_type, "in_dim": config.vision_config.hidden_size, "out_dim": text_width, "num_queries": config.num_query_tokens}
         parts = _bridge_parts(path, model_type, config, dtype)
         if model_type == "blip-2":
@@ -346,7 +378,13 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
         # The instruction reaches this stage as text (Features.instruction): the Q-Former's own
         # tokenizer lives here, where the published checkpoint keeps it.
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="qformer_tokenizer")
-        return "image", InstructBlipBridge(*parts, tokenizer), {**spec, "reads_instruction": True}
+        spec["reads_instruction"] = True
+        if model_type == "instructblip":
+            return "image", InstructBlipBridge(*parts, tokenizer), spec
+        # A frame's tokens: the tower's patch grid and CLS.
+        vision = config.vision_config
+        tokens_per_frame = (vision.image_size // vision.patch_size) ** 2 + 1
+        return "video", InstructBlipVideoBridge(*parts, tokenizer, tokens_per_frame=tokens_per_frame), {**spec, "tokens_per_frame": tokens_per_frame}
     if model_type in ("llava_next", "llava_next_video"):
         from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
 
@@ -498,17 +536,17 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 def pretrained_config(path: str | Path, name: str | None = None):
     """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2,
-    Video-LLaVA or LLaVA-NeXT-Video directory as encoder, input projector and LLM pools (image, audio
-    or, with an encoder pool for each, image and video in; text out; no generators, no signal tokens). The same
-    dict works as the ``stages`` section of a YAML file for the Serve app."""
+    Video-LLaVA, LLaVA-NeXT-Video or InstructBLIP-Video directory as encoder, input projector and LLM pools
+    (image, audio or video in, or, with an encoder pool for each, image and video; text out; no generators,
+    no signal tokens). The same dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
 
     path = Path(path).expanduser().resolve()
     model_type = checkpoint_model_type(path)
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
-            "expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA or "
-            "LLaVA-NeXT-Video checkpoint directory "
+            "expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA, "
+            "LLaVA-NeXT-Video or InstructBLIP-Video checkpoint directory "
             f"(config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
@@ -526,7 +564,7 @@ def pretrained_config(path: str | Path, name: str | None = None):
     )
 
 
-# --- videos (Video-LLaVA, LLaVA-NeXT-Video) ---------------------------------------------------------
+# --- videos (Video-LLaVA, LLaVA-NeXT-Video, InstructBLIP-Video) -------------------------------------
 
 # What a video processor does to each frame, under its own settings' names: convert to RGB,
 # resize, centre-crop, rescale, normalise (BaseVideoProcessor._preprocess).
@@ -551,10 +589,18 @@ def video_processor_settings(path: str | Path) -> dict[str, Any]:
     return {}
 
 
+# InstructBlipVideoProcessor writes 4 frames' query tokens into the prompt whatever the video (as
+# the model's generate does without a prompt): the frames its model reads.
+INSTRUCTBLIP_VIDEO_FRAMES = 4
+
+
 def checkpoint_num_frames(path: str | Path) -> int | None:
-    """Frames per video the checkpoint's video processor samples (its ``num_frames``), or None
-    where it names none. JSON only, so a batch job's driver reads it without loading a model."""
-    value = video_processor_settings(path).get("num_frames") if checkpoint_model_type(path) in VIDEO_TYPES else None
+    """Frames per video the checkpoint's video processor samples (its ``num_frames``), else
+    InstructBLIP-Video's 4, else None. JSON only, so a batch job's driver reads it without loading a model."""
+    model_type = checkpoint_model_type(path)
+    value = video_processor_settings(path).get("num_frames") if model_type in FRAME_TYPES else None
+    if value is None and model_type == "instructblipvideo":
+        return INSTRUCTBLIP_VIDEO_FRAMES
     return int(value) if value is not None else None
 
 
@@ -565,17 +611,24 @@ def frame_processor(path: str | Path) -> Any:
     per-frame steps (RGB, resize of the shortest edge, centre crop, rescale, normalise) are exactly
     ``CLIPImageProcessor``'s, so it is built with the video processor's own settings: its class
     defaults under the checkpoint's values (the class is constructed for them; that needs no
-    torchvision). LLaVA-NeXT-Video's image processor would tile a frame, which its video processor never does."""
+    torchvision). LLaVA-NeXT-Video's image processor would tile a frame, which its video processor never does.
+    ``InstructBlipVideoVideoProcessor``'s module imports torchvision as it loads, so the class is
+    never built: its defaults and per-frame steps (RGB, resize to height x width, rescale,
+    normalise) are ``BlipImageProcessor``'s, the published checkpoint's image processor."""
     import importlib
 
+    path, model_type, _ = _part_checkpoint(path, "video")
+    if model_type not in FRAME_TYPES:
+        raise ValueError(f"no video processor known for model_type {model_type!r} at {str(path)!r}; expected one of {FRAME_TYPES}")
+    settings = video_processor_settings(path)
+    if model_type == "instructblipvideo":
+        from transformers import BlipImageProcessor
+
+        return BlipImageProcessor(**{k: settings[k] for k in FRAME_SETTINGS if k in settings})
     from transformers import CLIPImageProcessor
 
-    path, model_type, _ = _part_checkpoint(path, "video")
-    if model_type not in VIDEO_TYPES:
-        raise ValueError(f"no video processor known for model_type {model_type!r} at {str(path)!r}; expected one of {VIDEO_TYPES}")
     module = importlib.import_module(f"transformers.models.{model_type}.video_processing_{model_type}")
     video_class = next(getattr(module, name) for name in module.__all__ if name.endswith("VideoProcessor"))
-    settings = video_processor_settings(path)
     video = video_class(**{k: settings[k] for k in FRAME_SETTINGS if k in settings})
 
     def plain(value: Any) -> Any:
@@ -592,12 +645,15 @@ def video_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | l
     Video-LLaVA's ``video_tower`` with CLS kept (``get_video_features`` keeps it whatever the
     strategy); LLaVA-NeXT-Video's ``vision_tower``, CLS dropped by the ``default`` strategy, then
     ``vision_resampler`` (``LlavaNextVideoPooler``: the frame's patch grid pooled by
-    ``spatial_pool_stride``)."""
+    ``spatial_pool_stride``); InstructBLIP-Video's ``vision_model``, its ``last_hidden_state`` with
+    CLS kept (after its post-layernorm), as its Q-Former reads each frame."""
     path, model_type, config = _part_checkpoint(path, "video")
-    if model_type not in VIDEO_TYPES:
-        raise ValueError(f"no video part known for model_type {model_type!r} at {str(path)!r}; expected one of {VIDEO_TYPES}")
+    if model_type not in FRAME_TYPES:
+        raise ValueError(f"no video part known for model_type {model_type!r} at {str(path)!r}; expected one of {FRAME_TYPES}")
     prefix = PART_PREFIXES[model_type]["video_encoder"]
     tower = _from_part(_model_class(config.vision_config), config.vision_config, path, prefix, dtype)
+    if model_type == "instructblipvideo":
+        return tower, None, False, None
     if model_type == "video_llava":
         return tower, config.vision_feature_layer, False, None
     from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoPooler

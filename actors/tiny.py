@@ -1025,3 +1025,73 @@ def build_llava_next_video(path: str | Path, seed: int = 0, num_frames: int = 4)
     _video_checkpoint_files(path, "LlavaNextVideoProcessor", {
         "patch_size": vision.patch_size, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1})
     return path
+
+
+# InstructBlipVideoProcessor lays a prompt out as InstructBlipProcessor does, with <video> for
+# <image>: the video's query tokens, BOS, then the instruction as it is.
+INSTRUCTBLIP_VIDEO_CHAT_TEMPLATE = (
+    "{% set ns = namespace(video=false, text='') %}"
+    "{% for message in messages %}{% if '<video>' in message['content'] %}{% set ns.video = true %}{% endif %}"
+    "{% set ns.text = (ns.text + ' ' + (message['content'] | replace('<video>', '') | trim)) | trim %}"
+    "{% endfor %}"
+    "{% if ns.video %}<video>{% endif %}{{ bos_token }}{{ ns.text }}"
+)
+
+
+def build_instructblip_video(path: str | Path, seed: int = 0, num_query_tokens: int = 8) -> Path:
+    """An InstructBLIP-Video-shaped model (``InstructBlipVideoForConditionalGeneration``, which reads
+    Salesforce/instructblip-vicuna-7b's weights): BLIP ViT (16x16, 4x4 patches, 17 tokens a frame)
+    -> a Q-Former run once per frame on ``num_query_tokens`` queries and the instruction's tokens ->
+    linear projection -> 2-layer LLaMA. Laid out as that checkpoint is: weights in shards, the
+    LLaMA-style tokenizer (BOS added, ``<video>`` the config's video token,
+    ``INSTRUCTBLIP_VIDEO_CHAT_TEMPLATE``) at the top, the Q-Former's BERT tokenizer in
+    ``qformer_tokenizer/``, the image processor in preprocessor_config.json (where the video
+    processor reads its settings too) and ``num_query_tokens`` in processor_config.json, so that
+    ``AutoProcessor`` assembles ``InstructBlipVideoProcessor`` (given torchvision)."""
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipVideoConfig,
+        InstructBlipVideoForConditionalGeneration,
+        InstructBlipVideoQFormerConfig,
+        InstructBlipVideoVisionConfig,
+    )
+
+    path = Path(path)
+    tokenizer = _byte_tokenizer(["<video>"], INSTRUCTBLIP_VIDEO_CHAT_TEMPLATE, special="<s> $A")
+    qformer_tokenizer = _wordpiece_tokenizer()
+    view = 16
+    vision = InstructBlipVideoVisionConfig(
+        image_size=view,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        # BLIP's default (1e-10) leaves the patch embedding at zero: every frame would give the same features.
+        initializer_range=0.2,
+    )
+    qformer = InstructBlipVideoQFormerConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        encoder_hidden_size=32,
+        cross_attention_frequency=1,
+        vocab_size=len(qformer_tokenizer),
+        pad_token_id=qformer_tokenizer.pad_token_id,
+        max_position_embeddings=128,
+        # Its default (0.02) leaves the cross-attention so weak that every video gets one answer.
+        initializer_range=0.2,
+    )
+    config = InstructBlipVideoConfig(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=_tiny_llama(tokenizer).to_dict(),
+        num_query_tokens=num_query_tokens,
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+    )
+    _save_sharded(InstructBlipVideoForConditionalGeneration, config, tokenizer, path, seed)
+    qformer_tokenizer.save_pretrained(path / "qformer_tokenizer")
+    BlipImageProcessor(size={"height": view, "width": view}).save_pretrained(path)
+    _processor_files(path, "InstructBlipVideoProcessor", {"num_query_tokens": num_query_tokens})
+    return path

@@ -9,7 +9,7 @@ import torch
 
 from omnistage.actors.image_encoder import ImageEncoder
 from omnistage.actors.media import decode, sample_frame_indices, to_video_array
-from omnistage.actors.multimodal import VIDEO_TYPES, checkpoint_model_type, checkpoint_num_frames, frame_processor, video_part
+from omnistage.actors.multimodal import FRAME_TYPES, checkpoint_model_type, checkpoint_num_frames, frame_processor, video_part
 from omnistage.actors.payloads import EncodedMedia, Features
 
 if TYPE_CHECKING:
@@ -36,9 +36,10 @@ class VideoEncoder(ImageEncoder):
     (n_frames, height, width, 3) uint8 arrays. Output: ``Features`` of shape
     (num_frames * n_patches, d_vision), frames in time order.
 
-    A Video-LLaVA or LLaVA-NeXT-Video directory gives its own frame path (``multimodal.video_part``):
-    the tower the model runs frames through, its layer and CLS choice for videos, LLaVA-NeXT-Video's
-    spatial pooling after it, and the video processor's per-frame preprocessing.
+    A Video-LLaVA, LLaVA-NeXT-Video or InstructBLIP-Video directory gives its own frame path
+    (``multimodal.video_part``): the tower the model runs frames through, its layer and CLS choice
+    for videos, LLaVA-NeXT-Video's spatial pooling after it, and the video processor's per-frame
+    preprocessing.
     """
 
     # Shares the image tower's checkpoint: one vision model serves both modalities.
@@ -52,7 +53,7 @@ class VideoEncoder(ImageEncoder):
     def __init__(self, config: VideoEncoderConfig):
         super().__init__(config)
         self.num_frames = frames_per_video(config)
-        if checkpoint_model_type(self.checkpoint) in VIDEO_TYPES:
+        if checkpoint_model_type(self.checkpoint) in FRAME_TYPES:
             self.processor = frame_processor(self.checkpoint)
             # A frame is never tiled, whatever the checkpoint does to images.
             self.tiles = False
@@ -60,7 +61,7 @@ class VideoEncoder(ImageEncoder):
                 self.pool = self.pool.to(self.device)
 
     def checkpoint_part(self) -> tuple[torch.nn.Module, int | list[int] | None, bool]:
-        if checkpoint_model_type(self.checkpoint) not in VIDEO_TYPES:
+        if checkpoint_model_type(self.checkpoint) not in FRAME_TYPES:
             return super().checkpoint_part()
         tower, layer, drop_cls, self.pool = video_part(self.checkpoint, self.dtype)
         return tower, layer, drop_cls

@@ -149,7 +149,7 @@ def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
 def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
     from omnistage.pipelines.local import LocalPipeline
 
-    families = "LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA or LLaVA-NeXT-Video"
+    families = "LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA, LLaVA-NeXT-Video or InstructBLIP-Video"
     with pytest.raises(ValueError, match=rf"{families} checkpoint directory.*model_type 'llama'"):
         LocalPipeline.from_pretrained(tiny_preset / "llm")
 
@@ -514,11 +514,12 @@ def _parts_of_the_whole(model_type, path):
     from omnistage.actors.image_encoder import ImageEncoder
     from omnistage.actors.input_projector import InputProjector
     from omnistage.actors.llm import LLM
-    from omnistage.cluster.config import AudioEncoderConfig, ImageEncoderConfig, InputProjectorConfig, LLMConfig
+    from omnistage.actors.video_encoder import VideoEncoder
+    from omnistage.cluster.config import AudioEncoderConfig, ImageEncoderConfig, InputProjectorConfig, LLMConfig, VideoEncoderConfig
 
     whole = _whole(model_type, path)
-    modality = "audio" if model_type == "qwen2_audio" else "image"
-    stage, config = (AudioEncoder, AudioEncoderConfig) if modality == "audio" else (ImageEncoder, ImageEncoderConfig)
+    modality = {"qwen2_audio": "audio", "instructblipvideo": "video"}.get(model_type, "image")
+    stage, config = {"audio": (AudioEncoder, AudioEncoderConfig), "video": (VideoEncoder, VideoEncoderConfig)}.get(modality, (ImageEncoder, ImageEncoderConfig))
 
     def encoder(d):
         return stage(config(model=d)).model
@@ -544,11 +545,15 @@ def _parts_of_the_whole(model_type, path):
             "projector": (projector, whole.image_to_text_projection.state_dict()),
             "language": (llm, whole.text_model.state_dict()),
         }
-    if model_type in ("blip-2", "instructblip"):
+    if model_type in ("blip-2", "instructblip", "instructblipvideo"):
         bridge = {"query_tokens": whole.query_tokens, **{f"qformer.{k}": v for k, v in whole.qformer.state_dict().items()},
                   **{f"language_projection.{k}": v for k, v in whole.language_projection.state_dict().items()}}
-        return {"encoder": (encoder, whole.vision_model.state_dict()), "projector": (projector, bridge),
-                "language": (llm, whole.language_model.state_dict())}
+        # InstructBLIP-Video's one tower is its video encoder's.
+        return {
+            "video_encoder" if modality == "video" else "encoder": (encoder, whole.vision_model.state_dict()),
+            "projector": (projector, bridge),
+            "language": (llm, whole.language_model.state_dict()),
+        }
     inner = whole.model
     language = {**{f"model.{k}": v for k, v in inner.language_model.state_dict().items()}, "lm_head.weight": whole.lm_head.weight}
     tower = inner.audio_tower if modality == "audio" else inner.image_tower if model_type == "video_llava" else inner.vision_tower
@@ -558,9 +563,6 @@ def _parts_of_the_whole(model_type, path):
         projected = {**{f"multi_modal_projector.{k}": v for k, v in projected.items()}, "image_newline": inner.image_newline}
     parts = {"encoder": (encoder, tower.state_dict()), "projector": (projector, projected), "language": (llm, language)}
     if model_type in ("video_llava", "llava_next_video"):
-        from omnistage.actors.video_encoder import VideoEncoder
-        from omnistage.cluster.config import VideoEncoderConfig
-
         frames = inner.video_tower if model_type == "video_llava" else inner.vision_tower
         parts["video_encoder"] = (lambda d: VideoEncoder(VideoEncoderConfig(model=d)).model, frames.state_dict())
     return parts
@@ -570,7 +572,7 @@ def _parts_of_the_whole(model_type, path):
     "model_type, checkpoint",
     [("llava", "llava_dir"), ("llava_next", "llava_next_dir"), ("blip-2", "blip2_dir"), ("instructblip", "instructblip_dir"),
      ("qwen2_audio", "qwen2_audio_dir"), ("idefics", "idefics_dir"), ("video_llava", "video_llava_dir"),
-     ("llava_next_video", "llava_next_video_dir")],
+     ("llava_next_video", "llava_next_video_dir"), ("instructblipvideo", "instructblip_video_dir")],
 )
 def test_stages_read_only_their_part(request, tmp_path, model_type, checkpoint):
     """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
@@ -1326,7 +1328,8 @@ def idefics_dir(tmp_path_factory):
     return build_idefics(tmp_path_factory.mktemp("idefics") / "tiny-idefics", seed=0)
 
 
-# Video-LLaVA and LLaVA-NeXT-Video (their tests: tests/test_video_families.py)
+# Video-LLaVA and LLaVA-NeXT-Video (their tests: tests/test_video_families.py), InstructBLIP-Video
+# (tests/test_instructblip_video.py)
 
 
 @pytest.fixture(scope="module")
@@ -1341,3 +1344,10 @@ def llava_next_video_dir(tmp_path_factory):
     from omnistage.actors.tiny import build_llava_next_video
 
     return build_llava_next_video(tmp_path_factory.mktemp("llava-next-video") / "tiny-llava-next-video", seed=0)
+
+
+@pytest.fixture(scope="module")
+def instructblip_video_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_instructblip_video
+
+    return build_instructblip_video(tmp_path_factory.mktemp("instructblip-video") / "tiny-instructblip-video", seed=0)
