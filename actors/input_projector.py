@@ -131,14 +131,21 @@ class InputProjector(HeadStage):
                     f"{size[0]}x{size[1]} {item.modality}, {n_views * spec['tokens_per_view']} tokens, got {item.features.shape[0]}"
                 )
 
+        frame = spec.get("tokens_per_frame")
+        if frame is not None and item.features.shape[0] % frame:
+            raise InvalidInputError(
+                f"InputProjector expected whole frames of {frame} tokens for its {spec['type']} {item.modality} "
+                f"head (which pools each frame's grid), got {item.features.shape[0]} tokens"
+            )
+
     def __call__(self, items: list[Features]) -> list[Embeddings]:
         # The head's spec says how the LLM reads its output (IDEFICS's resampler: cross-attention).
         return [dataclasses.replace(e, fusion=self.head_spec(e.modality).get("fusion", "splice")) for e in super().__call__(items)]
 
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
         """A LLaVA, BLIP-2, InstructBLIP, IDEFICS or Kosmos-2 checkpoint gives its projector as the
-        ``image`` head, a Qwen2-Audio checkpoint as the ``audio`` head, a Video-LLaVA or
-        LLaVA-NeXT-Video checkpoint as the ``image`` and ``video`` heads."""
+        ``image`` head, a Qwen2-Audio checkpoint as the ``audio`` head, a Video-LLaVA,
+        LLaVA-NeXT-Video or LLaVA-OneVision checkpoint as the ``image`` and ``video`` heads."""
         from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_heads
 
         if not is_multimodal_checkpoint(self.checkpoint):

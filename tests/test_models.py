@@ -552,11 +552,11 @@ def _parts_of_the_whole(model_type, path):
     language = {**{f"model.{k}": v for k, v in inner.language_model.state_dict().items()}, "lm_head.weight": whole.lm_head.weight}
     tower = inner.audio_tower if modality == "audio" else inner.image_tower if model_type == "video_llava" else inner.vision_tower
     projected = inner.multi_modal_projector.state_dict()
-    if model_type in ("llava_next", "llava_next_video"):
+    if model_type in ("llava_next", "llava_next_video", "llava_onevision"):
         # The packing's newline embedding is the projector pool's too.
         projected = {**{f"multi_modal_projector.{k}": v for k, v in projected.items()}, "image_newline": inner.image_newline}
     parts = {"encoder": (encoder, tower.state_dict()), "projector": (projector, projected), "language": (llm, language)}
-    if model_type in ("video_llava", "llava_next_video"):
+    if model_type in ("video_llava", "llava_next_video", "llava_onevision"):
         from omnistage.actors.video_encoder import VideoEncoder
         from omnistage.cluster.config import VideoEncoderConfig
 
@@ -569,7 +569,7 @@ def _parts_of_the_whole(model_type, path):
     "model_type, checkpoint",
     [("llava", "llava_dir"), ("llava_next", "llava_next_dir"), ("blip-2", "blip2_dir"), ("instructblip", "instructblip_dir"),
      ("qwen2_audio", "qwen2_audio_dir"), ("idefics", "idefics_dir"), ("video_llava", "video_llava_dir"),
-     ("llava_next_video", "llava_next_video_dir")],
+     ("llava_next_video", "llava_next_video_dir"), ("llava_onevision", "llava_onevision_dir")],
 )
 def test_stages_read_only_their_part(request, tmp_path, model_type, checkpoint):
     """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
@@ -1337,3 +1337,13 @@ def llava_next_video_dir(tmp_path_factory):
     from omnistage.actors.tiny import build_llava_next_video
 
     return build_llava_next_video(tmp_path_factory.mktemp("llava-next-video") / "tiny-llava-next-video", seed=0)
+
+
+# LLaVA-OneVision (its tests: tests/test_onevision.py)
+
+
+@pytest.fixture(scope="module")
+def llava_onevision_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_llava_onevision
+
+    return build_llava_onevision(tmp_path_factory.mktemp("llava-onevision") / "tiny-llava-onevision", seed=0)
