@@ -116,7 +116,8 @@ class InputProjector(HeadStage):
                 f"{self.head_spec(item.modality)['type']} head reads it), got {item.instruction!r}"
             )
         spec = self.head_spec(item.modality)
-        # A head that splits a video back into frames (InstructBLIP-Video's) needs whole frames.
+        # A head that splits a video back into frames (InstructBLIP-Video's Q-Former, LLaVA-OneVision's
+        # pooling) needs whole frames.
         per_frame = spec.get("tokens_per_frame")
         if per_frame and item.features.shape[0] % per_frame:
             raise InvalidInputError(
@@ -145,8 +146,8 @@ class InputProjector(HeadStage):
     def load_heads(self) -> tuple[dict[str, Any], nn.Module]:
         """A LLaVA, BLIP-2, InstructBLIP, IDEFICS or Kosmos-2 checkpoint gives its projector as the
         ``image`` head, a Qwen2-Audio checkpoint as the ``audio`` head, an InstructBLIP-Video
-        checkpoint as the ``video`` head, a Video-LLaVA or LLaVA-NeXT-Video checkpoint as the
-        ``image`` and ``video`` heads."""
+        checkpoint as the ``video`` head, a Video-LLaVA, LLaVA-NeXT-Video or LLaVA-OneVision
+        checkpoint as the ``image`` and ``video`` heads."""
         from omnistage.actors.multimodal import is_multimodal_checkpoint, projector_heads
 
         if not is_multimodal_checkpoint(self.checkpoint):

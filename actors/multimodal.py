@@ -1,5 +1,5 @@
 """Published end-to-end checkpoints (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2,
-Video-LLaVA, LLaVA-NeXT-Video, InstructBLIP-Video) split across the stage pools.
+Video-LLaVA, LLaVA-NeXT-Video, InstructBLIP-Video, LLaVA-OneVision) split across the stage pools.
 
 A stage whose ``model`` is such a directory recognises it by the ``model_type`` in its
 ``config.json`` and takes its own part of the model (named as in the checkpoint's files):
@@ -44,6 +44,12 @@ A stage whose ``model`` is such a directory recognises it by the ``model_type`` 
   input projector's video head ``query_tokens`` + ``qformer`` + ``language_projection`` run on each
   frame with the instruction, as ``instructblip``'s on an image, the frames' queries concatenated
   in time order; LLM ``language_model``.
+- ``llava_onevision``: image encoder as ``llava_next`` (its SigLIP tower, all tokens, the ``full``
+  strategy); input projector's image head packs as ``LlavaOnevisionModel.pack_image_features``
+  does (``vision_aspect_ratio``: a packed grid of more than about nine views' tokens bilinearly
+  downsampled); video encoder ``vision_tower`` on each frame; input projector's video head
+  ``multi_modal_projector`` on each frame, then ``apply_pooling`` (bilinear, 2x) and one
+  ``image_newline`` after the video; LLM ``language_model``.
 
 Each pool reads only its part's tensors from the safetensors files (only the shards that hold
 them), cast to the stage's dtype as they are read, and builds only that part from its sub-config.
@@ -63,7 +69,7 @@ from omnistage.actors.payloads import MODALITIES
 
 MULTIMODAL_TYPES = (
     "llava", "llava_next", "blip-2", "instructblip", "qwen2_audio", "idefics", "kosmos-2", "video_llava", "llava_next_video",
-    "instructblipvideo",
+    "instructblipvideo", "llava_onevision",
 )
 # The medium each type takes in: the encoder pool it needs and the input projector's head.
 INPUT_MODALITY = {
@@ -72,7 +78,7 @@ INPUT_MODALITY = {
 }
 # Checkpoints that take videos as well as images: a video encoder pool beside the image encoder pool,
 # and an input projector head for each medium.
-VIDEO_TYPES = ("video_llava", "llava_next_video")
+VIDEO_TYPES = ("video_llava", "llava_next_video", "llava_onevision")
 # Types whose language model reads projected media through cross-attention layers (Flamingo's
 # design) rather than as embeddings spliced into the prompt.
 CROSS_ATTENTION_TYPES = ("idefics",)
@@ -105,6 +111,7 @@ PART_PREFIXES["kosmos-2"] = {"encoder": "vision_model.", "projector": "image_to_
 # (vision_resampler) holding weights only in "conv" mode, read then.
 PART_PREFIXES["video_llava"] = {**PART_PREFIXES["llava"], "encoder": "image_tower.", "video_encoder": "video_tower."}
 PART_PREFIXES["llava_next_video"] = {**PART_PREFIXES["llava_next"], "video_encoder": "vision_tower."}
+PART_PREFIXES["llava_onevision"] = PART_PREFIXES["llava_next_video"]
 # InstructBLIP-Video takes videos only: a video encoder pool (its one tower, on each frame) and a
 # video head (its Q-Former, on each frame).
 INPUT_MODALITY["instructblipvideo"] = "video"
@@ -332,6 +339,45 @@ class LlavaNextPacker(nn.Module):
         return packed
 
 
+class LlavaOnevisionPacker(LlavaNextPacker):
+    """LLaVA-OneVision's input projector for images: as LLaVA-NeXT's, but packed by
+    ``LlavaOnevisionModel.pack_image_features`` itself, whose unpadded grid, when it holds more
+    than about ``vision_aspect_ratio``'s (``anyres_max_9``) nine views' tokens, is bilinearly
+    downsampled before its rows get their ``image_newline``."""
+
+    def forward(self, features: torch.Tensor, image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+        views = [self.multi_modal_projector(f.view(-1, self.tokens_per_view, f.shape[-1])) for f in features]
+        packed, _ = LlavaOnevisionModel.pack_image_features(
+            self, views, torch.tensor(image_sizes), self.image_newline, self.config.vision_aspect_ratio
+        )
+        return packed
+
+
+class LlavaOnevisionVideoHead(nn.Module):
+    """LLaVA-OneVision's input projector for videos, as ``LlavaOnevisionModel.get_video_features``:
+    ``multi_modal_projector`` on every frame's tokens, each frame's grid pooled 2x by
+    ``apply_pooling`` (bilinear, odd sides rounded up), then one ``image_newline`` after the video."""
+
+    def __init__(self, config: Any, projector: nn.Module, image_newline: nn.Parameter, tokens_per_frame: int):
+        super().__init__()
+        # apply_pooling reads only self.config (the tower's sizes).
+        self.config = config
+        self.multi_modal_projector = projector
+        self.image_newline = image_newline
+        self.tokens_per_frame = tokens_per_frame
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, n_frames * tokens_per_frame, d_vision) -> (batch, n_frames * pooled + 1, d_llm)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+        batch = features.shape[0]
+        frames = self.multi_modal_projector(features.reshape(-1, self.tokens_per_frame, features.shape[-1]))
+        pooled = LlavaOnevisionModel.apply_pooling(self, frames).reshape(batch, -1, frames.shape[-1])
+        return torch.cat((pooled, self.image_newline[None, None, :].expand(batch, 1, -1).to(pooled.dtype)), dim=1)
+
+
 def _load_module(module: nn.Module, path: Path, prefix: str, dtype: torch.dtype) -> nn.Module:
     """``module`` (a part that is no ``PreTrainedModel``) holding exactly the tensors under ``prefix``, in ``dtype``."""
     module.load_state_dict(read_part(path, prefix, dtype), strict=True)
@@ -385,18 +431,28 @@ def projector_part(path: str | Path, dtype: torch.dtype) -> tuple[str, nn.Module
         vision = config.vision_config
         tokens_per_frame = (vision.image_size // vision.patch_size) ** 2 + 1
         return "video", InstructBlipVideoBridge(*parts, tokenizer, tokens_per_frame=tokens_per_frame), {**spec, "tokens_per_frame": tokens_per_frame}
-    if model_type in ("llava_next", "llava_next_video"):
-        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+    if model_type in ("llava_next", "llava_next_video", "llava_onevision"):
+        if model_type == "llava_onevision":
+            from transformers.models.llava_onevision.modeling_llava_onevision import (
+                LlavaOnevisionMultiModalProjector as Projector,
+            )
 
+            Packer: type[LlavaNextPacker] = LlavaOnevisionPacker
+        else:
+            from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector as Projector
+
+            Packer = LlavaNextPacker
         layers = config.vision_feature_layer
         vision = config.vision_config
         in_dim = vision.hidden_size * (1 if isinstance(layers, int) else len(layers))
         tensors = read_part(path, PART_PREFIXES[model_type]["projector"], dtype)
-        projector = LlavaNextMultiModalProjector(config).to(dtype)
+        projector = Projector(config).to(dtype)
         projector.load_state_dict({k.removeprefix("multi_modal_projector."): v for k, v in tensors.items() if k != "image_newline"}, strict=True)
-        # A view's tokens: the tower's patch grid, plus CLS unless the strategy drops it.
-        tokens_per_view = (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy != "default")
-        packer = LlavaNextPacker(config, projector, nn.Parameter(tensors["image_newline"]), tokens_per_view)
+        # A view's tokens: the tower's patch grid, plus CLS unless the strategy drops it (SigLIP has none).
+        tokens_per_view = (vision.image_size // vision.patch_size) ** 2 + (
+            config.vision_feature_select_strategy != "default" and vision.model_type != "siglip_vision_model"
+        )
+        packer = Packer(config, projector, nn.Parameter(tensors["image_newline"]), tokens_per_view)
         spec = {"type": model_type, "in_dim": in_dim, "out_dim": text_width, "reads_image_size": True, "tokens_per_view": tokens_per_view}
         return "image", packer.eval(), spec
     if model_type in ("llava", "video_llava"):
@@ -536,9 +592,9 @@ def media_token_ids(model_config: Any) -> dict[str, int]:
 
 def pretrained_config(path: str | Path, name: str | None = None):
     """An ``OmnistageConfig`` serving a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2,
-    Video-LLaVA, LLaVA-NeXT-Video or InstructBLIP-Video directory as encoder, input projector and LLM pools
-    (image, audio or video in, or, with an encoder pool for each, image and video; text out; no generators,
-    no signal tokens). The same dict works as the ``stages`` section of a YAML file for the Serve app."""
+    Video-LLaVA, LLaVA-NeXT-Video, InstructBLIP-Video or LLaVA-OneVision directory as encoder, input projector and
+    LLM pools (image, audio or video in, or, with an encoder pool for each, image and video; text out; no
+    generators, no signal tokens). The same dict works as the ``stages`` section of a YAML file for the Serve app."""
     from omnistage.cluster.config import OmnistageConfig
 
     path = Path(path).expanduser().resolve()
@@ -546,7 +602,7 @@ def pretrained_config(path: str | Path, name: str | None = None):
     if model_type not in MULTIMODAL_TYPES:
         raise ValueError(
             "expected a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA, "
-            "LLaVA-NeXT-Video or InstructBLIP-Video checkpoint directory "
+            "LLaVA-NeXT-Video, InstructBLIP-Video or LLaVA-OneVision checkpoint directory "
             f"(config.json model_type in {MULTIMODAL_TYPES}), "
             f"got model_type {model_type!r} at {str(path)!r}"
         )
@@ -564,7 +620,7 @@ def pretrained_config(path: str | Path, name: str | None = None):
     )
 
 
-# --- videos (Video-LLaVA, LLaVA-NeXT-Video, InstructBLIP-Video) -------------------------------------
+# --- videos (Video-LLaVA, LLaVA-NeXT-Video, InstructBLIP-Video, LLaVA-OneVision) --------------------
 
 # What a video processor does to each frame, under its own settings' names: convert to RGB,
 # resize, centre-crop, rescale, normalise (BaseVideoProcessor._preprocess).
@@ -606,7 +662,7 @@ def checkpoint_num_frames(path: str | Path) -> int | None:
 
 def frame_processor(path: str | Path) -> Any:
     """An image processor that turns each sampled frame into the pixels the checkpoint's video
-    processor makes of it. The video processors (``VideoLlavaVideoProcessor``,
+    processor makes of it. The video processors (``VideoLlavaVideoProcessor``, ``LlavaOnevisionVideoProcessor``,
     ``LlavaNextVideoVideoProcessor``) run on torchvision, which is not always installed; their
     per-frame steps (RGB, resize of the shortest edge, centre crop, rescale, normalise) are exactly
     ``CLIPImageProcessor``'s, so it is built with the video processor's own settings: its class
@@ -646,7 +702,8 @@ def video_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | l
     strategy); LLaVA-NeXT-Video's ``vision_tower``, CLS dropped by the ``default`` strategy, then
     ``vision_resampler`` (``LlavaNextVideoPooler``: the frame's patch grid pooled by
     ``spatial_pool_stride``); InstructBLIP-Video's ``vision_model``, its ``last_hidden_state`` with
-    CLS kept (after its post-layernorm), as its Q-Former reads each frame."""
+    CLS kept (after its post-layernorm), as its Q-Former reads each frame; LLaVA-OneVision's
+    ``vision_tower`` as for its images, unpooled."""
     path, model_type, config = _part_checkpoint(path, "video")
     if model_type not in FRAME_TYPES:
         raise ValueError(f"no video part known for model_type {model_type!r} at {str(path)!r}; expected one of {FRAME_TYPES}")
@@ -656,6 +713,9 @@ def video_part(path: str | Path, dtype: torch.dtype) -> tuple[nn.Module, int | l
         return tower, None, False, None
     if model_type == "video_llava":
         return tower, config.vision_feature_layer, False, None
+    if model_type == "llava_onevision":
+        # Its frames are pooled after the projector: the input projector's video head pools them.
+        return tower, config.vision_feature_layer, config.vision_feature_select_strategy == "default", None
     from transformers.models.llava_next_video.modeling_llava_next_video import LlavaNextVideoPooler
 
     pool = LlavaNextVideoPooler(config).to(dtype)
@@ -668,10 +728,16 @@ def projector_heads(path: str | Path, dtype: torch.dtype) -> tuple[dict[str, dic
     """(head spec by modality, head by modality) of the checkpoint's input projector. A video
     checkpoint has one ``multi_modal_projector`` for both media: the image head is ``projector_part``'s
     (LLaVA-NeXT-Video's packs the image's views, as LLaVA-NeXT's does), the video head is the same
-    projector module on each frame's (already pooled) tokens in turn, with no packing and no newline."""
+    projector module on each frame's (already pooled) tokens in turn, with no packing and no newline.
+    LLaVA-OneVision's video head is that projector, then its pooling and one newline
+    (``LlavaOnevisionVideoHead``), sharing the image head's modules."""
     modality, module, spec = projector_part(path, dtype)
-    if checkpoint_model_type(path) not in VIDEO_TYPES:
+    model_type = checkpoint_model_type(path)
+    if model_type not in VIDEO_TYPES:
         return {modality: spec}, {modality: module}
     projector = getattr(module, "multi_modal_projector", module)
     video = {"type": spec["type"], "in_dim": spec["in_dim"], "out_dim": spec["out_dim"]}
+    if model_type == "llava_onevision":
+        head = LlavaOnevisionVideoHead(module.config, projector, module.image_newline, spec["tokens_per_view"])
+        return {"image": spec, "video": {**video, "tokens_per_frame": spec["tokens_per_view"]}}, {"image": module, "video": head.eval()}
     return {"image": spec, "video": video}, {"image": module, "video": projector}

@@ -1094,4 +1094,84 @@ def build_instructblip_video(path: str | Path, seed: int = 0, num_query_tokens: 
     qformer_tokenizer.save_pretrained(path / "qformer_tokenizer")
     BlipImageProcessor(size={"height": view, "width": view}).save_pretrained(path)
     _processor_files(path, "InstructBlipVideoProcessor", {"num_query_tokens": num_query_tokens})
+
+
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf's processor template: typed parts, the images, then the
+# videos, then the text, inside Qwen's <|im_start|> ... <|im_end|> turns.
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}"
+    "{% endif %}{{'<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAVA_ONEVISION_TOKENS = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+
+def build_llava_onevision(path: str | Path, seed: int = 0) -> Path:
+    """A LLaVA-OneVision-shaped model (llava-hf/llava-onevision-qwen2-0.5b-ov-hf's layout at a tiny
+    scale): one SigLIP ViT without its head (20x20, 4x4 patches: 5x5 tokens a view, odd as the
+    published 27x27) for images, tiled by any-resolution grids of up to 6x6 views as the published
+    ``anyres_max_9`` checkpoint's, and for frames -> 2-layer GELU MLP and ``image_newline`` ->
+    2-layer Qwen2, with a byte-level tokenizer carrying Qwen's chat tokens and the config's
+    ``<image>`` and ``<video>``, ``LlavaOnevisionImageProcessor`` in preprocessor_config.json, the
+    video processor's settings in video_preprocessor_config.json and the processor's settings
+    (``num_image_tokens``, strategy ``full``) and template."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    path = Path(path)
+    tokenizer = _byte_tokenizer(LLAVA_ONEVISION_TOKENS, None)
+    # Listed as the published tokenizer lists them, so decoding leaves them out of the text.
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAVA_ONEVISION_TOKENS})
+    view, patch = 20, 4
+    vision = SiglipVisionConfig(
+        image_size=view, patch_size=patch, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    # As the published 1x1 ... 6x6 grids of 384-pixel views, in views of 20.
+    pinpoints = [[rows * view, cols * view] for rows in range(1, 7) for cols in range(1, 7)]
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # A turn ends at <|im_end|>, as Qwen2-Instruct's tokenizer ends one.
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # In shards, as published: each pool then reads only the shards that hold its part.
+    model.save_pretrained(path, max_shard_size="50KB")
+    tokenizer.save_pretrained(path)
+    # SigLIP's normalisation, as the published processors have it.
+    sizes = {"size": {"height": view, "width": view}, "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    LlavaOnevisionImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints, do_pad=True).save_pretrained(path)
+    settings = json.loads((path / "preprocessor_config.json").read_text())
+    # Saved under the class name the published file gives (the torchvision one; either loads it).
+    settings["image_processor_type"] = "LlavaOnevisionImageProcessor"
+    (path / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    video = {
+        "video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor", **sizes,
+        "do_resize": True, "do_center_crop": None, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_convert_rgb": True, "do_sample_frames": False,
+    }
+    (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+    processor = {"image_token": "<image>", "video_token": "<video>", "num_image_tokens": (view // patch) ** 2,
+                 "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}
+    _processor_files(path, "LlavaOnevisionProcessor", processor, LLAVA_ONEVISION_CHAT_TEMPLATE)
     return path

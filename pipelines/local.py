@@ -64,8 +64,9 @@ class LocalPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str | None = None) -> LocalPipeline:
         """Serve a LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA,
-        LLaVA-NeXT-Video or InstructBLIP-Video checkpoint directory, split into encoder (image and video
-        for Video-LLaVA and LLaVA-NeXT-Video, video alone for InstructBLIP-Video), projector and LLM stages."""
+        LLaVA-NeXT-Video, InstructBLIP-Video or LLaVA-OneVision checkpoint directory, split into encoder
+        (image and video for Video-LLaVA, LLaVA-NeXT-Video and LLaVA-OneVision, video alone for
+        InstructBLIP-Video), projector and LLM stages."""
         from omnistage.actors.multimodal import pretrained_config
 
         return cls(pretrained_config(path, name))

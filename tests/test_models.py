@@ -149,7 +149,7 @@ def test_llava_stages_take_their_part_of_the_checkpoint(llava_dir):
 def test_from_pretrained_refuses_a_plain_checkpoint(tiny_preset):
     from omnistage.pipelines.local import LocalPipeline
 
-    families = "LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA, LLaVA-NeXT-Video or InstructBLIP-Video"
+    families = "LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-Audio, IDEFICS, Kosmos-2, Video-LLaVA, LLaVA-NeXT-Video, InstructBLIP-Video or LLaVA-OneVision"
     with pytest.raises(ValueError, match=rf"{families} checkpoint directory.*model_type 'llama'"):
         LocalPipeline.from_pretrained(tiny_preset / "llm")
 
@@ -558,11 +558,11 @@ def _parts_of_the_whole(model_type, path):
     language = {**{f"model.{k}": v for k, v in inner.language_model.state_dict().items()}, "lm_head.weight": whole.lm_head.weight}
     tower = inner.audio_tower if modality == "audio" else inner.image_tower if model_type == "video_llava" else inner.vision_tower
     projected = inner.multi_modal_projector.state_dict()
-    if model_type in ("llava_next", "llava_next_video"):
+    if model_type in ("llava_next", "llava_next_video", "llava_onevision"):
         # The packing's newline embedding is the projector pool's too.
         projected = {**{f"multi_modal_projector.{k}": v for k, v in projected.items()}, "image_newline": inner.image_newline}
     parts = {"encoder": (encoder, tower.state_dict()), "projector": (projector, projected), "language": (llm, language)}
-    if model_type in ("video_llava", "llava_next_video"):
+    if model_type in ("video_llava", "llava_next_video", "llava_onevision"):
         frames = inner.video_tower if model_type == "video_llava" else inner.vision_tower
         parts["video_encoder"] = (lambda d: VideoEncoder(VideoEncoderConfig(model=d)).model, frames.state_dict())
     return parts
@@ -572,7 +572,8 @@ def _parts_of_the_whole(model_type, path):
     "model_type, checkpoint",
     [("llava", "llava_dir"), ("llava_next", "llava_next_dir"), ("blip-2", "blip2_dir"), ("instructblip", "instructblip_dir"),
      ("qwen2_audio", "qwen2_audio_dir"), ("idefics", "idefics_dir"), ("video_llava", "video_llava_dir"),
-     ("llava_next_video", "llava_next_video_dir"), ("instructblipvideo", "instructblip_video_dir")],
+     ("llava_next_video", "llava_next_video_dir"), ("instructblipvideo", "instructblip_video_dir"),
+     ("llava_onevision", "llava_onevision_dir")],
 )
 def test_stages_read_only_their_part(request, tmp_path, model_type, checkpoint):
     """Each stage loads from a copy of the checkpoint holding only the shards its part is in, and
@@ -1351,3 +1352,13 @@ def instructblip_video_dir(tmp_path_factory):
     from omnistage.actors.tiny import build_instructblip_video
 
     return build_instructblip_video(tmp_path_factory.mktemp("instructblip-video") / "tiny-instructblip-video", seed=0)
+
+
+# LLaVA-OneVision (its tests: tests/test_onevision.py)
+
+
+@pytest.fixture(scope="module")
+def llava_onevision_dir(tmp_path_factory):
+    from omnistage.actors.tiny import build_llava_onevision
+
+    return build_llava_onevision(tmp_path_factory.mktemp("llava-onevision") / "tiny-llava-onevision", seed=0)
