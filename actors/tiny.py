@@ -1094,6 +1094,7 @@ def build_instructblip_video(path: str | Path, seed: int = 0, num_query_tokens: 
     qformer_tokenizer.save_pretrained(path / "qformer_tokenizer")
     BlipImageProcessor(size={"height": view, "width": view}).save_pretrained(path)
     _processor_files(path, "InstructBlipVideoProcessor", {"num_query_tokens": num_query_tokens})
+    return path
 
 
 # llava-hf/llava-onevision-qwen2-0.5b-ov-hf's processor template: typed parts, the images, then the
