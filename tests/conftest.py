@@ -10,6 +10,10 @@ import time
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Serve replicas record their request metrics as requests come, instead of in a loop ten times a
+# second: idle, the session's dozens of replicas otherwise keep about a seventh of a core busy
+# between them. Read by every Ray process the session starts.
+os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "0")
 
 import pytest  # noqa: E402
 
