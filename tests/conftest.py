@@ -10,10 +10,6 @@ import time
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Serve replicas record their request metrics as requests come, instead of in a loop ten times a
-# second: idle, the session's dozens of replicas otherwise keep about a seventh of a core busy
-# between them. Read by every Ray process the session starts.
-os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "0")
 
 import pytest  # noqa: E402
 
@@ -136,14 +132,14 @@ def serve_config(redis_server):
     from omnistage.cluster.config import OmnistageConfig, load_config
 
     data = load_config("tiny").model_dump()
-    # Fast autoscaling, so scaling happens within a test, on the pools whose replicas a test
-    # follows: the video encoder under the utilisation policy, the image generator under Serve's
-    # requests-in-flight policy, and the audio encoder, which the load there must leave alone. The
-    # other pools keep one replica: scaling them would start replicas no test looks at.
-    fast = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
-    data["stages"]["video_encoder"]["scaling"].update(fast, policy="utilisation", target_utilisation=0.5)
-    for name in ("image_generator", "audio_encoder"):
-        data["stages"][name]["scaling"].update(fast, target_ongoing_requests=1)
+    # Fast autoscaling on the image generation path's generator and on the pools that load must
+    # not touch, so scaling happens (or visibly does not) within a test. The other pools keep one
+    # replica: scaling them would start replicas no test looks at.
+    for name in ("video_encoder", "audio_encoder", "input_projector", "image_generator"):
+        data["stages"][name]["scaling"].update(
+            min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+            upscale_delay_s=0.5, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
+        )
     # GPUs declared by the session's ray.init: placement is real, the models still run on the CPU.
     data["stages"]["llm"]["resources"]["num_gpus"] = 1
     data["stages"]["image_generator"]["resources"]["num_gpus"] = 1

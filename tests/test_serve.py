@@ -269,6 +269,36 @@ def test_gpu_pools_are_placed_on_declared_gpus(client):
     assert _handle("image_encoder").stats.remote().result()["gpu_ids"] == []
 
 
+def test_image_generation_load_scales_only_its_path(client, serve_url, serve_config, running_replicas, wait_until):
+    _running = running_replicas
+    untouched = ["image_encoder", "video_encoder", "audio_encoder", "input_projector"]
+    minimum = {n: getattr(serve_config.stages, n).scaling.min_replicas for n in [*untouched, "image_generator"]}
+    assert wait_until(lambda: all(_running(n) == minimum[n] for n in minimum), 60)
+    stop = threading.Event()
+
+    def load():
+        with httpx.Client(base_url=serve_url, timeout=120) as c:
+            while not stop.is_set():
+                assert c.post("/v1/images/generations", json={"prompt": "load", "seed": 1}).status_code == 200
+
+    # Three in flight against a target of one per replica asks for the pool's maximum of two.
+    # The second replica loads its model while the first keeps both cores busy, which can take
+    # over a minute here: the window is generous, and a passing run ends as soon as it is up.
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        scaled = wait_until(lambda: _running("image_generator") == 2, 180)
+        during = {n: _running(n) for n in untouched}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert scaled, "the image generator pool did not scale up under load"
+    assert during == {n: minimum[n] for n in untouched}
+    assert wait_until(lambda: _running("image_generator") == 1, 60), "the image generator pool did not scale back down"
+
+
 def test_api_keys_guard_v1_routes_only(serve_url, monkeypatch, tmp_path):
     import hashlib
 
@@ -327,42 +357,51 @@ def test_a_projector_placed_in_the_encoder_pool_answers_the_same(serve_url, pipe
         serve.delete("fused")
 
 
-def test_pools_follow_a_shifting_mix(serve_url, running_replicas, wait_until):
-    """Video questions, then image generations, on the session app: the video encoder pool grows
-    (the utilisation policy), then the image generator pool grows (Serve's requests-in-flight
-    policy) while the video encoder pool shrinks back, and the audio encoder pool, on neither path,
-    keeps its one replica throughout. Once the load stops the generator pool shrinks back too."""
+def test_pools_follow_a_shifting_mix_under_the_utilisation_policy(serve_url, running_replicas, wait_until):
+    """Video questions, then image generations: the video encoder pool grows, then the image
+    generator pool grows while the encoder pool shrinks back."""
+    from ray import serve
+
+    from omnistage.cluster.config import OmnistageConfig, load_config
+    from omnistage.pipelines.serve import deploy
+
+    data = load_config("tiny").model_dump()
+    names = ("video_encoder", "input_projector", "llm", "output_projector", "image_generator")
+    data["stages"] = {name: data["stages"][name] for name in names}
+    for name in ("video_encoder", "image_generator"):
+        data["stages"][name]["scaling"].update(
+            policy="utilisation", min_replicas=1, max_replicas=2, target_utilisation=0.5,
+            upscale_delay_s=0.5, downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=2,
+        )
+    deploy(OmnistageConfig.model_validate(data), name="mix", route_prefix="/mix")
     statuses: list[int] = []
     stop = threading.Event()
 
-    def load(path, body):
-        with httpx.Client(base_url=serve_url, timeout=120) as c:
+    def load(body):
+        with httpx.Client(base_url=f"{serve_url}/mix", timeout=120) as c:
             while not stop.is_set():
-                statuses.append(c.post(path, json=body).status_code)
+                statuses.append(c.post("/v1/chat/completions", json=body).status_code)
 
-    def phase(path, body, condition):
-        # Each phase waits for a replica that loads its model while the others keep both cores
-        # busy, which can take over a minute here: the window is generous, and a passing run
-        # ends as soon as the condition holds.
+    def phase(body, condition):
         stop.clear()
-        threads = [threading.Thread(target=load, args=(path, body)) for _ in range(4)]
+        threads = [threading.Thread(target=load, args=(body,)) for _ in range(6)]
         for t in threads:
             t.start()
         try:
-            return wait_until(condition, 180), running()
+            return wait_until(condition, 180)  # replicas load while the others keep both cores busy
         finally:
             stop.set()
             for t in threads:
                 t.join()
 
     def running():
-        return {name: running_replicas(name) for name in ("video_encoder", "image_generator", "audio_encoder")}
+        return {name: running_replicas(name, "mix") for name in ("video_encoder", "image_generator")}
 
-    assert wait_until(lambda: running() == {"video_encoder": 1, "image_generator": 1, "audio_encoder": 1}, 60), running()
-    grew, during = phase("/v1/chat/completions", _chat(VIDEO, max_tokens=2), lambda: running()["video_encoder"] == 2)
-    assert grew and during == {"video_encoder": 2, "image_generator": 1, "audio_encoder": 1}, f"video questions: {during}"
-    draw = {"prompt": "Draw a red circle.", "seed": 0}
-    shifted, during = phase("/v1/images/generations", draw, lambda: running() == {"video_encoder": 1, "image_generator": 2, "audio_encoder": 1})
-    assert shifted, f"image generations: {during}"
-    assert statuses and set(statuses) == {200}, sorted(set(statuses))
-    assert wait_until(lambda: running()["image_generator"] == 1, 60), "the image generator pool did not scale back down"
+    question = _chat(VIDEO, max_tokens=2)
+    draw = {"messages": [{"role": "user", "content": "Draw a red circle."}], "max_tokens": 4, "seed": 0, "modalities": ["text", "image"]}
+    try:
+        assert phase(question, lambda: running()["video_encoder"] == 2), f"video questions: {running()}"
+        assert phase(draw, lambda: running() == {"video_encoder": 1, "image_generator": 2}), f"generations: {running()}"
+        assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    finally:
+        serve.delete("mix")
