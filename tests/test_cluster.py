@@ -353,7 +353,7 @@ def test_pools_land_on_their_node_types_and_survive_losing_a_node(tiny_preset, o
     env.pop("RAY_ADDRESS", None)  # its own cluster, never the session's
     try:
         run = subprocess.run(
-            [sys.executable, str(SCENARIO)], capture_output=True, text=True, timeout=480, env=env, cwd=SCENARIO.parent.parent
+            [sys.executable, str(SCENARIO)], capture_output=True, text=True, timeout=900, env=env, cwd=SCENARIO.parent.parent
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the multi-node scenario ran past {exc.timeout} s; output tail:\n{(exc.stdout or b'')[-3000:]!r}")
