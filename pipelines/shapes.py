@@ -209,17 +209,44 @@ def sound_instruction(rng: random.Random) -> tuple[str, SoundSpec]:
 # --- pictures and clips --------------------------------------------------------------------------
 
 
-def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]] | None:
+@dataclass(frozen=True)
+class Proportions:
+    """How a renderer draws each shape, relative to its radius r: the square's half side, the
+    triangle's half base and how far below the centre its base lies (its apex is r above), the
+    cross's half arm width."""
+
+    square: float = 0.85
+    triangle_base: float = 1.0
+    triangle_drop: float = 0.8
+    cross: float = 0.3
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Proportions:
+        """Another renderer's: squares of 0.75 to 0.9 r, flat to tall triangles, thin to thick
+        crosses, each with about the house shape's area, so that its size still reads as small or
+        big. The house proportions alone taught the encoder one square and one triangle, and it
+        named 42% of the shapes another renderer drew wrongly."""
+        drop = rng.uniform(0.55, 0.95)
+        # the house triangle's area, b * (1 + d) * r^2 = 1.8 r^2, or up to a tenth more
+        base = 1.8 * rng.uniform(1.0, 1.1) / (1 + drop)
+        return cls(rng.uniform(0.75, 0.9), base, drop, rng.uniform(0.26, 0.4))
+
+
+HOUSE = Proportions()
+
+
+def _outline(shape: str, cx: float, cy: float, r: float, angle: float, proportions: Proportions) -> list[tuple[float, float]] | None:
     """The shape's polygon, turned by ``angle`` radians about its centre; None for a circle."""
     if shape == "circle":
         return None
     if shape == "square":
-        h = 0.85 * r
+        h = proportions.square * r
         points = [(-h, -h), (h, -h), (h, h), (-h, h)]
     elif shape == "triangle":
-        points = [(0, -r), (r, 0.8 * r), (-r, 0.8 * r)]
+        b, d = proportions.triangle_base * r, proportions.triangle_drop * r
+        points = [(0, -r), (b, d), (-b, d)]
     elif shape == "cross":
-        w = 0.3 * r
+        w = proportions.cross * r
         points = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
     else:
         raise ValueError(f"expected a shape in {SHAPES}, got {shape!r}")
@@ -236,6 +263,7 @@ class _Style:
     scale: int  # drawn this many times larger and reduced: anti-aliased edges; 1 for hard edges
     angle: float  # radians
     jpeg_quality: int | None
+    proportions: Proportions = HOUSE
 
     @classmethod
     def draw(cls, rng: random.Random, varied: bool) -> _Style:
@@ -253,6 +281,7 @@ class _Style:
             rng.choice((1, 4)),
             rng.uniform(-0.3, 0.3),
             rng.randint(30, 95) if rng.random() < 0.5 else None,
+            Proportions.draw(rng),
         )
 
 
@@ -265,7 +294,7 @@ def _draw(shape: str, colour: str, cx: float, cy: float, r: float, size: int, st
     fill = tuple(int(np.clip(c + rng.randint(-style.colour_jitter, style.colour_jitter), 0, 255)) for c in COLOURS[colour])
     x, y, radius = cx * big, cy * big, r * big
     draw = ImageDraw.Draw(image)
-    outline = _outline(shape, x, y, radius, style.angle)
+    outline = _outline(shape, x, y, radius, style.angle, style.proportions)
     if outline is None:
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill)
     else:
@@ -345,22 +374,32 @@ def beep_times(spec: SoundSpec, rng: random.Random, varied: bool = False) -> lis
 
 def synthesize(spec: SoundSpec, rng: random.Random, varied: bool = False, rate: int | None = None) -> tuple[np.ndarray, int]:
     """(samples, rate): one second of the beeps. A whistle is a sine; a buzz adds the odd harmonics
-    of a square wave up to the 7th. The house style is 16 kHz mono at a fixed level; ``varied``
-    picks another rate (8 to 48 kHz), level, slight detuning, sometimes stereo, and quiet noise.
-    ``rate`` overrides the rate either picks."""
+    of a square wave up to the 7th. The house style is 16 kHz mono at a fixed level, each beep
+    steady; ``varied`` picks another rate (8 to 48 kHz), level, slight detuning, sometimes
+    stereo, and quiet noise, and half the time plays as other instruments do: a buzz with every
+    harmonic at another slope, a little vibrato, beeps that fade as they sound. ``rate``
+    overrides the rate either picks."""
     picked = rng.choice((8000, 16000, 22050, 44100, 48000)) if varied else SOUND_RATE
     rate = rate or picked
     n = int(SOUND_SECONDS * rate)
     t = np.arange(n) / rate
     pitch = PITCHES[spec.pitch] * (rng.uniform(0.97, 1.03) if varied else 1.0)
-    harmonics = (1,) if spec.timbre == "whistle" else (1, 3, 5, 7)
-    tone = sum(np.sin(2 * np.pi * k * pitch * t) / k for k in harmonics)
+    harmonics = [(1, 1.0)] if spec.timbre == "whistle" else [(k, 1 / k) for k in (1, 3, 5, 7)]
+    phase = 2 * np.pi * pitch * t
+    decay = 0.0  # per second
+    if varied and rng.random() < 0.5:
+        if spec.timbre == "buzz":
+            slope = rng.uniform(0.7, 1.4)
+            harmonics = [(k, k**-slope) for k in range(1, rng.randint(4, 9) + 1)]
+        phase = phase + rng.uniform(0, 0.4) * np.sin(2 * np.pi * rng.uniform(3, 7) * t)
+        decay = rng.uniform(0, 6)
+    tone = sum(a * np.sin(k * phase) for k, a in harmonics)
     envelope = np.zeros(n)
     fade = int(0.005 * rate)  # 5 ms ramps: no clicks at the edges
     for start, end in beep_times(spec, rng, varied):
         a, b = int(start * rate), min(n, int(end * rate))
         ramp = np.minimum(1, np.minimum(np.arange(b - a) + 1, b - a - np.arange(b - a)) / fade)
-        envelope[a:b] = ramp
+        envelope[a:b] = ramp * np.exp(-decay * np.arange(b - a) / rate)
     level = rng.uniform(0.15, 0.8) if varied else 0.5
     samples = level * tone / np.abs(tone).max() * envelope
     if varied:

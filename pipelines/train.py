@@ -94,8 +94,8 @@ PHASES: dict[str, Phase] = {
     "audio_encoder": Phase(steps=400, batch=32, lr=2e-3),
     "llm": Phase(steps=900, batch=64, lr=3e-3),
     "vae": Phase(steps=1600, batch=16, lr=2e-3),
-    "generator": Phase(steps=1200, batch=32, lr=1e-3),
-    "video_generator": Phase(steps=900, batch=16, lr=1e-3),
+    "generator": Phase(steps=1000, batch=32, lr=1e-3),
+    "video_generator": Phase(steps=700, batch=16, lr=1e-3),
     "mel_vae": Phase(steps=300, batch=16, lr=2e-3),
     "vocoder": Phase(steps=500, batch=8, lr=2e-3),
     "audio_generator": Phase(steps=500, batch=32, lr=1e-3),
@@ -323,12 +323,14 @@ def new_models(seed: int) -> dict[str, Any]:
     )
     models["video_text_encoder"] = _text_encoder(text_tokenizer, seed + 8)
     torch.manual_seed(seed + 9)
-    # Zeroscope's 3D UNet plus learned position maps over space and over frames: a clip moving
-    # right starts on the left.
+    # Zeroscope's 3D UNet plus learned position maps over space and over frames (a clip moving
+    # right starts on the left), and the pooled text in its timestep condition, as the picture
+    # UNet has it: the direction of motion is a property of the whole clip.
     models["video_unet"] = PositionalUNet3DConditionModel(
         sample_size=VIDEO_SIZE // 4,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        time_cond_proj_dim=WIDTH,
         **unet_sizes,
     )
     # AudioLDM's: mel spectrograms as one-channel pictures, 96 frames x 64 bins <-> 24x16x4.
@@ -367,11 +369,22 @@ def new_models(seed: int) -> dict[str, Any]:
 
 
 def scheduler():
-    """The noise schedule of Stable Diffusion, predicting the clean latent: in this world a
-    caption fixes its picture up to jitter, so the model learns it directly."""
+    """Stable Diffusion's noise schedule rescaled to end in pure noise, sampled from its last
+    timestep (zero terminal SNR and trailing timesteps, from Lin et al., "Common Diffusion Noise
+    Schedules and Sample Steps Are Flawed"), the UNets predicting the clean latent: in this world a
+    caption fixes its picture up to jitter, so the model learns it directly.
+
+    Under the schedule as Stable Diffusion ships it, the noisiest training latent still holds a
+    trace of the picture (the square root of alpha-bar is 0.07 there, and 0.12 at the first of 10
+    sampled steps), from which the UNets learned where the shape was instead of from the caption;
+    sampling starts from noise without that trace, so the shape landed in a random place (see
+    ``omnistage.actors.unets`` for the measurement)."""
+    from diffusers import DDIMScheduler
+
     from omnistage.actors.tiny import ddim_scheduler
 
-    return ddim_scheduler(prediction_type="sample")
+    base = ddim_scheduler(prediction_type="sample")
+    return DDIMScheduler.from_config(base.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def text_conditioning(tokenizer, text_encoder: nn.Module, texts: list[str]) -> torch.Tensor:
@@ -684,31 +697,39 @@ class _CausalLM(nn.Module):
         return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
+def _turn(rng: random.Random) -> tuple[str, str, Modality | None]:
+    """A text-only exchange: (user message, answer, the modality whose signal tokens end the
+    answer, if any). Mostly a medium described by its attribute words and a question about it,
+    otherwise an instruction and its answer."""
+    modality = rng.choice(MODALITIES)
+    if rng.random() < 0.6:
+        words, text = _described(modality, rng)
+        return _user_turn(_keywords(words, rng), rng.choice(QUESTIONS[modality])), text, None
+    text, answer, _ = request(modality, rng)
+    return text, answer, modality
+
+
+def _history(rng: random.Random) -> tuple[tuple[str, str], ...]:
+    """The earlier exchange a third of the LLM's and the signal phases' chats have, in words: asked
+    to draw a blue square right after a red circle was described, an LLM trained on single turns
+    said red. (After a real picture the output projector still draws the wrong colour: its
+    earlier turns here are words, not projected media; docs/shapes.md, Limits.)"""
+    if rng.random() < 1 / 3:
+        earlier, answer, _ = _turn(rng)
+        return ((earlier, answer),)
+    return ()
+
+
 def train_llm(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
     """Text only: most examples describe a picture, a clip or a sound from its attribute words, put
     where the medium will go (so the model learns to read the attributes from its context), the
     rest answer an instruction with what it asks for and the modality's signal tokens."""
     rng = _rng(settings, worker, "llm")
     tokenizer = models["tokenizer"]
-    modalities: tuple[Modality, ...] = ("image", "video", "audio")
-
-    def turn() -> tuple[str, str, Modality | None]:
-        """(user message, answer, the modality whose signal tokens end the answer, if any)."""
-        modality = rng.choice(modalities)
-        if rng.random() < 0.6:
-            words, text = _described(modality, rng)
-            return _user_turn(_keywords(words, rng), rng.choice(QUESTIONS[modality])), text, None
-        text, answer, _ = request(modality, rng)
-        return text, answer, modality
 
     def example() -> tuple[list[int], list[int]]:
-        # A third of the chats have an earlier exchange: asked to draw a blue square right after
-        # a red circle was described, a model trained on single turns drew it red.
-        history = ()
-        if rng.random() < 1 / 3:
-            earlier, answer, _ = turn()
-            history = ((earlier, answer),)
-        user, answer, signals = turn()
+        history = _history(rng)
+        user, answer, signals = _turn(rng)
         return _prompt_ids(tokenizer, user, history), _answer_ids(tokenizer, answer, signals=signals)
 
     def batch(step: int) -> tuple:
@@ -1132,7 +1153,8 @@ def train_output_projector(
     worker: Worker, settings: TrainSettings, models: dict[str, Any], stages: dict[str, Any], modality: Modality
 ) -> float:
     """L2 between the projected signal states and the conditioning of what each instruction asks
-    for, the LLM's answer teacher-forced before the signal tokens."""
+    for, the LLM's answer teacher-forced before the signal tokens; a third of the chats have an
+    earlier exchange, as the LLM learned them."""
     phase = f"{modality}_signals"
     rng = _rng(settings, worker, phase)
     llm = stages["llm"]
@@ -1146,8 +1168,9 @@ def train_output_projector(
     def batch(step: int) -> tuple:
         rows, specs = [], []
         for _ in range(size):
+            history = _history(rng)
             text, answer, spec = request(modality, rng)
-            rows.append(_prompt_ids(tokenizer, text) + tokenizer(answer, add_special_tokens=False)["input_ids"])
+            rows.append(_prompt_ids(tokenizer, text, history) + tokenizer(answer, add_special_tokens=False)["input_ids"])
             specs.append(spec)
         width = max(len(r) for r in rows)
         # Left-padded, as the LLM stage decodes, so every group takes the last columns.

@@ -65,26 +65,34 @@ def test_renders_show_colour_shape_place_and_size():
 def test_varied_renders_keep_what_the_caption_says():
     rng = random.Random(2)
     backgrounds = set()
+    judged = 0
     for _ in range(120):
         spec = shapes.random_spec(rng)
         size = rng.choice((48, 100, 200))
         image = shapes.render(spec, size, rng, varied=True)
         assert image.shape == (size, size, 3)
-        assert (shapes.place(image), shapes.size_of(image)) == (spec.position, spec.size)
+        assert shapes.place(image) == spec.position
+        # Size by area: a big shape shrunk by the varied jitter and a small one grown by it come
+        # close (3% of 3000 varied renders misjudged, none of 3000 in the house style).
+        judged += shapes.size_of(image) == spec.size
         backgrounds.add(tuple(image[0, 0]))
+    assert judged >= 112
     assert len(backgrounds) > 20  # not one grey: light colours, white, JPEG noise
 
 
 def test_clips_move_the_way_their_caption_says():
     assert shapes.motion_caption(MotionSpec("orange", "cross", "still")) == "an orange cross standing still"
     rng = random.Random(3)
+    blue = 0
     for motion in shapes.MOTIONS:
         for varied in (False, True):
             spec = MotionSpec("blue", "triangle", motion)
             clip = shapes.render_clip(spec, rng.randint(5, 16), 48, rng, varied)
             assert shapes.motion_of(clip) == motion
-            assert shapes.dominant_colour(clip) == "blue"
+            # A varied clip's tinted background can pull a jittered blue towards purple (2 of 300).
+            blue += shapes.dominant_colour(clip) == "blue"
             assert shapes.parse_motion(f"here is a video of {shapes.motion_caption(spec)}.") == spec
+    assert blue >= 9
     for _ in range(50):
         text, spec = shapes.video_instruction(rng)
         assert shapes.parse_motion(text) == spec
@@ -164,6 +172,51 @@ def test_train_shapes_runs_data_parallel_on_ray_train(ray_session, tmp_path):
     assert [m.array.shape for m in result.media] == [(64, 64, 3), (8, 32, 32, 3), (15360,)]
 
 
+def test_generators_sample_from_pure_noise():
+    """The schedule ends at zero signal and sampling starts there, so a UNet cannot learn the
+    picture from a trace left in its noisiest input."""
+    from omnistage.pipelines.train import scheduler
+
+    schedule = scheduler()
+    assert schedule.alphas_cumprod[-1] == 0 and schedule.config.prediction_type == "sample"
+    schedule.set_timesteps(10)
+    assert schedule.timesteps[0] == 999
+
+
+def test_video_unet_knows_where_and_when_it_is_and_reads_pooled_text(tmp_path):
+    import torch
+
+    from omnistage.actors.unets import PositionalUNet3DConditionModel, sincos_1d, sincos_2d
+
+    torch.manual_seed(0)
+    unet = PositionalUNet3DConditionModel(
+        sample_size=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        time_cond_proj_dim=8,
+    ).eval()
+    # Positions start as sines and cosines, not zeros: the left differs from the right, the
+    # first frame from the second.
+    assert torch.equal(unet.conv_in.position.data, sincos_2d(8, 4, 4))
+    assert not torch.equal(unet.conv_in.position[:, :, 0], unet.conv_in.position[:, :, -1])
+    assert torch.equal(unet.transformer_in.frames.data, sincos_1d(32, 8))
+    sample, text = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        out = unet(sample, 999, text).sample
+        # Without a timestep condition given, the pooled text is the condition.
+        assert torch.equal(out, unet(sample, 999, text, timestep_cond=unet.text_pool(text)).sample)
+        assert not torch.allclose(out, unet(sample, 999, text, timestep_cond=torch.zeros(2, 8)).sample)
+    unet.save_pretrained(tmp_path)
+    loaded = PositionalUNet3DConditionModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(sample, 999, text).sample, out)
+
+
 def test_cli_train_shapes_takes_its_options():
     from omnistage.clients.cli import build_parser
 
@@ -222,16 +275,17 @@ def test_shipped_preset_captions_held_out_clips_and_sounds(trained):
 
 
 def test_shipped_preset_draws_animates_and_plays_what_it_is_asked(trained):
-    """Every answer names what was asked; the picture's and clip's colours and the sound's pitch
-    follow it, and the sound is a 0.96 s clip. Place, motion and length follow it too seldom to
-    test yet (docs/shapes.md, Quality)."""
+    """Every answer names what was asked; the picture's colour and place, the clip's colour and
+    the sound's pitch follow it, and the sound is a 0.96 s clip. Motion and length follow it too
+    seldom to test yet (docs/shapes.md, Quality)."""
     rng = random.Random("test drawings")
-    drawn = animated = played = 0
+    drawn = placed = animated = played = 0
     for seed in range(6):
         prompt, spec = shapes.instruction(rng)
         result = trained.chat([{"role": "user", "content": prompt}], seed=seed, modalities=["image"])
         assert shapes.parse_caption(result.text) == (spec.colour, spec.shape), result.text
         drawn += shapes.dominant_colour(result.media[0].array) == spec.colour
+        placed += shapes.place(result.media[0].array) == spec.position
         prompt, motion = shapes.video_instruction(rng)
         result = trained.chat([{"role": "user", "content": prompt}], seed=seed, modalities=["video"])
         assert shapes.parse_motion(result.text) == motion, result.text
@@ -242,7 +296,7 @@ def test_shipped_preset_draws_animates_and_plays_what_it_is_asked(trained):
         audio = result.media[0]
         assert audio.rate == 16000 and audio.array.shape == (15360,)
         played += shapes.pitch_of(audio.array, audio.rate) == sound.pitch
-    assert drawn >= 5 and animated >= 5 and played >= 5, (drawn, animated, played)
+    assert drawn >= 5 and placed >= 5 and animated >= 5 and played >= 5, (drawn, placed, animated, played)
 
 
 def test_demo_on_the_default_preset_answers_and_makes_every_medium(tmp_path, capsys):
