@@ -79,9 +79,10 @@ def _signed_distance(shape: str, x: np.ndarray, y: np.ndarray, r: float, angle: 
         arm, w = 0.95 * r, 0.25 * r
         bar = lambda a, b: np.maximum(np.abs(a) - arm, np.abs(b) - w)  # noqa: E731
         return np.minimum(bar(u, v), bar(v, u))
-    # An equilateral triangle, point up: three half-planes.
-    edges = [np.array([0.0, -1.0]), np.array([np.sqrt(3) / 2, 0.5]), np.array([-np.sqrt(3) / 2, 0.5])]
-    return np.max([n[0] * u + n[1] * (v + 0.1 * r) - 0.5 * r for n in edges], axis=0)
+    # An equilateral triangle, point up (y grows downwards): three half-planes, the outward
+    # normals of its base and two sides.
+    edges = [np.array([0.0, 1.0]), np.array([np.sqrt(3) / 2, -0.5]), np.array([-np.sqrt(3) / 2, -0.5])]
+    return np.max([n[0] * u + n[1] * (v - 0.1 * r) - 0.5 * r for n in edges], axis=0)
 
 
 def _foreign_style(rng: random.Random) -> dict:
