@@ -15,6 +15,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,34 +137,47 @@ class _PoolRecovering(Exception):
     waited on a dead replica's pool, not on a hung stage, so it may be retried."""
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it stands for, outermost first."""
+    from ray.serve.exceptions import RayServeException
+
+    while exc is not None:
+        exc = getattr(exc, "cause", None) or exc  # a RayTaskError carries the stage's own exception
+        yield exc
+        # Serve raises a bare RayServeException from an ActorDiedError when an actor upstream of
+        # the call died: an LLM killed between its reply and a signal group leaves that group's
+        # ref holding its death, and the output projector is called with it.
+        exc = exc.__cause__ if isinstance(exc, RayServeException) else None
+
+
 def _status_of(exc: BaseException) -> tuple[int, str]:
     """HTTP status and client-facing message for an exception from any stage."""
     import ray.exceptions as ray_errors
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the stage's own exception
-    if isinstance(cause, InvalidInputError):
-        return cause.status_code, str(cause)
-    if isinstance(cause, ValidationError):
-        return InvalidInputError.status_code, f"invalid request: {describe_validation_error(cause)}"
-    if isinstance(cause, (BackPressureError, OverloadedError)):
-        return OverloadedError.status_code, "the server is at capacity; retry after the Retry-After delay"
-    if isinstance(
-        cause,
-        (
-            ray_errors.RayActorError,
-            ray_errors.OwnerDiedError,
-            ray_errors.ObjectLostError,
-            ray_errors.WorkerCrashedError,
-            ray_errors.NodeDiedError,
-            ReplicaUnavailableError,
-            DeploymentUnavailableError,
-            _PoolRecovering,
-        ),
-    ):
-        return 503, "a model replica became unavailable while serving this request; retry it"
-    if isinstance(cause, (asyncio.TimeoutError, ray_errors.GetTimeoutError)):
-        return 408, "the request timed out"
+    for cause in _causes(exc):
+        if isinstance(cause, InvalidInputError):
+            return cause.status_code, str(cause)
+        if isinstance(cause, ValidationError):
+            return InvalidInputError.status_code, f"invalid request: {describe_validation_error(cause)}"
+        if isinstance(cause, (BackPressureError, OverloadedError)):
+            return OverloadedError.status_code, "the server is at capacity; retry after the Retry-After delay"
+        if isinstance(
+            cause,
+            (
+                ray_errors.RayActorError,
+                ray_errors.OwnerDiedError,
+                ray_errors.ObjectLostError,
+                ray_errors.WorkerCrashedError,
+                ray_errors.NodeDiedError,
+                ReplicaUnavailableError,
+                DeploymentUnavailableError,
+                _PoolRecovering,
+            ),
+        ):
+            return 503, "a model replica became unavailable while serving this request; retry it"
+        if isinstance(cause, (asyncio.TimeoutError, ray_errors.GetTimeoutError)):
+            return 408, "the request timed out"
     return 500, "internal error"
 
 

@@ -397,6 +397,40 @@ def test_server_and_client_agree_on_every_status(stub):
         assert status == raised.status_code and status in server.STATUSES and error_class(status) is typed
 
 
+def test_a_dead_replica_is_a_503_however_ray_and_serve_wrap_its_death():
+    """A killed replica's death reaches the ingress as raised, inside the error of a task that read
+    its output, or inside Serve's error for a call whose argument it left dead (the LLM killed
+    between its reply and a signal group, which the output projector is then called with): each
+    is a retryable 503. An error of the code stays a 500, whatever wraps it."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, OwnerDiedError, RayTaskError
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.router import AsyncioRouter
+    from ray.serve.exceptions import RayServeException
+
+    from omnistage.pipelines.serve import _status_of
+
+    def in_task(exc: Exception) -> Exception:
+        """``exc`` as the caller of the task that raised it receives it."""
+        error = RayTaskError("handle_request_with_rejection", "Traceback", exc, proctitle="ray::", pid=1, ip="127.0.0.1")
+        return error.as_instanceof_cause()
+
+    def upstream(exc: Exception) -> Exception:
+        """``exc`` as Serve's router raises it for a call one of whose arguments holds it."""
+        router = SimpleNamespace(deployment_id=DeploymentID(name="output_projector", app_name="chaos"))
+        return AsyncioRouter._make_upstream_crash_error(router, exc)
+
+    died = ActorDiedError()
+    deaths = [died, in_task(died), upstream(died), upstream(in_task(died)), ActorUnavailableError("gone", None)]
+    deaths.append(upstream(in_task(OwnerDiedError("ab" * 14, None, ""))))
+    for exc in deaths:
+        assert _status_of(exc)[0] == 503, repr(exc)
+    bug = KeyError("x")
+    for exc in (bug, in_task(bug), upstream(bug), upstream(in_task(bug)), RayServeException("x")):
+        assert _status_of(exc) == (500, "internal error"), repr(exc)
+
+
 def test_requests_are_msgpack_with_raw_bytes_or_json(stub):
     import msgpack
 
