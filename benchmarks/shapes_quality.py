@@ -23,7 +23,9 @@ judged by code that uses no model of the preset: a picture's colour (palette col
 saturated pixels), place (third of the width holding their centre) and size (their area); its shape
 by a small CNN trained here on renders (its accuracy is printed); a clip's colour and its direction
 of motion (the saturated pixels' centre from the first frames to the last); a sound's pitch (the
-strongest frequency of its spectrum), length and count (runs of its 10 ms RMS envelope).
+strongest frequency of its spectrum), length and count (runs of its 10 ms RMS envelope). Earlier
+turns: a picture captioned, then a drawing in another colour asked for in the same chat (n/2
+chats); the drawing's colour is scored.
 Everything runs in this process, seeded.
 """
 
@@ -338,6 +340,22 @@ def drawings(pipeline: LocalPipeline, classifier: nn.Module, n: int, seed: int) 
     return _shares(rows)
 
 
+def drawings_after_a_caption(pipeline: LocalPipeline, n: int, seed: int) -> dict[str, float]:
+    """A held-out picture captioned, then, in the same chat, a drawing asked for in another colour:
+    is the drawing the colour asked, not the picture's?"""
+    rng, rows = random.Random(f"earlier turns/{seed}"), []
+    for i in range(n):
+        shown = shapes.random_spec(rng)
+        mime, data = held_out_picture(shown, rng)
+        first = [{"role": "user", "content": [_part("image", mime, data), {"type": "text", "text": QUESTIONS["image"]}]}]
+        caption = pipeline.chat(first, max_tokens=16, seed=i).text
+        colour = rng.choice([c for c in shapes.COLOURS if c != shown.colour])
+        chat = [*first, {"role": "assistant", "content": caption}, {"role": "user", "content": f"Draw a {colour} {rng.choice(shapes.SHAPES)}"}]
+        drawing = pipeline.chat(chat, max_tokens=16, seed=i, modalities=["image"]).media[0].array
+        rows.append({"colour": shapes.dominant_colour(drawing) == colour})
+    return _shares(rows)
+
+
 def generated_videos(pipeline: LocalPipeline, n: int, seed: int) -> dict[str, float]:
     rng, rows = random.Random(f"held-out video prompts/{seed}"), []
     for i in range(n):
@@ -383,6 +401,7 @@ def main() -> None:
         "audio captions, held-out": audio_captions(pipeline, held_out_sound, n, f"held-out sounds/{seed}"),
         "audio captions, foreign": audio_captions(pipeline, foreign_sound, n, f"foreign sounds/{seed}"),
         "drawings": drawings(pipeline, classifier, n, seed),
+        "drawings after a captioned picture": drawings_after_a_caption(pipeline, n // 2, seed),
         "generated video": generated_videos(pipeline, n, seed),
         "generated audio": generated_sounds(pipeline, n, seed),
     }

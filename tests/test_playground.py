@@ -192,11 +192,6 @@ def test_caption_the_attached_sample_picture(open_page, shapes_url):
     assert page.locator(".turn.user img.attached").count() == 1
 
 
-@pytest.mark.xfail(
-    reason="asked to draw a blue square right after the red circle was captioned, in the same chat, the preset "
-    "says 'here is a big blue square' but draws it yellow: its output projector's earlier turns were text, not pictures",
-    strict=False,
-)
 def test_drawing_example_shows_a_png(open_page, shapes_url):
     page = open_page(shapes_url, key=API_KEY)
     assert not page.locator("button.example:disabled").count()  # the default preset has every modality

@@ -183,6 +183,44 @@ def test_generators_sample_from_pure_noise():
     assert schedule.timesteps[0] == 999
 
 
+def test_guided_generators_learned_the_empty_caption_the_pipeline_guides_from():
+    """Classifier-free guidance steers away from the UNet's picture for the empty negative
+    prompt, so a generator served guided must have trained on that prompt, tokenized as
+    diffusers' ``encode_prompt`` tokenizes it; one served unguided need not."""
+    import torch
+
+    from omnistage.cluster.config import load_config
+    from omnistage.pipelines.train import COND_LEN, PHASES, _Captions
+
+    config = load_config("shapes").stages
+    for phase, stage in (("generator", config.image_generator), ("video_generator", config.video_generator)):
+        assert (stage.guidance_scale > 1) == (PHASES[phase].unconditional > 0), phase
+    tokenizer = shapes.build_word_tokenizer([], model_max_length=COND_LEN)
+    captions = _Captions(tokenizer, ["a big red circle on the left"] * 1000, "generator")
+    ids = captions.ids(torch.arange(1000), torch.Generator().manual_seed(0))
+    empty = tokenizer([""], padding="max_length", max_length=COND_LEN, truncation=True, return_tensors="pt").input_ids[0]
+    dropped = (ids == empty).all(dim=1)
+    assert 70 <= int(dropped.sum()) <= 130, int(dropped.sum())  # a tenth
+    assert (ids[~dropped] == captions.all[0]).all()
+
+
+def test_the_mel_autoencoder_weighs_the_silence_between_beeps_as_the_beeps():
+    import torch
+
+    from omnistage.pipelines.train import HOP, log_mel, mel_weights
+
+    spec = SoundSpec(count="two", length="short", pitch="middle", timbre="whistle")
+    wave, rate = shapes.synthesize(spec, random.Random(0))
+    mels = log_mel(torch.from_numpy(wave)[None])  # (1, frames, bins)
+    weights = mel_weights(mels[:, None])[0, 0]
+    (_, first_end), (second_start, _) = shapes.beep_times(spec, random.Random(0))
+    frames = torch.arange(len(weights))
+    # The frames between the beeps where no bin sounds (the STFT's window spreads each beep).
+    gap = ~(mels[0] > -0.5).any(dim=1) & (frames > first_end * rate / HOP) & (frames < second_start * rate / HOP)
+    assert int(gap.sum()) >= 2 and (weights[gap] == 11).all(), weights[gap]
+    assert (weights[round(0.5 * rate / HOP) :] == 1).all()  # far from both beeps
+
+
 def test_video_unet_knows_where_and_when_it_is_and_reads_pooled_text(tmp_path):
     import torch
 
@@ -276,10 +314,10 @@ def test_shipped_preset_captions_held_out_clips_and_sounds(trained):
 
 def test_shipped_preset_draws_animates_and_plays_what_it_is_asked(trained):
     """Every answer names what was asked; the picture's colour and place, the clip's colour and
-    the sound's pitch follow it, and the sound is a 0.96 s clip. Motion and length follow it too
+    the sound's pitch and length follow it, and the sound is a 0.96 s clip. Motion follows it too
     seldom to test yet (docs/shapes.md, Quality)."""
     rng = random.Random("test drawings")
-    drawn = placed = animated = played = 0
+    drawn = placed = animated = played = lengthened = 0
     for seed in range(6):
         prompt, spec = shapes.instruction(rng)
         result = trained.chat([{"role": "user", "content": prompt}], seed=seed, modalities=["image"])
@@ -296,7 +334,10 @@ def test_shipped_preset_draws_animates_and_plays_what_it_is_asked(trained):
         audio = result.media[0]
         assert audio.rate == 16000 and audio.array.shape == (15360,)
         played += shapes.pitch_of(audio.array, audio.rate) == sound.pitch
-    assert drawn >= 5 and placed >= 5 and animated >= 5 and played >= 5, (drawn, placed, animated, played)
+        lengthened += shapes.length_of(audio.array, audio.rate) == sound.length
+    assert drawn >= 5 and placed >= 5 and animated >= 5 and played >= 5 and lengthened >= 5, (
+        drawn, placed, animated, played, lengthened
+    )
 
 
 def test_demo_on_the_default_preset_answers_and_makes_every_medium(tmp_path, capsys):
