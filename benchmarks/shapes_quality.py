@@ -214,9 +214,13 @@ def _part(modality: str, mime: str, data: bytes) -> dict:
 QUESTIONS = {"image": "What is in this image?", "video": "What happens in this video?", "audio": "What do you hear?"}
 
 
+def _question(modality: str, mime: str, data: bytes) -> dict:
+    """A user message: the medium and the question about it."""
+    return {"role": "user", "content": [_part(modality, mime, data), {"type": "text", "text": QUESTIONS[modality]}]}
+
+
 def _ask(pipeline: LocalPipeline, modality: str, mime: str, data: bytes) -> str:
-    content = [_part(modality, mime, data), {"type": "text", "text": QUESTIONS[modality]}]
-    return pipeline.chat([{"role": "user", "content": content}], max_tokens=16).text
+    return pipeline.chat([_question(modality, mime, data)], max_tokens=16).text
 
 
 def _shares(rows: list[dict[str, bool]]) -> dict[str, float]:
@@ -347,10 +351,10 @@ def drawings_after_a_caption(pipeline: LocalPipeline, n: int, seed: int) -> dict
     for i in range(n):
         shown = shapes.random_spec(rng)
         mime, data = held_out_picture(shown, rng)
-        first = [{"role": "user", "content": [_part("image", mime, data), {"type": "text", "text": QUESTIONS["image"]}]}]
-        caption = pipeline.chat(first, max_tokens=16, seed=i).text
+        question = _question("image", mime, data)
+        caption = pipeline.chat([question], max_tokens=16, seed=i).text
         colour = rng.choice([c for c in shapes.COLOURS if c != shown.colour])
-        chat = [*first, {"role": "assistant", "content": caption}, {"role": "user", "content": f"Draw a {colour} {rng.choice(shapes.SHAPES)}"}]
+        chat = [question, {"role": "assistant", "content": caption}, {"role": "user", "content": f"Draw a {colour} {rng.choice(shapes.SHAPES)}"}]
         drawing = pipeline.chat(chat, max_tokens=16, seed=i, modalities=["image"]).media[0].array
         rows.append({"colour": shapes.dominant_colour(drawing) == colour})
     return _shares(rows)

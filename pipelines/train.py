@@ -390,11 +390,15 @@ def scheduler():
     return DDIMScheduler.from_config(base.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
+def caption_ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    """(n, COND_LEN) text-encoder ids, prompts padded as diffusers pads them in ``encode_prompt``
+    (so a plain text prompt, or the empty negative prompt, drives the generator the same way)."""
+    return tokenizer(texts, padding="max_length", max_length=COND_LEN, truncation=True, return_tensors="pt").input_ids
+
+
 def text_conditioning(tokenizer, text_encoder: nn.Module, texts: list[str]) -> torch.Tensor:
-    """(n, COND_LEN, WIDTH): the text encoder's last hidden states, prompts padded as diffusers
-    pads them in ``encode_prompt`` (so a plain text prompt drives the generator the same way)."""
-    ids = tokenizer(texts, padding="max_length", max_length=COND_LEN, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids).last_hidden_state
+    """(n, COND_LEN, WIDTH): the text encoder's last hidden states for ``caption_ids``."""
+    return text_encoder(caption_ids(tokenizer, texts)).last_hidden_state
 
 
 # --- training helpers -----------------------------------------------------------------------------
@@ -830,15 +834,13 @@ class _Diffusion(nn.Module):
 
 
 class _Captions:
-    """A diffusion phase's captions as text-encoder ids, padded as the pipelines pad prompts, a
-    share of each batch (``Phase.unconditional``) swapped for the empty caption: the negative
-    prompt the pipelines embed under classifier-free guidance."""
+    """A diffusion phase's captions as ``caption_ids``, a share of each batch
+    (``Phase.unconditional``) swapped for the empty caption: the negative prompt the pipelines
+    embed under classifier-free guidance."""
 
     def __init__(self, tokenizer, captions: list[str], phase: str):
-        def encode(texts: list[str]) -> torch.Tensor:
-            return tokenizer(texts, padding="max_length", max_length=COND_LEN, truncation=True, return_tensors="pt").input_ids
-
-        self.all, self.empty, self.share = encode(captions), encode([""])[0], PHASES[phase].unconditional
+        self.all, self.empty = caption_ids(tokenizer, captions), caption_ids(tokenizer, [""])[0]
+        self.share = PHASES[phase].unconditional
 
     def ids(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         ids = self.all[idx]
