@@ -335,18 +335,27 @@ _PATHS = {
 
 def clip_path(spec: MotionSpec, n_frames: int, rng: random.Random, varied: bool = False) -> np.ndarray:
     """(n_frames, 2) centres (x, y), fractions of the side: evenly along the motion's path,
-    shifted and stretched a little."""
+    shifted and stretched a little. ``varied`` paths, as other people's clips run, are shorter or
+    longer and start anywhere that keeps both ends between 0.15 and 0.85 of the side. When every
+    clip moving down went from the top third to the bottom third, the video projector read where
+    a clip started more than which way it went: of 100 clips drawn elsewhere, it named the motion
+    of 85, and 8 of the 15 misses were clips moving down (5 of them from the middle) named as
+    moving up."""
     if spec.motion == "still":
         start = end = (rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7))
     else:
         start, end = _PATHS[spec.motion]
+    start, end = np.array(start), np.array(end)
+    t = np.linspace(-1, 1, n_frames)[:, None]
+    if varied and spec.motion != "still":
+        half = (end - start) / 2 * rng.uniform(0.6, 1.1)
+        reach = np.minimum(0.35 - np.abs(half), 0.15)
+        middle = 0.5 + np.array([rng.uniform(-r, r) for r in reach])
+        return middle + t * half
     jitter = 0.08 if varied else 0.05
     offset = np.array([rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)])
     stretch = rng.uniform(0.8, 1.1) if varied else 1.0
-    middle = (np.array(start) + np.array(end)) / 2 + offset
-    half = (np.array(end) - np.array(start)) / 2 * stretch
-    t = np.linspace(-1, 1, n_frames)[:, None]
-    return middle + t * half
+    return (start + end) / 2 + offset + t * (end - start) / 2 * stretch
 
 
 def render_clip(spec: MotionSpec, n_frames: int, size: int, rng: random.Random, varied: bool = False) -> np.ndarray:

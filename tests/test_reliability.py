@@ -97,7 +97,9 @@ def test_killing_the_llm_replica_under_load_loses_no_request(chaos_app, running_
 
     def one(i):
         with Client(chaos_app, max_retries=10, timeout=240, on_retry=retries.append) as client:
-            return isinstance(client.caption(image, prompt=f"request {i}", max_tokens=48), str)
+            # Long enough answers that the engine is still decoding when the test looks: ten
+            # answers of 48 tokens took 0.17 s, and the load could end between two looks.
+            return isinstance(client.caption(image, prompt=f"request {i}", max_tokens=256), str)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
         futures = [pool.submit(one, i) for i in range(30)]
