@@ -525,6 +525,24 @@ def _clip_centre(frame: np.ndarray) -> tuple[float, float]:
     return found if found is not None else (0.5, 0.5)
 
 
+class _AttributeHeads(nn.Module):
+    """One linear head per attribute over a pooled feature, under the sum of their cross-entropies
+    (an ``IGNORE`` label counts for nothing): how the encoders, and the video generator's text
+    encoder, learn what a pretrained model would already tell apart."""
+
+    def __init__(self, attributes: dict[str, list]):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: nn.Linear(WIDTH, len(values)) for name, values in attributes.items()})
+
+    def forward(self, pooled: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(F.cross_entropy(head(pooled), labels[name], ignore_index=IGNORE) for name, head in self.heads.items())
+
+
+def _labels(specs: list, attributes: dict[str, list]) -> dict[str, torch.Tensor]:
+    """Each attribute's value index for each spec, as ``_AttributeHeads`` reads them."""
+    return {name: torch.tensor([values.index(getattr(spec, name)) for spec in specs]) for name, values in attributes.items()}
+
+
 class _EncoderProbe(nn.Module):
     """The vision tower plus one linear head per attribute over the mean of the patch features
     the stage serves (last layer, CLS dropped), so those features learn the attributes."""
@@ -534,12 +552,11 @@ class _EncoderProbe(nn.Module):
         self.vision = vision
         # Only the pooled CLS output goes through this norm, and it is not served.
         vision.post_layernorm.requires_grad_(False)
-        self.heads = nn.ModuleDict({name: nn.Linear(WIDTH, len(values)) for name, values in ATTRIBUTES.items()})
+        self.heads = _AttributeHeads(ATTRIBUTES)
 
     def forward(self, pixels: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         features = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
-        pooled = features.mean(dim=1)
-        return sum(F.cross_entropy(head(pooled), labels[name], ignore_index=IGNORE) for name, head in self.heads.items())
+        return self.heads(features.mean(dim=1), labels)
 
 
 def train_image_encoder(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
@@ -580,11 +597,10 @@ class _AudioProbe(nn.Module):
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
-        self.heads = nn.ModuleDict({name: nn.Linear(WIDTH, len(values)) for name, values in SOUND_ATTRIBUTES.items()})
+        self.heads = _AttributeHeads(SOUND_ATTRIBUTES)
 
     def forward(self, mels: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        pooled = self.encoder(mels, output_hidden_states=True).hidden_states[-1].mean(dim=1)
-        return sum(F.cross_entropy(head(pooled), labels[name]) for name, head in self.heads.items())
+        return self.heads(self.encoder(mels, output_hidden_states=True).hidden_states[-1].mean(dim=1), labels)
 
 
 def train_audio_encoder(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -> float:
@@ -596,9 +612,7 @@ def train_audio_encoder(worker: Worker, settings: TrainSettings, models: dict[st
     # As the audio encoder stage prepares clips: down-mixed and resampled to 16 kHz.
     waves = [to_mono_16k(clip, extractor.sampling_rate) for clip in clips]
     mels = extractor(waves, sampling_rate=extractor.sampling_rate, return_tensors="pt")["input_features"]
-    targets = {
-        name: torch.tensor([values.index(getattr(spec, name)) for spec in specs]) for name, values in SOUND_ATTRIBUTES.items()
-    }
+    targets = _labels(specs, SOUND_ATTRIBUTES)
     gen = _torch_rng(rng)
 
     def batch(step: int) -> tuple:
@@ -820,14 +834,14 @@ def train_vae(worker: Worker, settings: TrainSettings, models: dict[str, Any]) -
 class _Diffusion(nn.Module):
     """A UNet (2D or 3D) and its text encoder, trained together: x0-prediction MSE on VAE latents.
 
-    With ``probe`` (attribute name -> number of values), a linear head per attribute also reads
-    the mean of the noised conditioning, under cross-entropy: a stand-in for the pretraining that
-    gives Zeroscope's CLIP text encoder captions that differ where their words do."""
+    With ``probe`` (attribute name -> values), ``_AttributeHeads`` also read the mean of the noised
+    conditioning: a stand-in for the pretraining that gives Zeroscope's CLIP text encoder captions
+    that differ where their words do."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, probe: dict[str, int] | None = None):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, probe: dict[str, list] | None = None):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
-        self.probe = nn.ModuleDict({name: nn.Linear(WIDTH, n) for name, n in (probe or {}).items()})
+        self.probe = _AttributeHeads(probe) if probe else None
 
     def forward(
         self,
@@ -844,9 +858,10 @@ class _Diffusion(nn.Module):
         cond = self.text_encoder(ids).last_hidden_state + cond_noise
         pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
         loss = (weight * (pred - x0) ** 2).mean() / weight.mean()
+        if self.probe is None:
+            return loss
         # The probe reads through the same noise, so the captions must differ by more than it.
-        pooled = cond.mean(dim=1)
-        return loss + sum(F.cross_entropy(head(pooled), labels[name]) for name, head in self.probe.items())
+        return loss + self.probe(cond.mean(dim=1), labels)
 
 
 class _Captions:
@@ -926,7 +941,7 @@ def train_video_generator(worker: Worker, settings: TrainSettings, models: dict[
     gen = _torch_rng(rng)
     size = _batch("video_generator", worker)
 
-    labels = {name: torch.tensor([values.index(getattr(spec, name)) for spec in specs]) for name, values in MOTION_ATTRIBUTES.items()}
+    labels = _labels(specs, MOTION_ATTRIBUTES)
 
     def batch(step: int) -> tuple:
         idx = _sample(n, size, gen)
@@ -941,8 +956,7 @@ def train_video_generator(worker: Worker, settings: TrainSettings, models: dict[
     # 0.1 apart in the mean over positions ("up" and "down": 1.3 and 0.5; "left" and "up": 10 and
     # 1.8). The UNet moved the shape along the asked axis, but often the wrong way: fed 100
     # captions directly, 59 clips moved the way asked; with the probe (same data and steps), 98.
-    probe = {name: len(values) for name, values in MOTION_ATTRIBUTES.items()}
-    diffusion = _Diffusion(models["video_unet"], models["video_text_encoder"], probe)
+    diffusion = _Diffusion(models["video_unet"], models["video_text_encoder"], MOTION_ATTRIBUTES)
     loss = _train(worker, "video_generator", settings, diffusion, batch)
     _freeze(models["video_unet"])
     _freeze(models["video_text_encoder"])
