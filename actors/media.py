@@ -133,6 +133,11 @@ def encode_video(frames: np.ndarray, fps: float, fmt: str = "mp4") -> bytes:
         stream = container.add_stream("libx264" if fmt == "mp4" else "gif", rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p" if fmt == "mp4" else "pal8"
+        if fmt == "mp4":
+            # With x264's macroblock-tree rate control on, the same frames encoded to different
+            # bytes from call to call (threading off did not help). Off, the bytes are a function
+            # of the frames, which seeded training relies on.
+            stream.options = {"x264-params": "mbtree=0"}
         for index, video_frame in enumerate(_mp4_frames(frames) if fmt == "mp4" else _gif_frames(frames)):
             video_frame.pts = index
             container.mux(stream.encode(video_frame))

@@ -99,7 +99,7 @@ PHASES: dict[str, Phase] = {
     "llm": Phase(steps=900, batch=64, lr=3e-3),
     "vae": Phase(steps=1600, batch=16, lr=2e-3),
     "generator": Phase(steps=1400, batch=32, lr=1e-3, unconditional=0.1),
-    "video_generator": Phase(steps=1000, batch=16, lr=1e-3),
+    "video_generator": Phase(steps=700, batch=16, lr=1e-3),
     "mel_vae": Phase(steps=300, batch=16, lr=2e-3),
     "vocoder": Phase(steps=500, batch=8, lr=2e-3),
     "audio_generator": Phase(steps=500, batch=32, lr=1e-3),

@@ -25,8 +25,10 @@ from omnistage.actors.payloads import LLMRequest
 FRAMES = 4
 # A frame's tokens (4x4 patches and CLS) and the Q-Former's queries per frame.
 FRAME_TOKENS, QUERIES = 17, 8
-# Two videos whose answers differ (and hold no <video> token, which the LLM stage never samples).
-SEEDS = (0, 2)
+# Two videos whose answers differ and hold no <video> token (which the LLM stage never samples),
+# as sent and after a trip through MP4, for both questions: the whole model's greedy answers to most
+# seeds do sample it.
+SEEDS = (2, 8)
 
 
 def _video(seed, frames=9, h=20, w=28):
